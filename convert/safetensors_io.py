@@ -1,0 +1,187 @@
+"""Safetensors read and write, one tensor at a time.
+
+We parse the format ourselves (an 8-byte header length, a JSON header, raw
+bytes) rather than go through `safetensors.safe_open` for three reasons: every
+check a user's broken download needs (truncated file, corrupt header, offsets
+past the end) gets a one-line message naming the file; FP8 e4m3 tensors, which
+numpy cannot hold, are decoded here by table; and the writer controls tensor
+order, which is how each routed expert becomes one contiguous byte range.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# safetensors dtype code -> (numpy storage dtype, bytes per element)
+DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "F8_E4M3": np.uint8, "I64": np.int64, "I32": np.int32, "I16": np.int16,
+    "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16,
+    "U8": np.uint8, "BOOL": np.bool_,
+}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+class FormatError(ValueError):
+    """A file that is not a valid safetensors file; the message names it."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute file offset
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+class SafetensorsFile:
+    """An open safetensors file whose header has been read and checked."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            raise FormatError(f"{self.path}: missing") from None
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise FormatError(f"{self.path}: truncated (no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise FormatError(f"{self.path}: corrupt header (length {n}, file {size} bytes)")
+            raw = f.read(n)
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise FormatError(f"{self.path}: corrupt header (not JSON)") from None
+        if not isinstance(header, dict):
+            raise FormatError(f"{self.path}: corrupt header (not a JSON object)")
+        self.metadata: dict = header.pop("__metadata__", None) or {}
+        base = 8 + n
+        self.tensors: dict[str, TensorInfo] = {}
+        data_end = 0
+        for name, t in header.items():
+            try:
+                dtype, shape, (a, b) = t["dtype"], tuple(t["shape"]), t["data_offsets"]
+                item = np.dtype(DTYPES[dtype]).itemsize
+            except (KeyError, TypeError, ValueError):
+                raise FormatError(f"{self.path}: corrupt header entry for {name!r}") from None
+            if not (0 <= a <= b) or b - a != item * int(np.prod(shape, dtype=np.int64)):
+                raise FormatError(f"{self.path}: corrupt header: {name!r} has bad offsets")
+            self.tensors[name] = TensorInfo(dtype, shape, base + a, base + b)
+            data_end = max(data_end, b)
+        if base + data_end > size:
+            raise FormatError(
+                f"{self.path}: truncated ({size} bytes, header needs {base + data_end})"
+            )
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor's stored values (BF16 as uint16 bits, F8_E4M3 as uint8 bits)."""
+        t = self.tensors[name]
+        with open(self.path, "rb") as f:
+            f.seek(t.start)
+            buf = f.read(t.nbytes)
+        if len(buf) != t.nbytes:
+            raise FormatError(f"{self.path}: truncated while reading {name!r}")
+        return np.frombuffer(buf, dtype=DTYPES[t.dtype]).reshape(t.shape)
+
+    def read_float32(self, name: str) -> np.ndarray:
+        """The tensor as float32, whatever float type it is stored in."""
+        return to_float32(self.read(name), self.tensors[name].dtype)
+
+
+def to_float32(x: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return (x.astype(np.uint32) << 16).view(np.float32)
+    if dtype == "F8_E4M3":
+        return _E4M3_TABLE[x]
+    return x.astype(np.float32)
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit pattern (uint16), rounding to nearest even."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = u + (np.uint32(0x7FFF) + ((u >> 16) & 1))
+    out = (rounded >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def _e4m3_table() -> np.ndarray:
+    """All 256 float8 e4m3fn values (bias 7, no infinities, 0x7f/0xff are NaN)."""
+    b = np.arange(256, dtype=np.int32)
+    sign = np.where(b & 0x80, -1.0, 1.0)
+    exp, man = (b >> 3) & 0xF, b & 0x7
+    val = np.where(exp == 0, man / 8.0 * 2.0**-6, (1 + man / 8.0) * 2.0 ** (exp - 7.0))
+    val = sign * val
+    val[(b & 0x7F) == 0x7F] = np.nan
+    return val.astype(np.float32)
+
+
+_E4M3_TABLE = _e4m3_table()
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: dict[str, tuple[str, tuple[int, ...], np.ndarray]],
+    metadata: dict[str, str] | None = None,
+) -> tuple[int, str]:
+    """Write tensors in the given order, atomically; return (size, sha256).
+
+    `tensors` maps name -> (dtype code, shape, array holding the raw bytes).
+    The file appears under its name only once complete and synced.
+    """
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    datas = []
+    for name, (dtype, shape, arr) in tensors.items():
+        data = memoryview(np.ascontiguousarray(arr)).cast("B")
+        want = np.dtype(DTYPES[dtype]).itemsize * int(np.prod(shape, dtype=np.int64))
+        assert data.nbytes == want, f"{name}: {data.nbytes} bytes for {dtype}{list(shape)}"
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + want]}
+        offset += want
+        datas.append(data)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    h = hashlib.sha256()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        for chunk in (struct.pack("<Q", len(raw)), raw, *datas):
+            f.write(chunk)
+            h.update(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return 8 + len(raw) + offset, h.hexdigest()
+
+
+def data_start(path: str | os.PathLike) -> int:
+    """Absolute offset of a safetensors file's data section."""
+    with open(path, "rb") as f:
+        return 8 + struct.unpack("<Q", f.read(8))[0]
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
