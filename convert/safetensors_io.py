@@ -100,6 +100,17 @@ class SafetensorsFile:
             raise FormatError(f"{self.path}: truncated while reading {name!r}")
         return np.frombuffer(buf, dtype=DTYPES[t.dtype]).reshape(t.shape)
 
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the tensor's first axis, reading only those bytes."""
+        t = self.tensors[name]
+        row = t.nbytes // t.shape[0]
+        with open(self.path, "rb") as f:
+            f.seek(t.start + start * row)
+            buf = f.read((stop - start) * row)
+        if len(buf) != (stop - start) * row:
+            raise FormatError(f"{self.path}: truncated while reading {name!r}")
+        return np.frombuffer(buf, dtype=DTYPES[t.dtype]).reshape(stop - start, *t.shape[1:])
+
     def read_float32(self, name: str) -> np.ndarray:
         """The tensor as float32, whatever float type it is stored in."""
         return to_float32(self.read(name), self.tensors[name].dtype)
@@ -138,6 +149,60 @@ def _e4m3_table() -> np.ndarray:
 _E4M3_TABLE = _e4m3_table()
 
 
+class SafetensorsWriter:
+    """Streams a safetensors file whose tensor list is known up front.
+
+    Tensors are written in the declared order, one `write` at a time, so a
+    file far larger than memory can be produced piece by piece. The file
+    appears under its final name only after `close()`, complete and synced.
+    """
+
+    def __init__(self, path: str | os.PathLike, specs: dict[str, tuple[str, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+        offset = 0
+        self.sizes = {}
+        for name, (dtype, shape) in specs.items():
+            n = np.dtype(DTYPES[dtype]).itemsize * int(np.prod(shape, dtype=np.int64))
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            self.sizes[name] = n
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+        self.path = Path(path)
+        self.data_start = 8 + len(raw)
+        self.size = self.data_start + offset
+        self._order = iter(specs)
+        self._hash = hashlib.sha256()
+        self._tmp = self.path.with_name(self.path.name + ".partial")
+        self._f = open(self._tmp, "wb")
+        self._put(struct.pack("<Q", len(raw)) + raw)
+
+    def _put(self, data) -> None:
+        self._f.write(data)
+        self._hash.update(data)
+
+    def write(self, name: str, arr: np.ndarray) -> None:
+        want = next(self._order)
+        assert name == want, f"{self.path}: wrote {name!r} where {want!r} comes next"
+        data = memoryview(np.ascontiguousarray(arr)).cast("B")
+        assert data.nbytes == self.sizes[name], f"{name}: {data.nbytes} bytes, header says {self.sizes[name]}"
+        self._put(data)
+
+    def close(self) -> tuple[int, str]:
+        """Finish the file; return (size, sha256)."""
+        assert next(self._order, None) is None, f"{self.path}: not every tensor was written"
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self._tmp, self.path)
+        return self.size, self._hash.hexdigest()
+
+    def abort(self) -> None:
+        self._f.close()
+        self._tmp.unlink(missing_ok=True)
+
+
 def write_safetensors(
     path: str | os.PathLike,
     tensors: dict[str, tuple[str, tuple[int, ...], np.ndarray]],
@@ -146,31 +211,15 @@ def write_safetensors(
     """Write tensors in the given order, atomically; return (size, sha256).
 
     `tensors` maps name -> (dtype code, shape, array holding the raw bytes).
-    The file appears under its name only once complete and synced.
     """
-    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    datas = []
-    for name, (dtype, shape, arr) in tensors.items():
-        data = memoryview(np.ascontiguousarray(arr)).cast("B")
-        want = np.dtype(DTYPES[dtype]).itemsize * int(np.prod(shape, dtype=np.int64))
-        assert data.nbytes == want, f"{name}: {data.nbytes} bytes for {dtype}{list(shape)}"
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + want]}
-        offset += want
-        datas.append(data)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
-    h = hashlib.sha256()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        for chunk in (struct.pack("<Q", len(raw)), raw, *datas):
-            f.write(chunk)
-            h.update(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return 8 + len(raw) + offset, h.hexdigest()
+    w = SafetensorsWriter(path, {k: (d, tuple(s)) for k, (d, s, _) in tensors.items()}, metadata)
+    try:
+        for name, (_, _, arr) in tensors.items():
+            w.write(name, arr)
+    except BaseException:
+        w.abort()
+        raise
+    return w.close()
 
 
 def data_start(path: str | os.PathLike) -> int:

@@ -1,0 +1,272 @@
+"""Checkpoint -> glm-mlx model folder, streaming, resumable.
+
+The folder (format version 1):
+
+    config.json, tokenizer files, chat template     copied from the source
+    weights/main.safetensors                         embeddings, final norm, lm_head
+    weights/layer.NNN.safetensors                    one layer's non-expert weights
+    weights/experts.NNN.safetensors                  one layer's routed experts
+    glm_mlx.json                                     the manifest, written last
+
+Layers N .. N+mtp-1 are the MTP layers. Tensor names are the Hugging Face
+checkpoint's; a quantized weight W is stored as W (uint32), W's `scales` and
+`biases` (bf16), MLX's affine layout. In an experts file the tensors are
+ordered expert by expert, so expert e of a layer is the one byte range
+[data_start + e*stride, data_start + (e+1)*stride): one read fetches it.
+
+Memory: one layer's non-expert weights, or one expert, at a time. Every file
+is written under a temporary name and renamed when complete; a progress file
+records each finished file's size and sha256, so a rerun verifies and skips
+them. The manifest, written last, is what makes the folder loadable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from quantize.quantizer import dequantize, quantize
+from quantize.recipes import DEFAULT_RECIPE, RECIPES, SOURCE, precision
+
+from .checkpoint import Checkpoint, CheckpointError, Quantized
+from .safetensors_io import SafetensorsWriter, bf16_bits, sha256_file, write_safetensors
+
+FORMAT_VERSION = 1
+MANIFEST = "glm_mlx.json"
+PROGRESS = ".glm_mlx_progress.json"
+COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+          "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "added_tokens.json",
+          "vocab.json", "merges.txt", "tokenizer.model")
+PROJS = ("gate_proj", "up_proj", "down_proj")
+FLOAT_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+class ConvertError(ValueError):
+    pass
+
+
+# -- what each tensor becomes ---------------------------------------------------
+
+def _target(ckpt: Checkpoint, recipe: str, name: str, module: str) -> tuple:
+    """("q", bits, group_size) or ("f", dtype code) for a weight."""
+    shape = ckpt.shape(name)
+    src = ckpt.quant_of(name)
+    p = precision(recipe, module, shape[-1] if len(shape) == 2 else None)
+    if len(shape) != 2 and p.bits:  # norms and biases of a quantized group keep their precision
+        p = SOURCE
+    if src:  # never re-quantize to more bits than the source has
+        return ("q", p.bits, p.group_size) if p.bits and p.bits < src[0] else ("q", *src)
+    if p.bits:
+        return ("q", p.bits, p.group_size)
+    return ("f", ckpt.dtype(name) if p.dtype == "source" else FLOAT_CODES[p.dtype])
+
+
+def _specs(name: str, shape: tuple[int, ...], target: tuple) -> dict[str, tuple[str, tuple]]:
+    if target[0] == "f":
+        return {name: (target[1], tuple(shape))}
+    _, bits, gs = target
+    out, inp = shape
+    base = name[: -len(".weight")]
+    return {name: ("U32", (out, inp * bits // 32)), f"{base}.scales": ("BF16", (out, inp // gs)),
+            f"{base}.biases": ("BF16", (out, inp // gs))}
+
+
+def _encode(name: str, x: np.ndarray | Quantized, target: tuple) -> dict[str, np.ndarray]:
+    if target[0] == "f":
+        if isinstance(x, Quantized):
+            x = dequantize(x.weight, x.scales, x.biases, x.bits, x.group_size)
+        code = target[1]
+        return {name: bf16_bits(x) if code == "BF16" else x.astype({"F32": np.float32, "F16": np.float16}[code])}
+    _, bits, gs = target
+    base = name[: -len(".weight")]
+    if isinstance(x, Quantized) and (x.bits, x.group_size) == (bits, gs):
+        w, s, b = x.weight, bf16_bits(x.scales), bf16_bits(x.biases)
+    else:
+        if isinstance(x, Quantized):
+            x = dequantize(x.weight, x.scales, x.biases, x.bits, x.group_size)
+        w, s, b = quantize(x, bits, gs)
+    return {name: w, f"{base}.scales": s, f"{base}.biases": b}
+
+
+def _module(name: str) -> str:
+    return name.rsplit(".", 1)[0]
+
+
+# -- the plan: one entry per output file ----------------------------------------
+
+def _dense_file(ckpt, recipe, names) -> Callable[[Path], tuple[int, str]]:
+    def write(path: Path):
+        tensors = {}
+        for n in sorted(names):
+            t = _target(ckpt, recipe, n, _module(n))
+            enc = _encode(n, ckpt.read(n), t)
+            spec = _specs(n, ckpt.shape(n), t)
+            tensors.update({k: (spec[k][0], spec[k][1], enc[k]) for k in spec})
+        return write_safetensors(path, tensors, {"format": "mlx"})
+    return write
+
+
+def _experts_layout(ckpt, recipe, layer: int):
+    E = ckpt.args.n_routed_experts
+    specs, targets = {}, {}
+    for e in range(E):
+        for p in PROJS:
+            n = f"model.layers.{layer}.mlp.experts.{e}.{p}.weight"
+            targets[n] = t = _target(ckpt, recipe, n, f"model.layers.{layer}.mlp.experts")
+            specs.update(_specs(n, ckpt.shape(n), t))
+    return specs, targets
+
+
+def _experts_file(ckpt, recipe, layer: int) -> Callable[[Path], tuple[int, str]]:
+    def write(path: Path):
+        specs, targets = _experts_layout(ckpt, recipe, layer)
+        w = SafetensorsWriter(path, specs, {"format": "mlx"})
+        try:
+            for n, t in targets.items():
+                for k, arr in _encode(n, ckpt.read(n), t).items():
+                    w.write(k, arr)
+        except BaseException:
+            w.abort()
+            raise
+        return w.close()
+    return write
+
+
+def experts_entry(ckpt: Checkpoint, recipe: str, layer: int, rel: str, start: int) -> dict:
+    """The manifest's description of one experts file (what the offloader reads)."""
+    specs, targets = _experts_layout(ckpt, recipe, layer)
+    sizes = {k: np.dtype({"U32": np.uint32, "BF16": np.uint16, "F32": np.float32, "F16": np.float16}[d]).itemsize
+             * int(np.prod(s)) for k, (d, s) in specs.items()}
+    E = ckpt.args.n_routed_experts
+    stride = sum(sizes.values()) // E
+    prefix = f"model.layers.{layer}.mlp.experts.0."
+    parts, off = {}, 0
+    for k in specs:
+        if not k.startswith(prefix):
+            break
+        parts[k[len(prefix):]] = {"dtype": specs[k][0], "shape": list(specs[k][1]), "offset": off}
+        off += sizes[k]
+    t = targets[prefix + "gate_proj.weight"]
+    quant = {"bits": t[1], "group_size": t[2]} if t[0] == "q" else None
+    return {"file": rel, "num_experts": E, "data_start": start, "stride": stride, "parts": parts,
+            "quantization": quant}
+
+
+def plan(ckpt: Checkpoint, recipe: str):
+    """[(relative path, writer)] for every weights file, and the quantized
+    non-expert modules {module: {bits, group_size}}."""
+    a = ckpt.args
+    n_layers = a.num_hidden_layers + ckpt.mtp_layers
+    layer_names = {i: [] for i in range(n_layers)}
+    main = []
+    for n in ckpt.names:
+        if n.startswith("model.layers."):
+            i = int(n.split(".")[2])
+            if i in layer_names and ".mlp.experts." not in n:
+                layer_names[i].append(n)
+        else:
+            main.append(n)
+    files = [("weights/main.safetensors", _dense_file(ckpt, recipe, main))]
+    for i in range(n_layers):
+        files.append((f"weights/layer.{i:03d}.safetensors", _dense_file(ckpt, recipe, layer_names[i])))
+        if i >= a.num_hidden_layers or a.is_moe_layer(i):
+            files.append((f"weights/experts.{i:03d}.safetensors", _experts_file(ckpt, recipe, i)))
+    quant = {}
+    for n in sorted(main + sum(layer_names.values(), [])):
+        t = _target(ckpt, recipe, n, _module(n))
+        if t[0] == "q":
+            quant[_module(n)] = {"bits": t[1], "group_size": t[2]}
+    return files, quant
+
+
+# -- driving it ------------------------------------------------------------------
+
+def fingerprint(ckpt: Checkpoint, recipe: str) -> str:
+    h = hashlib.sha256(f"glm-mlx/{FORMAT_VERSION}/{recipe}\n".encode())
+    h.update((ckpt.folder / "config.json").read_bytes())
+    for name in sorted(ckpt.files):
+        f = ckpt.files[name]
+        for t, info in sorted(f.tensors.items()):
+            h.update(f"{t}:{info.dtype}:{info.shape}\n".encode())
+    return h.hexdigest()
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _copy(src: Path, dst: Path) -> tuple[int, str]:
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return dst.stat().st_size, sha256_file(dst)
+
+
+def convert(source_dir: str | Path, out: str | Path, recipe: str = DEFAULT_RECIPE, *,
+            source_info: dict | None = None, log: Callable[[str], None] = lambda s: None) -> Path:
+    """Convert a local checkpoint folder into a glm-mlx model folder at `out`."""
+    if recipe not in RECIPES:
+        raise ConvertError(f"unknown recipe {recipe!r} (choose from {', '.join(RECIPES)})")
+    try:
+        ckpt = Checkpoint(source_dir)
+    except CheckpointError as e:
+        raise ConvertError(str(e)) from None
+    out = Path(out)
+    fp = fingerprint(ckpt, recipe)
+    state_path, manifest_path = out / PROGRESS, out / MANIFEST
+    if manifest_path.exists():
+        m = json.loads(manifest_path.read_text())
+        if m.get("fingerprint") == fp:
+            log(f"{out}: already converted")
+            return out
+        raise ConvertError(f"{out}: holds another conversion (other source or recipe); choose another --out")
+    if out.exists() and any(out.iterdir()) and not state_path.exists():
+        raise ConvertError(f"{out}: exists and is not an unfinished conversion; choose another --out")
+    (out / "weights").mkdir(parents=True, exist_ok=True)
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    if state.get("fingerprint") != fp:
+        state = {"fingerprint": fp, "files": {}}
+    done: dict = state["files"]
+    weight_files, quant_map = plan(ckpt, recipe)
+
+    def finished(rel: str) -> bool:
+        rec, p = done.get(rel), out / rel
+        return bool(rec) and p.is_file() and p.stat().st_size == rec["size"] and sha256_file(p) == rec["sha256"]
+
+    jobs = [(rel, (lambda r=rel: _copy(ckpt.folder / r, out / r)))
+            for rel in COPIED if (ckpt.folder / rel).is_file()]
+    jobs += [(rel, (lambda r=rel, w=write: w(out / r))) for rel, write in weight_files]
+    for k, (rel, job) in enumerate(jobs):
+        if finished(rel):
+            log(f"[{k + 1}/{len(jobs)}] {rel}: done, verified, skipped")
+            continue
+        size, sha = job()
+        done[rel] = {"size": size, "sha256": sha}
+        _atomic_json(state_path, state)
+        log(f"[{k + 1}/{len(jobs)}] {rel}: {size / 1e6:.1f} MB")
+
+    from .safetensors_io import data_start
+
+    experts = {str(i): experts_entry(ckpt, recipe, i, rel, data_start(out / rel))
+               for rel in done if rel.startswith("weights/experts.")
+               for i in [int(rel.split(".")[1])]}
+    manifest = {
+        "format": "glm-mlx", "format_version": FORMAT_VERSION, "fingerprint": fp,
+        "source": {"kind": ckpt.kind, **(source_info or {"path": str(ckpt.folder)})},
+        "recipe": {"name": recipe, "groups": {g: p.to_json() for g, p in RECIPES[recipe].items()}},
+        "mtp_layers": ckpt.mtp_layers,
+        "quantization": quant_map,
+        "experts": experts,
+        "files": {rel: done[rel] for rel, _ in jobs},
+    }
+    _atomic_json(manifest_path, manifest)
+    state_path.unlink()
+    return out

@@ -1,0 +1,24 @@
+"""glm-mlx: GLM-4.5 and GLM-4.5-Air on Apple silicon with MLX."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+
+def load(path: str | Path, dtype: str | None = None):
+    """(model, tokenizer) from a glm-mlx model folder written by `glm-mlx convert`.
+
+    `dtype="float32"` computes in float32 (exact checks on the CPU); by default
+    the folder's own precision (bf16) is used. A folder without its manifest,
+    or with a file of the wrong size or checksum, is refused with the reason.
+    """
+    from .loading import load_model
+    from .tokenizer import Tokenizer
+
+    model, _ = load_model(path, dtype)
+    return model, Tokenizer(path)
+
+
+__all__ = ["load", "__version__"]

@@ -1,0 +1,80 @@
+"""Routed experts, stacked [E, out, in] and applied by gathered matmuls.
+
+No per-expert Python loop: one gather_mm / gather_qmm per projection. For
+many rows (prefill) the rows are sorted by expert first so each expert's
+weights are read once per call. Linear layers become quantized through
+`to_quantized`, the hook `mlx.nn.quantize` calls, so one predicate decides
+the bits of every layer, experts included.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+SORT_THRESHOLD = 64  # rows x top-k above which sorting by expert pays
+
+
+class SwitchLinear(nn.Module):
+    def __init__(self, num_experts: int, input_dims: int, output_dims: int):
+        super().__init__()
+        self.weight = mx.zeros((num_experts, output_dims, input_dims))
+
+    def __call__(self, x: mx.array, inds: mx.array, sorted_indices: bool = False) -> mx.array:
+        w = self.weight
+        if w.dtype != mx.float32 and mx.default_device() == mx.cpu:
+            # MLX's CPU gather_mm takes float32 only; gather the rows' experts instead.
+            return x @ w[inds].swapaxes(-1, -2)
+        return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=inds, sorted_indices=sorted_indices)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine"):
+        return QuantizedSwitchLinear.from_weight(self.weight, group_size, bits, mode)
+
+
+class QuantizedSwitchLinear(nn.Module):
+    def __init__(self, num_experts: int, input_dims: int, output_dims: int, group_size: int = 64,
+                 bits: int = 4, mode: str = "affine"):
+        super().__init__()
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        w, s, b = mx.quantize(mx.zeros((num_experts, output_dims, input_dims)), group_size, bits, mode=mode)
+        self.weight, self.scales, self.biases = w, s, b
+        self.freeze()
+
+    @classmethod
+    def from_weight(cls, weight: mx.array, group_size: int, bits: int, mode: str = "affine"):
+        E, out, inp = weight.shape
+        q = cls(E, inp, out, group_size, bits, mode)
+        q.weight, q.scales, q.biases = mx.quantize(weight, group_size, bits, mode=mode)
+        return q
+
+    def __call__(self, x: mx.array, inds: mx.array, sorted_indices: bool = False) -> mx.array:
+        return mx.gather_qmm(
+            x, self.weight, self.scales, self.biases, rhs_indices=inds, transpose=True,
+            group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices,
+        )
+
+
+class SwitchGLU(nn.Module):
+    """SwiGLU experts: y_e = down_e(silu(gate_e(x)) * up_e(x)) for each chosen e."""
+
+    def __init__(self, dim: int, hidden: int, num_experts: int):
+        super().__init__()
+        self.gate_proj = SwitchLinear(num_experts, dim, hidden)
+        self.up_proj = SwitchLinear(num_experts, dim, hidden)
+        self.down_proj = SwitchLinear(num_experts, hidden, dim)
+
+    def __call__(self, x: mx.array, inds: mx.array) -> mx.array:
+        """x [..., D], inds [..., k] -> [..., k, D]."""
+        x = mx.expand_dims(x, (-2, -3))  # [..., 1, 1, D]
+        sort = inds.size >= SORT_THRESHOLD
+        idx = inds
+        if sort:
+            k = inds.shape[-1]
+            flat = inds.flatten()
+            order = mx.argsort(flat)
+            x, idx = x.flatten(0, -3)[order // k], flat[order]  # [N*k, 1, D], [N*k]
+        h = nn.silu(self.gate_proj(x, idx, sort)) * self.up_proj(x, idx, sort)
+        y = self.down_proj(h, idx, sort)
+        if sort:
+            y = mx.unflatten(y[mx.argsort(order)], 0, inds.shape)
+        return y.squeeze(-2)

@@ -1,0 +1,146 @@
+"""Load a glm-mlx model folder: check it, build the model, assign the weights.
+
+Checkpoint names become model names here and only here (`model_key`): the
+MTP layer `model.layers.{N}` becomes `mtp.0`, and a layer's routed experts,
+stored one contiguous byte range per expert, are stacked into [E, ...]
+arrays (`read_experts`, which is also where offloading hooks in).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .config import ModelArgs
+from .model import Model
+
+MANIFEST = "glm_mlx.json"
+VERIFIED = ".glm_mlx_verified.json"
+FORMAT_VERSION = 1
+_NP = {"U32": np.uint32, "BF16": np.uint16, "F32": np.float32, "F16": np.float16}
+_LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+
+
+class ModelFolderError(ValueError):
+    """A model folder that must not be loaded; the message says why."""
+
+
+def model_key(name: str, num_hidden_layers: int) -> str:
+    """Checkpoint tensor name -> parameter path in `Model`."""
+    m = re.match(r"model\.layers\.(\d+)\.(.*)", name)
+    if m and int(m[1]) >= num_hidden_layers:
+        rest = m[2]
+        if rest.split(".")[0] in _LAYER_PARTS:
+            rest = "layer." + rest
+        return f"mtp.{int(m[1]) - num_hidden_layers}.{rest}"
+    return name
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_folder(folder: Path) -> dict:
+    """The manifest, once every file it lists has the right size and sha256.
+
+    Hashing a 60 GB folder takes a minute, so a file whose (size, mtime)
+    matches the stamp left by the last successful check is not re-hashed;
+    any write to a file changes its mtime and brings the check back.
+    """
+    mpath = folder / MANIFEST
+    if not folder.is_dir():
+        raise ModelFolderError(f"{folder}: no such folder")
+    if not mpath.is_file():
+        raise ModelFolderError(
+            f"{folder}: no {MANIFEST}: not a glm-mlx model folder, or its conversion did not finish "
+            "(run glm-mlx convert again to complete it)")
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ModelFolderError(f"{mpath}: corrupt manifest") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ModelFolderError(f"{mpath}: format version {manifest.get('format_version')} "
+                               f"is not {FORMAT_VERSION}; convert the model again")
+    stamp_path = folder / VERIFIED
+    try:
+        stamp = json.loads(stamp_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        stamp = {}
+    new_stamp = {}
+    for rel, rec in files.items():
+        p = folder / rel
+        if not p.is_file():
+            raise ModelFolderError(f"{p}: missing (listed in the manifest)")
+        st = p.stat()
+        if st.st_size != rec["size"]:
+            raise ModelFolderError(f"{p}: size {st.st_size} bytes, the manifest says {rec['size']}")
+        key = [st.st_size, st.st_mtime_ns, rec["sha256"]]
+        if stamp.get(rel) != key and _sha256(p) != rec["sha256"]:
+            raise ModelFolderError(f"{p}: checksum does not match the manifest (file is corrupt)")
+        new_stamp[rel] = key
+    if new_stamp != stamp:
+        try:
+            stamp_path.write_text(json.dumps(new_stamp))
+        except OSError:
+            pass  # a read-only folder is verified again next time, nothing worse
+    return manifest
+
+
+def read_experts(folder: Path, entry: dict) -> dict[str, mx.array]:
+    """A layer's experts file as stacked arrays {"gate_proj.weight": [E, ...], ...}."""
+    E, stride, start = entry["num_experts"], entry["stride"], entry["data_start"]
+    raw = np.memmap(folder / entry["file"], dtype=np.uint8, mode="r")
+    out = {}
+    for part, spec in entry["parts"].items():
+        dt, shape = np.dtype(_NP[spec["dtype"]]), tuple(spec["shape"])
+        nbytes = int(np.prod(shape)) * dt.itemsize
+        first = start + spec["offset"]
+        rows = np.lib.stride_tricks.as_strided(raw[first:], shape=(E, nbytes), strides=(stride, 1))
+        arr = mx.array(np.ascontiguousarray(rows).view(dt).reshape(E, *shape))
+        out[part] = arr.view(mx.bfloat16) if spec["dtype"] == "BF16" else arr
+    return out
+
+
+def load_model(path: str | Path, dtype: str | None = None) -> tuple[Model, dict]:
+    folder = Path(path)
+    manifest = verify_folder(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_nextn_predict_layers"] = manifest.get("mtp_layers", 0)
+    args = ModelArgs.from_dict(config)
+    n = args.num_hidden_layers
+    weights = []
+    for rel in manifest["files"]:
+        if rel.startswith("weights/") and not rel.startswith("weights/experts."):
+            weights += [(model_key(k, n), v) for k, v in mx.load(str(folder / rel)).items()]
+    for i, entry in manifest["experts"].items():
+        weights += [(model_key(f"model.layers.{i}.mlp.experts.{k}", n), v)
+                    for k, v in read_experts(folder, entry).items()]
+    model = Model(args, mtp_own_embed=any(k.startswith("mtp.0.embed_tokens.") for k, _ in weights))
+
+    qmap = {model_key(m, n): q for m, q in manifest["quantization"].items()}
+    for i, entry in manifest["experts"].items():
+        if entry["quantization"]:
+            for p in ("gate_proj", "up_proj", "down_proj"):
+                qmap[model_key(f"model.layers.{i}.mlp.experts.{p}", n)] = entry["quantization"]
+    nn.quantize(model, class_predicate=lambda p, m: qmap.get(p, False))
+    if dtype is not None:
+        dt = getattr(mx, dtype)
+        weights = [(k, v.astype(dt) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights]
+    try:
+        model.load_weights(weights, strict=True)
+    except ValueError as e:
+        raise ModelFolderError(f"{folder}: weights do not match the config ({e})") from None
+    model.eval()
+    mx.eval(model.parameters())
+    return model, manifest

@@ -1,0 +1,213 @@
+"""GLM-4.5 / GLM-4.5-Air in MLX.
+
+Reads like the architecture: embed -> N x [RMSNorm -> attention -> residual ->
+RMSNorm -> dense MLP or MoE -> residual] -> RMSNorm -> lm_head, plus the
+multi-token-prediction (MTP) layer kept beside the trunk. Parameter names are
+those of the Hugging Face checkpoint, except that routed experts are stacked
+([E, out, in] under `mlp.experts.{gate,up,down}_proj`) and the MTP layer
+`model.layers.{N}` lives at `mtp.0`; glm_mlx.loading does that renaming.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import KVCache
+from .config import ModelArgs
+from .experts import SwitchGLU
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = args.num_attention_heads, args.num_key_value_heads
+        self.head_dim = hd = args.head_dim
+        self.scale = hd**-0.5
+        d = args.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=args.attention_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=args.attention_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=args.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
+        if args.use_qk_norm:
+            self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+        self.use_qk_norm = args.use_qk_norm
+        self.rope_dims, self.rope_theta = args.rope_dims, args.rope_theta
+
+    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+        if self.use_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+        offset = cache.offset if cache is not None else 0
+        # RoPE on the first rope_dims of each head, rotate-half form; the rest passes.
+        rope = dict(dims=self.rope_dims, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
+        q, k = mx.fast.rope(q, **rope), mx.fast.rope(k, **rope)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        o = mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=self.scale, mask="causal" if T > 1 else None
+        )
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Sigmoid router with a selection-only correction bias (noaux_tc), in float32."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.weight = mx.zeros((args.n_routed_experts, args.hidden_size), dtype=mx.float32)
+        self.e_score_correction_bias = mx.zeros((args.n_routed_experts,), dtype=mx.float32)
+        self.top_k, self.n_group, self.topk_group = args.num_experts_per_tok, args.n_group, args.topk_group
+        self.norm_topk_prob, self.scaling = args.norm_topk_prob, args.routed_scaling_factor
+
+    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        scores = mx.sigmoid(x.astype(mx.float32) @ self.weight.astype(mx.float32).T)
+        choice = scores + self.e_score_correction_bias.astype(mx.float32)
+        if self.topk_group < self.n_group:
+            # Keep the topk_group groups whose two best experts score highest.
+            g = mx.unflatten(choice, -1, (self.n_group, -1))
+            group_score = mx.topk(g, 2, axis=-1).sum(axis=-1)
+            drop = mx.argpartition(group_score, self.n_group - self.topk_group - 1, axis=-1)
+            drop = drop[..., : self.n_group - self.topk_group]
+            g = mx.put_along_axis(g, drop[..., None], mx.array(-mx.inf, g.dtype), axis=-2)
+            choice = mx.flatten(g, -2, -1)
+        inds = mx.stop_gradient(mx.argpartition(-choice, self.top_k - 1, axis=-1)[..., : self.top_k])
+        weights = mx.take_along_axis(scores, inds, axis=-1)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+        return inds, weights * self.scaling
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate = Router(args)
+        self.experts = SwitchGLU(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts)
+        self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        inds, weights = self.gate(x)
+        y = self.experts(x, inds)  # [..., k, D]
+        y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+        return y + self.shared_experts(x)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, moe: bool):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MoE(args) if moe else MLP(args.hidden_size, args.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class SharedHead(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+
+class MTPLayer(nn.Module):
+    """GLM's multi-token-prediction layer: predicts token t+2 from the trunk's
+    final hidden state at t and the embedding of token t+1."""
+
+    def __init__(self, args: ModelArgs, own_embed: bool = False):
+        super().__init__()
+        d = args.hidden_size
+        if own_embed:  # GLM-4.5 ships a copy of the embedding in its MTP layer
+            self.embed_tokens = nn.Embedding(args.vocab_size, d)
+        self.enorm = nn.RMSNorm(d, eps=args.rms_norm_eps)
+        self.hnorm = nn.RMSNorm(d, eps=args.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * d, d, bias=False)
+        self.layer = DecoderLayer(args, moe=True)
+        self.shared_head = SharedHead(args)
+
+    def __call__(self, hidden: mx.array, next_tokens: mx.array, trunk_embed: nn.Embedding,
+                 cache: KVCache | None = None) -> mx.array:
+        """hidden: the trunk's final (normed) hidden states [B, T, D] at t;
+        next_tokens: the tokens at t+1 [B, T]. Returns logits for t+2."""
+        e = (self.embed_tokens if "embed_tokens" in self else trunk_embed)(next_tokens)
+        h = self.eh_proj(mx.concatenate([self.enorm(e), self.hnorm(hidden)], axis=-1))
+        h = self.layer(h, cache)
+        return self.shared_head.head(self.shared_head.norm(h))
+
+
+class GLMModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, args.is_moe_layer(i)) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        h = self.embed_tokens(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cache[i] if cache is not None else None)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs, mtp_own_embed: bool = False):
+        super().__init__()
+        self.args = args
+        self.model = GLMModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.mtp = [MTPLayer(args, mtp_own_embed) for _ in range(args.num_nextn_predict_layers)]
+
+    def __call__(self, tokens, cache: list[KVCache] | None = None, *, checked: bool = False) -> mx.array:
+        """Logits [B, T, vocab] for int tokens [B, T]. Token ids are checked
+        against the vocabulary first (an id past it crashes MLX's CPU
+        embedding); `checked=True` skips that for ids the caller sampled."""
+        if not checked:
+            tokens = validate_tokens(tokens, self.args.vocab_size)
+        return self.logits(self.model(tokens, cache))
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(hidden)
+        return self.lm_head(hidden)
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.model.layers]
+
+
+def validate_tokens(tokens, vocab_size: int) -> mx.array:
+    """Int tokens [B, T] as an mx.array, or a ValueError naming the bad id."""
+    if isinstance(tokens, mx.array):
+        if tokens.ndim != 2 or not mx.issubdtype(tokens.dtype, mx.integer):
+            raise ValueError(f"tokens must be an int array [B, T], got {tokens.dtype}{tokens.shape}")
+        lo, hi = mx.min(tokens).item(), mx.max(tokens).item()
+    else:
+        import numpy as np
+
+        arr = np.asarray(tokens)
+        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"tokens must be an int array [B, T], got {arr.dtype}{arr.shape}")
+        lo, hi = int(arr.min()), int(arr.max())
+        tokens = mx.array(arr.astype(np.int32))
+    if lo < 0 or hi >= vocab_size:
+        bad = hi if hi >= vocab_size else lo
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    return tokens
