@@ -1,0 +1,112 @@
+"""The `glm-mlx` command: one function per subcommand, typed options."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run, chat with and fine-tune GLM-4.5 / GLM-4.5-Air with MLX.")
+
+
+def fail(message: str) -> None:
+    """One line on stderr naming the cause, and a non-zero exit; never a traceback."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+USER_ERRORS = (ValueError, OSError)
+
+
+@app.command()
+def convert(
+    source: str = typer.Argument(..., help="Hugging Face repo id (e.g. zai-org/GLM-4.5-Air) or a local folder"),
+    out: Path = typer.Option(..., "--out", "-o", help="the glm-mlx model folder to write"),
+    quant: str = typer.Option("mixed", "--quant", "-q", help="recipe: mixed (default), uniform4, none"),
+    revision: Optional[str] = typer.Option(None, help="hub revision (branch, tag or commit)"),
+    token: Optional[str] = typer.Option(None, help="hub token (default: HF_TOKEN / hf auth login)"),
+):
+    """Convert a GLM-4.5 checkpoint (bf16, FP8 or mlx-lm) into a glm-mlx model folder."""
+    from convert.convert import convert as run
+    from convert.source import resolve_source
+
+    try:
+        folder, info = resolve_source(source, revision=revision, token=token)
+        run(folder, out, quant, source_info=info, log=lambda s: typer.echo(s, err=True))
+    except USER_ERRORS as e:
+        fail(str(e))
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def generate(
+    model: Path = typer.Option(..., "--model", "-m", help="a glm-mlx model folder"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="the user message"),
+    token_ids: Optional[str] = typer.Option(None, help="raw prompt token ids, comma-separated, "
+                                            "instead of --prompt (no chat template)"),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n"),
+    temp: float = typer.Option(0.6, "--temp", help="sampling temperature (0: greedy)"),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="seed for reproducible sampling"),
+    think: bool = typer.Option(True, "--think/--no-think", help="let the model reason first"),
+    system: Optional[str] = typer.Option(None, "--system", help="a system prompt"),
+    dtype: Optional[str] = typer.Option(None, help="compute dtype (float32 for exact checks)"),
+):
+    """Generate one reply to a prompt, streamed, then the speed and peak memory."""
+    import mlx.core as mx
+
+    import glm_mlx
+    from glm_mlx.generate import Stats, stream
+
+    if (prompt is None) == (token_ids is None):
+        fail("give exactly one of --prompt or --token-ids")
+    try:
+        m, tok = glm_mlx.load(model, dtype=dtype)
+        if token_ids is not None:
+            ids = [int(t) for t in token_ids.replace(" ", "").split(",") if t]
+        else:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            ids = tok.encode(tok.apply_chat_template(msgs, enable_thinking=think))
+        if seed is not None:
+            mx.random.seed(seed)
+        stats = Stats()
+        for piece in stream(m, tok, ids, temp=temp, top_p=top_p, max_tokens=max_tokens, stats=stats):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except USER_ERRORS as e:
+        fail(str(e))
+    typer.echo("")
+    typer.echo(stats.line(), err=True)
+
+
+@app.command()
+def demo(
+    folder: Path = typer.Option(Path("glm-mlx-demo"), "--dir", help="where the tiny checkpoint and model go"),
+    preset: str = typer.Option("air-tiny", help="tiny config: air-tiny, glm45-tiny, quality"),
+    prompt: str = typer.Option("Hello! What can you do?", "--prompt", "-p"),
+    max_tokens: int = typer.Option(32, "--max-tokens", "-n"),
+):
+    """End to end on a tiny generated GLM: write a checkpoint, convert it, generate."""
+    from convert.synthetic import make_config, write_checkpoint
+
+    ckpt, out = folder / "checkpoint", folder / "model"
+    if not (ckpt / "model.safetensors.index.json").exists():
+        typer.echo(f"writing a tiny {preset} checkpoint to {ckpt}", err=True)
+        try:
+            write_checkpoint(ckpt, make_config(preset))
+        except USER_ERRORS as e:
+            fail(str(e))
+    convert(str(ckpt), out, "mixed", None, None)
+    generate(model=out, prompt=prompt, token_ids=None, max_tokens=max_tokens, temp=0.0, top_p=1.0,
+             seed=0, think=False, system=None, dtype=None)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The model against transformers' Glm4MoeForCausalLM, and against itself."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import glm_mlx
+from glm_mlx.experts import SwitchGLU
+from reference import reference_logits
+
+PRESETS = ["air-tiny", "glm45-tiny", "quality"]
+
+
+def rel_err(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def tokens(vocab: int, B=2, T=24, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=(B, T))
+
+
+@pytest.mark.parametrize("style", ["published", "rope_parameters"])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_unquantized_logits_match_transformers(preset, style, checkpoint, converted):
+    model, _ = glm_mlx.load(converted(preset, "none", style), dtype="float32")
+    toks = tokens(model.args.vocab_size)
+    ours = np.array(model(toks))
+    ref = reference_logits(checkpoint(preset, style), toks)
+    assert ours.shape == ref.shape
+    assert rel_err(ours, ref) < 1e-4
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("preset", ["air-tiny", "glm45-tiny"])
+def test_cached_decoding_equals_full_forward(preset, converted):
+    model, _ = glm_mlx.load(converted(preset, "mixed"), dtype="float32")
+    toks = tokens(model.args.vocab_size, B=1, T=20, seed=1)
+    full = np.array(model(toks))
+    cache = model.make_cache()
+    # a prefill of 7 tokens, then one token at a time
+    steps = [np.array(model(toks[:, :7], cache))]
+    steps += [np.array(model(toks[:, t : t + 1], cache)) for t in range(7, 20)]
+    inc = np.concatenate(steps, axis=1)
+    assert rel_err(inc, full) < 1e-5
+    assert (inc.argmax(-1) == full.argmax(-1)).all()
+
+
+def test_chunked_prefill_equals_full_forward(converted):
+    from glm_mlx.generate import prefill
+
+    model, _ = glm_mlx.load(converted("air-tiny", "none"), dtype="float32")
+    toks = tokens(model.args.vocab_size, B=1, T=23, seed=2)
+    last = np.array(prefill(model, mx.array(toks), model.make_cache(), chunk=5))
+    assert rel_err(last, np.array(model(toks))[:, -1]) < 1e-5
+
+
+def _expert_loop(glu: SwitchGLU, x: np.ndarray, inds: np.ndarray) -> np.ndarray:
+    """The slow, obvious oracle: every row, every chosen expert, one at a time."""
+    g, u, d = (np.array(p.weight) for p in (glu.gate_proj, glu.up_proj, glu.down_proj))
+    out = np.zeros((*inds.shape, x.shape[-1]), np.float32)
+    for r in np.ndindex(inds.shape):
+        e, row = inds[r], x[r[:-1]]
+        a, b = g[e] @ row, u[e] @ row
+        out[r] = d[e] @ (a / (1 + np.exp(-a)) * b)
+    return out
+
+
+@pytest.mark.parametrize("rows", [3, 80])  # below and above the sort threshold
+def test_gathered_experts_equal_a_per_expert_loop(rows):
+    rng = np.random.default_rng(0)
+    glu = SwitchGLU(16, 32, 6)
+    glu.update({k: {"weight": mx.array(rng.standard_normal((6, *p.weight.shape[1:]), dtype=np.float32))}
+                for k, p in glu.children().items()})
+    x = rng.standard_normal((1, rows, 16), dtype=np.float32)
+    inds = np.stack([rng.permutation(6)[:2] for _ in range(rows)])[None]
+    ours = np.array(glu(mx.array(x), mx.array(inds)))
+    assert rel_err(ours, _expert_loop(glu, x, inds)) < 1e-5
+
+
+def test_token_ids_are_validated(converted):
+    model, _ = glm_mlx.load(converted("air-tiny", "none"))
+    V = model.args.vocab_size
+    for bad in ([[1, 2, V]], [[-1, 3]], mx.array([[0, V + 5]])):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            model(bad)
+    with pytest.raises(ValueError, match=r"int array \[B, T\]"):
+        model(np.array([1.0, 2.0]))
+
+
+def test_bf16_compute_is_close_to_float32(converted):
+    folder = converted("air-tiny", "mixed")
+    f32, _ = glm_mlx.load(folder, dtype="float32")
+    bf16, _ = glm_mlx.load(folder)
+    toks = tokens(f32.args.vocab_size)
+    a, b = np.array(f32(toks)), np.array(bf16(toks).astype(mx.float32))
+    assert rel_err(b, a) < 0.1
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+def test_mtp_layer_survives_conversion(fmt, checkpoint, converted):
+    from convert.checkpoint import Checkpoint
+    from convert.safetensors_io import bf16_bits, to_float32
+
+    model, _ = glm_mlx.load(converted("air-tiny", "none", "published", fmt), dtype="float32")
+    src = Checkpoint(checkpoint("air-tiny", "published", fmt))
+    N = model.args.num_hidden_layers
+    assert len(model.mtp) == 1
+    mtp = model.mtp[0]
+    for hf, ours in [(f"model.layers.{N}.eh_proj.weight", mtp.eh_proj.weight),
+                     (f"model.layers.{N}.shared_head.head.weight", mtp.shared_head.head.weight),
+                     (f"model.layers.{N}.self_attn.q_proj.weight", mtp.layer.self_attn.q_proj.weight),
+                     (f"model.layers.{N}.mlp.experts.3.up_proj.weight", mtp.layer.mlp.experts.up_proj.weight[3])]:
+        # FP8 weights are dequantized on read and stored in bf16 (the source's float type)
+        want = to_float32(bf16_bits(src.read(hf)), "BF16")
+        np.testing.assert_array_equal(np.array(ours), want, err_msg=hf)
+    # and it runs: logits for t+2 from the trunk's hidden state and token t+1
+    toks = mx.array(tokens(model.args.vocab_size, B=1, T=6))
+    hidden = model.model(toks)
+    out = mtp(hidden[:, :-1], toks[:, 1:], model.model.embed_tokens)
+    assert out.shape == (1, 5, model.args.vocab_size) and np.isfinite(np.array(out)).all()
+
+
+def test_fp8_source_converts_to_its_dequantized_weights(checkpoint, converted):
+    """An FP8 checkpoint is dequantized on read: our logits equal transformers'
+    on the bf16 checkpoint of the same seed up to FP8 rounding only."""
+    model, _ = glm_mlx.load(converted("air-tiny", "none", "published", "fp8"), dtype="float32")
+    toks = tokens(model.args.vocab_size)
+    ref = reference_logits(checkpoint("air-tiny"), toks)
+    assert rel_err(np.array(model(toks)), ref) < 0.1
