@@ -21,12 +21,21 @@ def _bf16_round(x: np.ndarray) -> np.ndarray:
     return (bf16_bits(x).astype(np.uint32) << 16).view(np.float32)
 
 
-def quantize(w: np.ndarray, bits: int = 4, group_size: int = 64, iters: int = 4):
+def quantize(w: np.ndarray, bits: int = 4, group_size: int = 64, iters: int = 4, chunk: int = 1 << 22):
     """float32 [..., in] -> (packed uint32 [..., in*bits/32], scales bf16 bits, biases bf16 bits).
 
     Scales and biases come back as uint16 bf16 bit patterns, [..., in/group_size].
+    Works through `chunk` weights at a time, so its temporaries stay small
+    beside a 150k x 5k embedding.
     """
     assert w.shape[-1] % group_size == 0 and 32 % bits == 0, (w.shape, group_size, bits)
+    rows = w.reshape(-1, w.shape[-1])
+    step = max(1, chunk // w.shape[-1])
+    parts = [_quantize_rows(rows[i : i + step], bits, group_size, iters) for i in range(0, len(rows), step)]
+    return tuple(np.concatenate(p).reshape(*w.shape[:-1], -1) for p in zip(*parts))
+
+
+def _quantize_rows(w: np.ndarray, bits: int, group_size: int, iters: int):
     shape = w.shape
     g = np.ascontiguousarray(w, dtype=np.float32).reshape(-1, group_size)
     qmax = float(2**bits - 1)
