@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.safetensors_io import bf16_bits, write_safetensors
+from convert.safetensors_io import DTYPES, bf16_bits, write_safetensors
 
 # ---------------------------------------------------------------- tokenizer
 
@@ -425,6 +425,37 @@ def _quant_config(ignore: list[str]) -> dict:
     }
 
 
+def _stored(name: str, shape: tuple[int, ...], weight_format: str):
+    """The (name, dtype, shape) entries one weight is stored as."""
+    if name.endswith("e_score_correction_bias"):
+        return [(name, "F32", shape)]  # float32 in the published files
+    if weight_format == "fp8" and _fp8_quantized(name, shape):
+        return [(name, "F8_E4M3", shape), (name.removesuffix("weight") + "weight_scale", "F32", (shape[0], 1))]
+    return [(name, "BF16", shape)]
+
+
+def _values(specs, seed: int, weight_format: str):
+    """The stored arrays of `specs`, in _stored's order, drawn in one
+    sequence from `seed` whatever the format."""
+    rng = np.random.default_rng(seed)
+    for name, shape, std in specs:
+        if std is None:
+            w = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+        else:
+            w = np.float32(std) * rng.standard_normal(shape, dtype=np.float32)
+        if name.endswith("e_score_correction_bias"):
+            yield w
+            continue
+        bits = bf16_bits(w)
+        if weight_format == "fp8" and _fp8_quantized(name, shape):
+            wb = (bits.astype(np.uint32) << 16).view(np.float32)  # quantize what bf16 stores
+            scale = np.maximum(np.abs(wb).max(axis=1, keepdims=True), np.float32(1e-30)) / np.float32(448.0)
+            yield encode_fp8_e4m3(wb / scale)
+            yield scale.astype(np.float32)
+        else:
+            yield bits
+
+
 def _shard_cuts(sizes: list[int], num_shards: int) -> list[int]:
     """Index of each shard's first tensor: cuts at even byte counts."""
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -459,37 +490,19 @@ def write_checkpoint(out_dir, config: dict, *, seed: int = 0, num_shards: int = 
         raise ValueError(f"num_shards {num_shards}: need 1..{len(specs)} for this model")
     out.mkdir(parents=True, exist_ok=True)
 
-    rng = np.random.default_rng(seed)
-    entries = []  # (name, dtype, shape, array of the stored bytes)
-    ignore = []
-    for name, shape, std in specs:
-        if std is None:
-            w = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
-        else:
-            w = np.float32(std) * rng.standard_normal(shape, dtype=np.float32)
-        if name.endswith("e_score_correction_bias"):
-            entries.append((name, "F32", shape, w))
-            ignore.append(name)
-            continue
-        bits = bf16_bits(w)
-        if weight_format == "fp8" and _fp8_quantized(name, shape):
-            wb = (bits.astype(np.uint32) << 16).view(np.float32)  # quantize what bf16 stores
-            scale = np.maximum(np.abs(wb).max(axis=1, keepdims=True), 1e-30) / np.float32(448.0)
-            entries.append((name, "F8_E4M3", shape, encode_fp8_e4m3(wb / scale)))
-            entries.append((name[: -len("weight")] + "weight_scale", "F32", scale.shape,
-                            scale.astype(np.float32)))
-            continue
-        entries.append((name, "BF16", shape, bits))
-        ignore.append(name.removesuffix(".weight"))
-
-    sizes = [a.nbytes for *_, a in entries]
-    cuts = _shard_cuts(sizes, num_shards) + [len(entries)]
+    # Shard cuts come from the shapes alone, so the weights are generated one
+    # shard at a time: memory holds one shard, not the model.
+    layout = [e for name, shape, _ in specs for e in _stored(name, shape, weight_format)]
+    sizes = [np.dtype(DTYPES[dt]).itemsize * int(np.prod(shape)) for _, dt, shape in layout]
+    cuts = _shard_cuts(sizes, num_shards) + [len(layout)]
+    values = _values(specs, seed, weight_format)
     weight_map = {}
     for k in range(num_shards):
         fname = f"model-{k + 1:05d}-of-{num_shards:05d}.safetensors"
-        part = entries[cuts[k]: cuts[k + 1]]
-        write_safetensors(out / fname, {n: (dt, s, a) for n, dt, s, a in part}, {"format": "pt"})
-        weight_map.update({n: fname for n, *_ in part})
+        part = layout[cuts[k]: cuts[k + 1]]
+        write_safetensors(out / fname, {n: (dt, s, next(values)) for n, dt, s in part}, {"format": "pt"})
+        weight_map.update(dict.fromkeys((n for n, *_ in part), fname))
+    assert next(values, None) is None
     index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
     _write_json(out / "model.safetensors.index.json", index)
 
@@ -507,7 +520,9 @@ def write_checkpoint(out_dir, config: dict, *, seed: int = 0, num_shards: int = 
         "transformers_version": config.get("transformers_version", "4.54.0"),
     })
     if weight_format == "fp8":
-        styled["quantization_config"] = _quant_config(sorted(ignore))
+        kept = [n.removesuffix(".weight") for n, dt, _ in layout if not n.endswith(".weight_scale")
+                and dt != "F8_E4M3"]
+        styled["quantization_config"] = _quant_config(sorted(kept))
     _write_json(out / "config.json", styled)
     return out
 

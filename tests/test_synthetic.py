@@ -19,23 +19,10 @@ from convert.synthetic import (
     PRESETS, SPECIAL_TOKENS, TOKENIZER_SIZE, count_params, encode_fp8_e4m3,
     make_config, special_token_ids, write_checkpoint,
 )
-from tests.reference import reference_logits, reference_model
+from reference import reference_logits, reference_model
 
 ROOT = Path(__file__).resolve().parents[1]
-STYLES = ("published", "rope_parameters")
-_CACHE: dict = {}
-
-
-@pytest.fixture(scope="session")
-def ckpt(tmp_path_factory):
-    """ckpt(preset, style, fmt) -> folder, written once per session."""
-    def get(preset, style="published", fmt="bf16"):
-        key = (preset, style, fmt)
-        if key not in _CACHE:
-            folder = tmp_path_factory.mktemp(f"{preset}-{style}-{fmt}")
-            _CACHE[key] = write_checkpoint(folder, make_config(preset), config_style=style, weight_format=fmt)
-        return _CACHE[key]
-    return get
+STYLES = ("published", "rope_parameters")  # `checkpoint` is the session fixture in conftest.py
 
 
 def read_tensors(folder: Path) -> dict[str, tuple[str, np.ndarray]]:
@@ -66,13 +53,13 @@ def test_every_matrix_in_dim_is_a_multiple_of_64(preset):
     assert c["pad_token_id"] == ids["<|endoftext|>"]
 
 
-def test_quality_preset_is_mostly_routed_experts(ckpt):
+def test_quality_preset_is_mostly_routed_experts(checkpoint):
     total, experts = count_params(make_config("quality"))
     print(f"quality: {total:,} parameters, routed experts {experts / total:.1%}")
     assert experts / total > 0.9
     # The count is the checkpoint's, MTP layer aside.
     mtp = f"model.layers.{make_config('quality')['num_hidden_layers']}."
-    tensors = read_tensors(ckpt("quality"))
+    tensors = read_tensors(checkpoint("quality"))
     assert total == sum(x.size for n, (_, x) in tensors.items() if not n.startswith(mtp))
 
 
@@ -87,8 +74,8 @@ def test_make_config_overrides_and_rejects_unknown_presets():
 
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("preset", PRESETS)
-def test_transformers_loads_every_weight(ckpt, preset, style):
-    folder = ckpt(preset, style)
+def test_transformers_loads_every_weight(checkpoint, preset, style):
+    folder = checkpoint(preset, style)
     c = make_config(preset)
     model, info = Glm4MoeForCausalLM.from_pretrained(
         folder, dtype=torch.float32, output_loading_info=True)
@@ -108,9 +95,9 @@ def test_transformers_loads_every_weight(ckpt, preset, style):
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_logits_are_finite_and_peaked(ckpt, preset):
+def test_logits_are_finite_and_peaked(checkpoint, preset):
     tokens = np.random.default_rng(1).integers(0, TOKENIZER_SIZE, size=(2, 24))
-    logits = reference_logits(ckpt(preset), tokens)
+    logits = reference_logits(checkpoint(preset), tokens)
     assert logits.shape == (2, 24, make_config(preset)["vocab_size"])
     assert np.isfinite(logits).all()
     assert logits.std(-1).mean() > 1.0
@@ -119,13 +106,13 @@ def test_logits_are_finite_and_peaked(ckpt, preset):
     assert top1.std() > 0.05 and top1.max() > 0.3
     assert len(np.unique(logits.argmax(-1))) >= 8
     # The newer config style describes the same model.
-    np.testing.assert_array_equal(reference_logits(ckpt(preset, "rope_parameters"), tokens), logits)
+    np.testing.assert_array_equal(reference_logits(checkpoint(preset, "rope_parameters"), tokens), logits)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_routing_varies_and_exercises_bias_and_groups(ckpt, preset):
+def test_routing_varies_and_exercises_bias_and_groups(checkpoint, preset):
     c = make_config(preset)
-    model = reference_model(ckpt(preset))
+    model = reference_model(checkpoint(preset))
     seen = {}
 
     def hook(i):
@@ -198,16 +185,16 @@ def test_shards_index_and_mtp_layout(tmp_path):
     assert "mlp.experts.15.down_proj.weight" in moe and "mlp.gate.weight" in moe
 
 
-def test_config_styles(ckpt):
-    pub = json.loads((ckpt("air-tiny") / "config.json").read_text())
-    new = json.loads((ckpt("air-tiny", "rope_parameters") / "config.json").read_text())
+def test_config_styles(checkpoint):
+    pub = json.loads((checkpoint("air-tiny") / "config.json").read_text())
+    new = json.loads((checkpoint("air-tiny", "rope_parameters") / "config.json").read_text())
     assert pub["rope_theta"] == 1000000 and pub["partial_rotary_factor"] == 0.5
     assert pub["rope_scaling"] is None and pub["torch_dtype"] == "bfloat16"
     assert new["rope_parameters"] == {"rope_type": "default", "rope_theta": 1000000, "partial_rotary_factor": 0.5}
     assert not {"rope_theta", "partial_rotary_factor", "rope_scaling", "torch_dtype"} & set(new)
     assert new["dtype"] == "bfloat16"
     assert {k: v for k, v in pub.items() if k in new} == {k: v for k, v in new.items() if k in pub}
-    gen = json.loads((ckpt("air-tiny") / "generation_config.json").read_text())
+    gen = json.loads((checkpoint("air-tiny") / "generation_config.json").read_text())
     assert gen["eos_token_id"] == pub["eos_token_id"] and gen["pad_token_id"] == pub["pad_token_id"]
 
 
@@ -254,8 +241,8 @@ def test_generation_imports_neither_torch_nor_transformers(tmp_path):
 
 # ------------------------------------------------------------ tokenizer
 
-def test_tokenizer_round_trips_and_has_glm_special_tokens(ckpt):
-    tok = AutoTokenizer.from_pretrained(ckpt("air-tiny"))
+def test_tokenizer_round_trips_and_has_glm_special_tokens(checkpoint):
+    tok = AutoTokenizer.from_pretrained(checkpoint("air-tiny"))
     for text in ["Héllo, 世界! 🚀 naïve café", "tabs\tand\r\nnewlines\n\n  two  spaces ",
                  "e\u0301 ﬁ \u200d👩‍💻 ∑x² 🇫🇷", "The user asks the assistant.", ""]:
         ids = tok.encode(text, add_special_tokens=False)
@@ -274,8 +261,8 @@ def test_tokenizer_round_trips_and_has_glm_special_tokens(ckpt):
         "<think>a</think><tool_call>f<arg_key>k</arg_key></tool_call>"
 
 
-def test_chat_template_renders_glm_prompts(ckpt):
-    folder = ckpt("air-tiny")
+def test_chat_template_renders_glm_prompts(checkpoint):
+    folder = checkpoint("air-tiny")
     tok = AutoTokenizer.from_pretrained(folder)
     template = (folder / "chat_template.jinja").read_text()
     assert json.loads((folder / "tokenizer_config.json").read_text())["chat_template"] == template
@@ -316,9 +303,9 @@ def test_fp8_encoder_matches_torch_and_rounds_to_nearest_even():
     assert encode_fp8_e4m3(edge).tolist() == [0x38, 0x3A, 0x00, 0x02, 0x7E, 0xFE, 0x7F, 0x80]
 
 
-def test_fp8_checkpoint_is_the_bf16_one_within_e4m3_precision(ckpt):
-    bf16 = read_tensors(ckpt("glm45-tiny"))
-    fp8 = read_tensors(ckpt("glm45-tiny", fmt="fp8"))
+def test_fp8_checkpoint_is_the_bf16_one_within_e4m3_precision(checkpoint):
+    bf16 = read_tensors(checkpoint("glm45-tiny"))
+    fp8 = read_tensors(checkpoint("glm45-tiny", fmt="fp8"))
     quantized = {n for n, (d, _) in fp8.items() if d == "F8_E4M3"}
     keep = ("embed_tokens.weight", "lm_head.weight", "mlp.gate.weight", "eh_proj.weight")
     assert quantized == {n for n, (_, x) in bf16.items()
@@ -339,7 +326,7 @@ def test_fp8_checkpoint_is_the_bf16_one_within_e4m3_precision(ckpt):
         np.testing.assert_allclose(np.abs(deq).max(1), np.abs(w).max(1), rtol=1e-6)  # row max -> 448
         errors.append(np.abs(deq - w).mean() / np.abs(w).mean())
     assert 0.005 < np.mean(errors) < 0.04
-    config = json.loads((ckpt("glm45-tiny", fmt="fp8") / "config.json").read_text())
+    config = json.loads((checkpoint("glm45-tiny", fmt="fp8") / "config.json").read_text())
     q = config["quantization_config"]
     assert (q["quant_method"], q["format"]) == ("compressed-tensors", "float-quantized")
     assert q["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
