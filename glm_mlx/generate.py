@@ -101,10 +101,16 @@ class Stats:
         return max(self.generated - 1, 0) / max(self.gen_seconds, 1e-9)
 
     def line(self) -> str:
-        peak = max(mx.get_peak_memory(), 0) / 1e9
         return (f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tokens/s | "
                 f"generation: {self.generated} tokens, {self.gen_tps:.1f} tokens/s | "
-                f"peak memory: {peak:.2f} GB (MLX), {peak_rss_bytes() / 1e9:.2f} GB (process)")
+                f"peak memory: {fmt_bytes(mx.get_peak_memory())} (MLX), {fmt_bytes(peak_rss_bytes())} (process)")
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
 
 
 def stream(model: Model, tokenizer: Tokenizer, prompt: list[int], cache=None, *, temp: float = 0.0,
