@@ -221,12 +221,7 @@ def test_repo_id_downloads_only_what_convert_needs(hub, checkpoint, tmp_path):
     assert sorted(fetched) == sorted(checkpoint)  # each needed file once, nothing of UNWANTED
 
 
-# Checkpoint refuses a shard whose *resolved* path leaves the folder, and every file of
-# a huggingface_hub cache snapshot is a symlink into ../../blobs/. Strict: fixing
-# convert/checkpoint.py (check the shard name, not where its symlink points) makes this
-# test pass, and the marker must then go.
-@pytest.mark.xfail(strict=True, raises=ConvertError,
-                   reason="convert/checkpoint.py rejects the symlinks of a Hugging Face cache snapshot")
+# Every file of a huggingface_hub cache snapshot is a symlink into ../../blobs/.
 def test_downloaded_snapshot_converts_and_loads(hub, tmp_path):
     import glm_mlx
     from convert.convert import MANIFEST, convert
