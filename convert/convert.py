@@ -35,7 +35,7 @@ from quantize.quantizer import dequantize, quantize
 from quantize.recipes import DEFAULT_RECIPE, RECIPES, SOURCE, precision
 
 from .checkpoint import Checkpoint, CheckpointError, Quantized
-from .safetensors_io import SafetensorsWriter, bf16_bits, sha256_file, write_safetensors
+from .safetensors_io import SafetensorsFile, SafetensorsWriter, bf16_bits, sha256_file, write_safetensors
 
 FORMAT_VERSION = 1
 MANIFEST = "glm_mlx.json"
@@ -138,23 +138,20 @@ def _experts_file(ckpt, recipe, layer: int) -> Callable[[Path], tuple[int, str]]
     return write
 
 
-def experts_entry(ckpt: Checkpoint, recipe: str, layer: int, rel: str, start: int) -> dict:
-    """The manifest's description of one experts file (what the offloader reads)."""
-    specs, targets = _experts_layout(ckpt, recipe, layer)
-    sizes = {k: np.dtype({"U32": np.uint32, "BF16": np.uint16, "F32": np.float32, "F16": np.float16}[d]).itemsize
-             * int(np.prod(s)) for k, (d, s) in specs.items()}
-    E = ckpt.args.n_routed_experts
-    stride = sum(sizes.values()) // E
-    prefix = f"model.layers.{layer}.mlp.experts.0."
-    parts, off = {}, 0
-    for k in specs:
-        if not k.startswith(prefix):
-            break
-        parts[k[len(prefix):]] = {"dtype": specs[k][0], "shape": list(specs[k][1]), "offset": off}
-        off += sizes[k]
-    t = targets[prefix + "gate_proj.weight"]
-    quant = {"bits": t[1], "group_size": t[2]} if t[0] == "q" else None
-    return {"file": rel, "num_experts": E, "data_start": start, "stride": stride, "parts": parts,
+def experts_entry(path: Path, rel: str, layer: int, num_experts: int, quant: dict | None) -> dict:
+    """The manifest's description of a written experts file, read off its
+    header: expert e is bytes [data_start + e*stride, data_start + (e+1)*stride)."""
+    f = SafetensorsFile(path)
+    first = f"model.layers.{layer}.mlp.experts.0."
+    parts = {k[len(first):]: v for k, v in f.tensors.items() if k.startswith(first)}
+    start = min(v.start for v in parts.values())
+    stride = sum(v.nbytes for v in parts.values())
+    for e in range(num_experts):  # the layout the offloader relies on, checked
+        mine = [v for k, v in f.tensors.items() if k.startswith(f"model.layers.{layer}.mlp.experts.{e}.")]
+        assert min(v.start for v in mine) == start + e * stride and sum(v.nbytes for v in mine) == stride
+    return {"file": rel, "num_experts": num_experts, "data_start": start, "stride": stride,
+            "parts": {k: {"dtype": v.dtype, "shape": list(v.shape), "offset": v.start - start}
+                      for k, v in parts.items()},
             "quantization": quant}
 
 
@@ -253,11 +250,13 @@ def convert(source_dir: str | Path, out: str | Path, recipe: str = DEFAULT_RECIP
         _atomic_json(state_path, state)
         log(f"[{k + 1}/{len(jobs)}] {rel}: {size / 1e6:.1f} MB")
 
-    from .safetensors_io import data_start
-
-    experts = {str(i): experts_entry(ckpt, recipe, i, rel, data_start(out / rel))
-               for rel in done if rel.startswith("weights/experts.")
-               for i in [int(rel.split(".")[1])]}
+    experts = {}
+    for rel, _ in weight_files:
+        if rel.startswith("weights/experts."):
+            i = int(rel.split(".")[1])
+            t = _target(ckpt, recipe, f"model.layers.{i}.mlp.experts.0.gate_proj.weight", f"model.layers.{i}.mlp.experts")
+            quant = {"bits": t[1], "group_size": t[2]} if t[0] == "q" else None
+            experts[str(i)] = experts_entry(out / rel, rel, i, ckpt.args.n_routed_experts, quant)
     manifest = {
         "format": "glm-mlx", "format_version": FORMAT_VERSION, "fingerprint": fp,
         "source": {"kind": ckpt.kind, **(source_info or {"path": str(ckpt.folder)})},

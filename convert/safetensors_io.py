@@ -170,8 +170,7 @@ class SafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
         self.path = Path(path)
-        self.data_start = 8 + len(raw)
-        self.size = self.data_start + offset
+        self.size = 8 + len(raw) + offset
         self._order = iter(specs)
         self._hash = hashlib.sha256()
         self._tmp = self.path.with_name(self.path.name + ".partial")
@@ -220,12 +219,6 @@ def write_safetensors(
         w.abort()
         raise
     return w.close()
-
-
-def data_start(path: str | os.PathLike) -> int:
-    """Absolute offset of a safetensors file's data section."""
-    with open(path, "rb") as f:
-        return 8 + struct.unpack("<Q", f.read(8))[0]
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 16 << 20) -> str:

@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -202,3 +203,27 @@ def test_conversion_memory_is_bounded_by_a_layer_not_the_model(tmp_path):
     peak_mb = int(p.stdout.split()[-1]) / 1024
     print(f"checkpoint {size_mb:.0f} MB, converter peak RSS {peak_mb:.0f} MB")
     assert peak_mb < MEMORY_CAP_MB
+
+
+def test_each_expert_is_one_contiguous_read(converted):
+    """One os.pread of [data_start + e*stride, +stride) brings in expert e:
+    its gate, up and down weights with their scales, as loading stacks them."""
+    from glm_mlx.loading import read_experts
+
+    folder = converted("glm45-tiny", "mixed")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert set(manifest["experts"]) == {"3", "4", "5"}  # the MoE layers and the MTP layer
+    entry = manifest["experts"]["4"]
+    assert entry["quantization"] == {"bits": 4, "group_size": 64}
+    stacked = read_experts(folder, entry)
+    fd = os.open(folder / entry["file"], os.O_RDONLY)
+    try:
+        for e in (0, 7, entry["num_experts"] - 1):
+            blob = os.pread(fd, entry["stride"], entry["data_start"] + e * entry["stride"])
+            assert len(blob) == entry["stride"]
+            for part, spec in entry["parts"].items():
+                want = np.array(stacked[part][e].view(mx.uint16) if spec["dtype"] == "BF16" else stacked[part][e])
+                got = np.frombuffer(blob, dtype=want.dtype, count=want.size, offset=spec["offset"])
+                np.testing.assert_array_equal(got.reshape(want.shape), want, err_msg=part)
+    finally:
+        os.close(fd)

@@ -24,7 +24,6 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from convert.convert import ConvertError
 from convert.source import SourceError, is_repo_id, resolve_source
 from convert.synthetic import make_config, write_checkpoint
 
