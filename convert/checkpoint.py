@@ -185,8 +185,10 @@ class Checkpoint:
         return Quantized(w, get("scales"), get("biases"), *self._mlx_bits(module))
 
     def _mlx_bits(self, module: str) -> tuple[int, int]:
-        q = self.mlx_quant.get(module)
-        q = q if isinstance(q, dict) else self.mlx_quant
+        top = {k: v for k, v in self.mlx_quant.items() if not isinstance(v, dict)}
+        own = self.mlx_quant.get(module)
+        # per-module entries override the defaults; mlx-lm writes group_size None to mean "the default"
+        q = {**top, **{k: v for k, v in own.items() if v is not None}} if isinstance(own, dict) else top
         if q.get("mode", "affine") != "affine" or f"{module}.biases" not in self._where:
             raise CheckpointError(f"{self.folder}: {module} uses a quantization mode other than affine")
         return int(q.get("bits", 4)), int(q.get("group_size", 64))

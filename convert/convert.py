@@ -138,7 +138,7 @@ def _experts_file(ckpt, recipe, layer: int) -> Callable[[Path], tuple[int, str]]
     return write
 
 
-def experts_entry(path: Path, rel: str, layer: int, num_experts: int, quant: dict | None) -> dict:
+def experts_entry(path: Path, rel: str, layer: int, num_experts: int, quant: dict) -> dict:
     """The manifest's description of a written experts file, read off its
     header: expert e is bytes [data_start + e*stride, data_start + (e+1)*stride)."""
     f = SafetensorsFile(path)
@@ -254,8 +254,10 @@ def convert(source_dir: str | Path, out: str | Path, recipe: str = DEFAULT_RECIP
     for rel, _ in weight_files:
         if rel.startswith("weights/experts."):
             i = int(rel.split(".")[1])
-            t = _target(ckpt, recipe, f"model.layers.{i}.mlp.experts.0.gate_proj.weight", f"model.layers.{i}.mlp.experts")
-            quant = {"bits": t[1], "group_size": t[2]} if t[0] == "q" else None
+            quant = {}
+            for p in PROJS:  # an mlx-lm mixed_4_6 source has 6-bit down and 4-bit gate/up
+                t = _target(ckpt, recipe, f"model.layers.{i}.mlp.experts.0.{p}.weight", f"model.layers.{i}.mlp.experts")
+                quant[p] = {"bits": t[1], "group_size": t[2]} if t[0] == "q" else None
             experts[str(i)] = experts_entry(out / rel, rel, i, ckpt.args.n_routed_experts, quant)
     manifest = {
         "format": "glm-mlx", "format_version": FORMAT_VERSION, "fingerprint": fp,

@@ -130,9 +130,9 @@ def load_model(path: str | Path, dtype: str | None = None) -> tuple[Model, dict]
 
     qmap = {model_key(m, n): q for m, q in manifest["quantization"].items()}
     for i, entry in manifest["experts"].items():
-        if entry["quantization"]:
-            for p in ("gate_proj", "up_proj", "down_proj"):
-                qmap[model_key(f"model.layers.{i}.mlp.experts.{p}", n)] = entry["quantization"]
+        for p, q in entry["quantization"].items():
+            if q:
+                qmap[model_key(f"model.layers.{i}.mlp.experts.{p}", n)] = q
     nn.quantize(model, class_predicate=lambda p, m: qmap.get(p, False))
     if dtype is not None:
         dt = getattr(mx, dtype)

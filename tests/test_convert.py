@@ -214,7 +214,7 @@ def test_each_expert_is_one_contiguous_read(converted):
     manifest = json.loads((folder / MANIFEST).read_text())
     assert set(manifest["experts"]) == {"3", "4", "5"}  # the MoE layers and the MTP layer
     entry = manifest["experts"]["4"]
-    assert entry["quantization"] == {"bits": 4, "group_size": 64}
+    assert entry["quantization"] == {p: {"bits": 4, "group_size": 64} for p in ("gate_proj", "up_proj", "down_proj")}
     stacked = read_experts(folder, entry)
     fd = os.open(folder / entry["file"], os.O_RDONLY)
     try:
