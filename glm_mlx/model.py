@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .cache import KVCache
 from .config import ModelArgs
@@ -200,8 +201,6 @@ def validate_tokens(tokens, vocab_size: int) -> mx.array:
             raise ValueError(f"tokens must be an int array [B, T], got {tokens.dtype}{tokens.shape}")
         lo, hi = mx.min(tokens).item(), mx.max(tokens).item()
     else:
-        import numpy as np
-
         arr = np.asarray(tokens)
         if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
             raise ValueError(f"tokens must be an int array [B, T], got {arr.dtype}{arr.shape}")
