@@ -32,12 +32,18 @@ def convert(
     """Convert a GLM-4.5 checkpoint (bf16, FP8 or mlx-lm) into a glm-mlx model folder."""
     from convert.convert import convert as run
     from convert.source import resolve_source
+    from quantize.recipes import RECIPES
 
+    if quant not in RECIPES:  # before a download of hundreds of GB, not after
+        fail(f"unknown recipe {quant!r} (choose from {', '.join(RECIPES)})")
     try:
         folder, info = resolve_source(source, revision=revision, token=token)
         run(folder, out, quant, source_info=info, log=lambda s: typer.echo(s, err=True))
     except USER_ERRORS as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo("interrupted: run the same command again to resume", err=True)
+        raise typer.Exit(130)
     typer.echo(f"wrote {out}")
 
 

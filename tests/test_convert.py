@@ -173,6 +173,11 @@ def test_killed_conversion_resumes_and_matches_an_uninterrupted_one(checkpoint, 
     assert "already converted" in cli("convert", src, "--out", out, check_ok=True).stderr
 
 
+def test_unknown_recipe_is_refused_before_anything_happens(checkpoint, tmp_path):
+    one_line_error(cli("convert", checkpoint("air-tiny"), "--out", tmp_path / "o", "--quant", "q3"), "'q3'")
+    assert not (tmp_path / "o").exists()
+
+
 def test_refuses_to_write_into_another_folder(checkpoint, converted, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
