@@ -120,3 +120,27 @@ def test_mtp_layer_survives_conversion(fmt, checkpoint, converted):
     hidden = model.model(toks)
     out = mtp(hidden[:, :-1], toks[:, 1:], model.model.embed_tokens)
     assert out.shape == (1, 5, model.args.vocab_size) and np.isfinite(np.array(out)).all()
+
+
+VARIANTS = {
+    "tied-embeddings": dict(tie_word_embeddings=True),
+    "unnormalised-topk": dict(norm_topk_prob=False, routed_scaling_factor=1.7),
+    "all-moe-no-bias": dict(first_k_dense_replace=0, attention_bias=False),
+    "full-rotary-qknorm": dict(partial_rotary_factor=1.0, use_qk_norm=True),
+    "two-shared-no-mtp": dict(n_shared_experts=2, num_nextn_predict_layers=0),
+    "groups-8-choose-3": dict(n_routed_experts=16, num_experts_per_tok=3, n_group=8, topk_group=3),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_config_variants_match_transformers(variant, tmp_path):
+    from convert.convert import convert
+    from convert.synthetic import make_config, write_checkpoint
+
+    cfg = make_config("air-tiny", **VARIANTS[variant])
+    src = write_checkpoint(tmp_path / "src", cfg, with_mtp=cfg["num_nextn_predict_layers"] > 0)
+    model, _ = glm_mlx.load(convert(src, tmp_path / "m", "none"), dtype="float32")
+    toks = tokens(model.args.vocab_size)
+    ours, ref = np.array(model(toks)), reference_logits(src, toks)
+    assert rel_err(ours, ref) < 1e-4
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
