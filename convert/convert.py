@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from glm_mlx.loading import write_verified_stamp
 from quantize.quantizer import dequantize, quantize
 from quantize.recipes import DEFAULT_RECIPE, RECIPES, SOURCE, precision
 
@@ -269,5 +270,6 @@ def convert(source_dir: str | Path, out: str | Path, recipe: str = DEFAULT_RECIP
         "files": {rel: done[rel] for rel, _ in jobs},
     }
     _atomic_json(manifest_path, manifest)
+    write_verified_stamp(out, manifest["files"])  # every byte was hashed as it was written
     state_path.unlink()
     return out

@@ -72,12 +72,10 @@ def verify_folder(folder: Path) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ModelFolderError(f"{mpath}: format version {manifest.get('format_version')} "
                                f"is not {FORMAT_VERSION}; convert the model again")
-    stamp_path = folder / VERIFIED
     try:
-        stamp = json.loads(stamp_path.read_text())
+        stamp = json.loads((folder / VERIFIED).read_text())
     except (OSError, json.JSONDecodeError):
         stamp = {}
-    new_stamp = {}
     for rel, rec in files.items():
         p = folder / rel
         if not p.is_file():
@@ -85,16 +83,26 @@ def verify_folder(folder: Path) -> dict:
         st = p.stat()
         if st.st_size != rec["size"]:
             raise ModelFolderError(f"{p}: size {st.st_size} bytes, the manifest says {rec['size']}")
-        key = [st.st_size, st.st_mtime_ns, rec["sha256"]]
-        if stamp.get(rel) != key and _sha256(p) != rec["sha256"]:
+        if stamp.get(rel) != _stamp_key(p, rec) and _sha256(p) != rec["sha256"]:
             raise ModelFolderError(f"{p}: checksum does not match the manifest (file is corrupt)")
-        new_stamp[rel] = key
-    if new_stamp != stamp:
+    write_verified_stamp(folder, files, stamp)
+    return manifest
+
+
+def _stamp_key(path: Path, rec: dict) -> list:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, rec["sha256"]]
+
+
+def write_verified_stamp(folder: Path, files: dict, old: dict | None = None) -> None:
+    """Record that `files` ({rel: {size, sha256}}) were verified as they are now.
+    The converter calls it too: it hashed every byte as it wrote it."""
+    stamp = {rel: _stamp_key(folder / rel, rec) for rel, rec in files.items()}
+    if stamp != old:
         try:
-            stamp_path.write_text(json.dumps(new_stamp))
+            (folder / VERIFIED).write_text(json.dumps(stamp))
         except OSError:
             pass  # a read-only folder is verified again next time, nothing worse
-    return manifest
 
 
 def read_experts(folder: Path, entry: dict) -> dict[str, mx.array]:

@@ -232,3 +232,21 @@ def test_each_expert_is_one_contiguous_read(converted):
                 np.testing.assert_array_equal(got.reshape(want.shape), want, err_msg=part)
     finally:
         os.close(fd)
+
+
+def test_a_fresh_conversion_loads_without_rehashing(checkpoint, tmp_path, monkeypatch):
+    """The converter hashed every byte as it wrote it; the first load trusts
+    that record (sizes and mtimes unchanged) instead of re-reading 60 GB."""
+    import glm_mlx.loading as loading
+    from convert.convert import convert
+
+    out = convert(checkpoint("air-tiny"), tmp_path / "m", "mixed")
+
+    def no_hashing(path):
+        raise AssertionError(f"re-hashed {path}")
+
+    monkeypatch.setattr(loading, "_sha256", no_hashing)
+    glm_mlx.load(out)
+    _flip(out / "weights/layer.001.safetensors")  # a write changes the mtime: hashing is back
+    with pytest.raises(AssertionError, match="layer.001"):
+        glm_mlx.load(out)
