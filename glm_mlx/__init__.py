@@ -21,4 +21,6 @@ def load(path: str | Path, dtype: str | None = None):
     return model, Tokenizer(path)
 
 
-__all__ = ["load", "__version__"]
+from .reply import Reply, ReplyStream, ToolCall, parse_reply  # noqa: E402  (pure Python, no MLX)
+
+__all__ = ["load", "parse_reply", "ReplyStream", "Reply", "ToolCall", "__version__"]

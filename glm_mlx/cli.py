@@ -88,6 +88,66 @@ def generate(
     typer.echo(stats.line(), err=True)
 
 
+def models_home() -> Path:
+    import os
+
+    return Path(os.environ.get("GLM_MLX_HOME", Path.home() / ".cache" / "glm-mlx")) / "models"
+
+
+def resolve_model(model: str, yes: bool) -> Path:
+    """A model folder, or a repo id converted (once, after asking) into the models home."""
+    from convert.source import is_repo_id
+
+    if Path(model).expanduser().is_dir():
+        return Path(model).expanduser()
+    if not is_repo_id(model):
+        fail(f"{model}: no such model folder, and not a Hugging Face repo id")
+    folder = models_home() / model.replace("/", "--")
+    if (folder / "glm_mlx.json").is_file():
+        return folder
+    if not yes and not typer.confirm(f"{model} is not converted yet: download and convert it into {folder}?"):
+        fail("not converted (pass --yes to convert without asking)")
+    convert(model, folder, "mixed", None, None)
+    return folder
+
+
+@app.command()
+def chat(
+    model: str = typer.Option(..., "--model", "-m", help="a glm-mlx model folder or a Hugging Face repo id"),
+    tools: Optional[Path] = typer.Option(None, "--tools", help="a .py file of typed, documented functions, "
+                                         "or a .json file of OpenAI-style schemas with commands"),
+    think: bool = typer.Option(True, "--think/--no-think", help="reasoning on or off at the start"),
+    show_thinking: bool = typer.Option(True, "--show-thinking/--hide-thinking", help="print the reasoning, dimmed"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="convert without asking; run every tool call without asking"),
+    temp: float = typer.Option(0.6, "--temp"),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    max_tokens: int = typer.Option(4096, "--max-tokens", "-n", help="the most tokens one reply may have"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="seed for reproducible replies"),
+    system: Optional[str] = typer.Option(None, "--system", help="a system prompt"),
+    context: Optional[int] = typer.Option(None, "--context", help="context limit in tokens (default: the model's)"),
+    dtype: Optional[str] = typer.Option(None, help="compute dtype (float32 for exact checks)"),
+):
+    """Chat in the terminal: streamed replies, reasoning on and off, GLM's tool calls."""
+    import mlx.core as mx
+    from rich.console import Console
+
+    import glm_mlx
+    from glm_mlx.chat import ChatSession, Repl
+    from glm_mlx.tools import load_tools
+
+    folder = resolve_model(model, yes)
+    try:
+        tool_map = load_tools(tools) if tools else {}
+        m, tok = glm_mlx.load(folder, dtype=dtype)
+    except USER_ERRORS as e:
+        fail(str(e))
+    if seed is not None:
+        mx.random.seed(seed)
+    session = ChatSession(m, tok, system=system, tools=[t.schema for t in tool_map.values()] or None,
+                          think=think, temp=temp, top_p=top_p, max_tokens=max_tokens, context_limit=context)
+    Repl(session, Console(highlight=False), tool_map, show_thinking=show_thinking, approve_all=yes).run()
+
+
 @app.command()
 def demo(
     folder: Path = typer.Option(Path("glm-mlx-demo"), "--dir", help="where the tiny checkpoint and model go"),

@@ -89,7 +89,7 @@ class Stats:
     generated: int = 0
     gen_seconds: float = 0.0
     finish: str = "length"
-    tokens: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # generated ids, a stop token included
 
     @property
     def prompt_tps(self) -> float:
@@ -116,7 +116,8 @@ def fmt_bytes(n: float) -> str:
 def stream(model: Model, tokenizer: Tokenizer, prompt: list[int], cache=None, *, temp: float = 0.0,
            top_p: float = 1.0, max_tokens: int = 256, stats: Stats | None = None) -> Iterator[str]:
     """Text pieces of the reply as they are decoded; stops at a turn-ending token
-    (not included). `stats`, if given, is filled in as it goes."""
+    (not in the text). `stats`, if given, is filled in as it goes: its `tokens`
+    are every token generated, the stop token included (the cache holds it)."""
     stats = stats if stats is not None else Stats()
     stops = stop_ids(model, tokenizer)
     decoder = StreamDecoder(tokenizer)
@@ -128,9 +129,9 @@ def stream(model: Model, tokenizer: Tokenizer, prompt: list[int], cache=None, *,
             stats.prompt_seconds, t0 = now - t0, now
         stats.generated += 1
         stats.gen_seconds = now - t0
+        stats.tokens.append(tok)
         if tok in stops:
             stats.finish = "stop"
             break
-        stats.tokens.append(tok)
         if piece := decoder.add(tok):
             yield piece

@@ -46,7 +46,7 @@ def test_stream_stops_on_a_stop_token_and_excludes_it(converted, monkeypatch):
     monkeypatch.setattr(g, "generate_tokens", lambda *a, **k: iter(hello + [user] + hello))
     stats = g.Stats()
     assert "".join(stream(model, tok, [1, 2], stats=stats)) == "Hello"
-    assert stats.finish == "stop" and stats.tokens == hello
+    assert stats.finish == "stop" and stats.tokens == hello + [user]
 
 
 def test_generate_command_streams_and_reports(converted):
