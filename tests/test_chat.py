@@ -218,3 +218,59 @@ def test_chat_in_a_terminal(converted):
         if p.poll() is None:
             p.kill()
         os.close(main)
+
+
+def test_ctrl_c_mid_reply_keeps_a_consistent_session(tiny, monkeypatch):
+    model, tok = tiny
+    script = Script().install(monkeypatch)
+    s = ChatSession(model, tok, think=False)
+    s.add_user("Count to ten.")
+    script.replies.append(tok.encode("\none two three four five six seven eight nine ten") + [tok.token_id("<|user|>")])
+    events = s.stream_reply()
+    next(events), next(events)
+    with pytest.raises(KeyboardInterrupt):
+        events.throw(KeyboardInterrupt)
+    partial = s.messages[-1]["content"]  # the part streamed before the interruption is kept
+    assert s.messages[-1]["role"] == "assistant" and partial and "one two three".startswith(partial)
+    assert len({c.offset for c in s.cache}) == 1 and s.cache[0].offset == len(s.cached)
+    s.add_user("Go on.")
+    second = s.prompt_tokens()
+    script.replies.append(reply_tokens(tok, "\neleven", "<|user|>"))
+    n = len(script.logits)
+    drain(s.stream_reply())
+    np.testing.assert_allclose(script.logits[n][0], np.array(model([second]))[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def _repl(session, answers):
+    it = iter(answers)
+
+    class Console:
+        def __init__(self):
+            self.lines = []
+
+        def print(self, *a, **k):
+            self.lines.append(" ".join(map(str, a)))
+
+    return Repl(session, Console(), ask=lambda prompt: next(it))
+
+
+def test_multi_line_input(tiny):
+    model, tok = tiny
+    r = _repl(ChatSession(model, tok), ["first \\", "second", '"""', "a", "", "b", '"""'])
+    assert r.read_message() == "first \nsecond"
+    assert r.read_message() == "a\n\nb"
+
+
+def test_outgrown_context_offers_to_drop_the_oldest_turns(tiny):
+    model, tok = tiny
+    s = ChatSession(model, tok, think=False)
+    for i in range(4):
+        s.messages += [{"role": "user", "content": f"question {i} " * 8}, {"role": "assistant", "content": "ok"}]
+    s.add_user("last")
+    s.context_limit = len(s.prompt_tokens()) - 5
+    r = _repl(s, ["d"])
+    assert r.make_room("too long") is True
+    assert s.messages[-1]["content"] == "last" and len(s.prompt_tokens()) < s.context_limit
+    assert "question 0" not in str(s.messages)
+    s.add_user("x " * 400)
+    assert _repl(s, ["k"]).make_room("too long") is False and s.messages[-1]["content"] == "last"
