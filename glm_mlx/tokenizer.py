@@ -26,6 +26,14 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+def _as_transformers_passes(message: dict) -> dict:
+    # apply_chat_template drops None values (OpenAI's content=None beside tool_calls would render "None")
+    # and fills reasoning_content from its other names; the template must see the same message.
+    m = {k: v for k, v in message.items() if v is not None}
+    reasoning = next((m[k] for k in ("reasoning_content", "thinking", "reasoning") if k in m), None)
+    return m if reasoning is None else {"thinking": reasoning, **m, "reasoning_content": reasoning}
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=["jinja2.ext.loopcontrols"])
@@ -63,8 +71,11 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
                             add_generation_prompt: bool = True, **options) -> str:
         """The prompt text the folder's template makes of a conversation."""
-        return self.template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                                    **self.hf.special_tokens_map, **options)
+        messages = [_as_transformers_passes(m) for m in messages]
+        documents = options.pop("documents", None)
+        return self.template.render(messages=messages, tools=tools, documents=documents,
+                                    add_generation_prompt=add_generation_prompt,
+                                    **{**self.hf.special_tokens_map, **options})
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text that already holds its special tokens (a rendered prompt)."""
