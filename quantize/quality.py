@@ -91,8 +91,8 @@ def weight_bits(folder) -> tuple[int, int]:
         files = sorted(folder.glob("weights/*.safetensors"))
 
         def bits_of(module: str) -> int:
-            m = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.\d+\.", module + ".")
-            q = manifest["experts"][m[1]]["quantization"] if m else manifest["quantization"][module]
+            m = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.\d+\.(\w+)$", module)
+            q = manifest["experts"][m[1]]["quantization"][m[2]] if m else manifest["quantization"][module]
             return q["bits"]
     else:
         q = config.get("quantization", {})
