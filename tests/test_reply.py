@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from convert.synthetic import chat_template
+
 from glm_mlx.reply import Reply, ReplyStream, ToolCall, parse_reply
 
-TEMPLATE = Path("/work/shared/fixtures/glm45/chat_template.jinja")
+TEMPLATE = chat_template()  # GLM-4.5's published template, as the package ships it
 CALL_TAGS = ("<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>")
 
 
@@ -291,7 +292,7 @@ def render_assistant(message: dict, tools=None) -> str:
     rendered as transformers does (trim/lstrip blocks, tojson keeping unicode)."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.filters["tojson"] = lambda x, ensure_ascii=False, **kw: json.dumps(x, ensure_ascii=ensure_ascii, **kw)
-    text = env.from_string(TEMPLATE.read_text()).render(
+    text = env.from_string(TEMPLATE).render(
         messages=[{"role": "user", "content": "go"}, message], tools=tools, add_generation_prompt=False)
     return text.split("<|assistant|>")[-1]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from jinja2.exceptions import SecurityError
 
 from glm_mlx.tokenizer import Tokenizer
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "glm45" / "chat_template.jinja"
+# sha256 of chat_template.jinja as published with GLM-4.5's weights; the package ships a copy
+PUBLISHED_SHA256 = "46786fd637de2728b41928ac3b6983e2d8a04706e51778de031fa933eb6f566f"
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +193,7 @@ def render_both(tok, messages, tools, options):
 
 
 def test_the_tokenizer_holds_glms_template(tok):
-    assert tok.template_source == FIXTURE.read_text(encoding="utf-8")
+    assert hashlib.sha256(tok.template_source.encode("utf-8")).hexdigest() == PUBLISHED_SHA256
     assert tok.hf.chat_template == tok.template_source  # transformers renders the same source
 
 
