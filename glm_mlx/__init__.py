@@ -7,17 +7,23 @@ from pathlib import Path
 __version__ = "0.1.0"
 
 
-def load(path: str | Path, dtype: str | None = None):
+def load(path: str | Path, dtype: str | None = None, adapter: str | Path | None = None):
     """(model, tokenizer) from a glm-mlx model folder written by `glm-mlx convert`.
 
     `dtype="float32"` computes in float32 (exact checks on the CPU); by default
     the folder's own precision (bf16) is used. A folder without its manifest,
     or with a file of the wrong size or checksum, is refused with the reason.
+    `adapter`: a LoRA adapter folder from `glm-mlx finetune`, refused if it
+    was trained on another model.
     """
     from .loading import load_model
     from .tokenizer import Tokenizer
 
-    model, _ = load_model(path, dtype)
+    model, manifest = load_model(path, dtype)
+    if adapter is not None:
+        from .lora import load_adapter
+
+        load_adapter(model, adapter, manifest)
     return model, Tokenizer(path)
 
 

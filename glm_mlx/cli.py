@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -60,6 +61,7 @@ def generate(
     think: bool = typer.Option(True, "--think/--no-think", help="let the model reason first"),
     system: Optional[str] = typer.Option(None, "--system", help="a system prompt"),
     dtype: Optional[str] = typer.Option(None, help="compute dtype (float32 for exact checks)"),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="a LoRA adapter folder from glm-mlx finetune"),
 ):
     """Generate one reply to a prompt, streamed, then the speed and peak memory."""
     import mlx.core as mx
@@ -70,7 +72,7 @@ def generate(
     if (prompt is None) == (token_ids is None):
         fail("give exactly one of --prompt or --token-ids")
     try:
-        m, tok = glm_mlx.load(model, dtype=dtype)
+        m, tok = glm_mlx.load(model, dtype=dtype, adapter=adapter)
         if token_ids is not None:
             ids = [int(t) for t in token_ids.replace(" ", "").split(",") if t]
         else:
@@ -86,6 +88,100 @@ def generate(
         fail(str(e))
     typer.echo("")
     typer.echo(stats.line(), err=True)
+
+
+@app.command()
+def finetune(
+    model: Path = typer.Option(..., "--model", "-m", help="a glm-mlx model folder (4-bit experts: QLoRA)"),
+    data: Path = typer.Option(..., "--data", help="JSONL (chat, prompt/completion or text), or a folder "
+                              "with train.jsonl and valid.jsonl"),
+    out: Path = typer.Option(..., "--out", "-o", help="the adapter folder to write"),
+    valid: Optional[Path] = typer.Option(None, "--valid", help="validation JSONL"),
+    rank: int = typer.Option(8, "--rank"),
+    alpha: float = typer.Option(16.0, "--alpha"),
+    dropout: float = typer.Option(0.0, "--dropout"),
+    targets: str = typer.Option("attention,dense_mlp,shared_experts", "--targets",
+                                help="comma-separated: attention, shared_experts, dense_mlp, experts (routed, "
+                                "per-expert factors: much more memory), mtp"),
+    iters: Optional[int] = typer.Option(None, "--iters", help="optimizer steps (default: --epochs over the data)"),
+    epochs: int = typer.Option(1, "--epochs"),
+    batch_size: int = typer.Option(1, "--batch-size"),
+    grad_accum: int = typer.Option(1, "--grad-accum"),
+    lr: float = typer.Option(1e-4, "--lr"),
+    warmup: int = typer.Option(0, "--warmup", help="steps of linear warmup before the cosine decay"),
+    grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="recompute activations: less memory"),
+    max_seq_len: int = typer.Option(2048, "--max-seq-len"),
+    overlong: str = typer.Option("truncate", "--overlong", help="truncate or skip samples over --max-seq-len"),
+    val_every: int = typer.Option(0, "--val-every"),
+    save_every: int = typer.Option(0, "--save-every"),
+    resume: bool = typer.Option(False, "--resume", help="go on from OUT/checkpoint"),
+    seed: int = typer.Option(0, "--seed"),
+    think: Optional[bool] = typer.Option(None, "--think/--no-think", help="render chat samples with "
+                                         "reasoning on or off (default: the template's)"),
+    dtype: Optional[str] = typer.Option(None, help="compute dtype (default: float32 on the CPU, else bf16)"),
+):
+    """Train a LoRA adapter (QLoRA on a quantized folder); loss on assistant tokens only."""
+    import mlx.core as mx
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from glm_mlx.data import load_dataset, split_path
+    from glm_mlx.finetune import TrainConfig, Trainer, describe
+    from glm_mlx.loading import load_model
+    from glm_mlx.tokenizer import Tokenizer
+
+    try:
+        train_path, found_valid = split_path(data)
+        valid = valid or found_valid
+        dtype = dtype or ("float32" if mx.default_device() == mx.cpu else None)
+        m, manifest = load_model(model, dtype)
+        tok = Tokenizer(model)
+        train = load_dataset(train_path, tok, max_seq_len=max_seq_len, overlong=overlong, think=think)
+        val = load_dataset(valid, tok, max_seq_len=max_seq_len, overlong=overlong, think=think) if valid else None
+        for name, ds in (("train", train), ("valid", val)):
+            if ds is not None:
+                typer.echo(f"{name}: {len(ds.examples)} samples ({ds.truncated} truncated, {ds.skipped} skipped)",
+                           err=True)
+        cfg = TrainConfig(rank=rank, alpha=alpha, dropout=dropout, targets=tuple(t for t in targets.split(",") if t),
+                          iters=iters, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                          warmup=warmup, grad_checkpoint=grad_checkpoint, max_seq_len=max_seq_len,
+                          val_every=val_every, save_every=save_every, seed=seed)
+        trainer = Trainer(m, train, cfg, out, valid=val, base_manifest=manifest, base_dir=model,
+                          log=lambda s: typer.echo(s, err=True))
+        if resume:
+            trainer.resume(out / "checkpoint")
+            typer.echo(f"resumed at step {trainer.step}", err=True)
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeRemainingColumn(), transient=False) as bar:
+            task = bar.add_task("training", total=trainer.total, completed=trainer.step)
+
+            def show(rec, total):
+                bar.update(task, completed=rec["step"], description=describe(rec))
+
+            trainer.run(progress=show)
+    except USER_ERRORS as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    with open(out / "train_log.jsonl", "w") as f:
+        for rec in trainer.history:
+            f.write(json.dumps(rec) + "\n")
+    typer.echo(f"adapter written to {out}")
+
+
+@app.command()
+def fuse(
+    model: Path = typer.Option(..., "--model", "-m", help="the base glm-mlx model folder"),
+    adapter: Path = typer.Option(..., "--adapter", help="the adapter folder"),
+    out: Path = typer.Option(..., "--out", "-o", help="the fused model folder to write"),
+):
+    """Fold an adapter into its base model (re-quantizing quantized layers): a normal model folder."""
+    from glm_mlx.fuse import describe, fuse_folder
+
+    try:
+        report = fuse_folder(model, adapter, out, log=lambda s: typer.echo(s, err=True))
+    except USER_ERRORS as e:
+        fail(str(e))
+    typer.echo(f"wrote {out}: {describe(report)}")
 
 
 def models_home() -> Path:
@@ -126,6 +222,7 @@ def chat(
     system: Optional[str] = typer.Option(None, "--system", help="a system prompt"),
     context: Optional[int] = typer.Option(None, "--context", help="context limit in tokens (default: the model's)"),
     dtype: Optional[str] = typer.Option(None, help="compute dtype (float32 for exact checks)"),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="a LoRA adapter folder from glm-mlx finetune"),
 ):
     """Chat in the terminal: streamed replies, reasoning on and off, GLM's tool calls."""
     import mlx.core as mx
@@ -138,7 +235,7 @@ def chat(
     folder = resolve_model(model, yes)
     try:
         tool_map = load_tools(tools) if tools else {}
-        m, tok = glm_mlx.load(folder, dtype=dtype)
+        m, tok = glm_mlx.load(folder, dtype=dtype, adapter=adapter)
     except USER_ERRORS as e:
         fail(str(e))
     if seed is not None:
@@ -167,7 +264,7 @@ def demo(
             fail(str(e))
     convert(str(ckpt), out, "mixed", None, None)
     generate(model=out, prompt=prompt, token_ids=None, max_tokens=max_tokens, temp=0.0, top_p=1.0,
-             seed=0, think=False, system=None, dtype=None)
+             seed=0, think=False, system=None, dtype=None, adapter=None)
 
 
 def main() -> None:

@@ -1,0 +1,255 @@
+"""LoRA / QLoRA training on the shared model core.
+
+The training step is one function over explicit state (model, optimizer,
+random state), compiled; gradient accumulation sums micro-batch gradients
+before one update. The position in the data is (epoch, batch), the order
+of an epoch a function of (seed, epoch), and dropout's randomness is seeded
+per step, so a run stopped at step k and resumed computes exactly the
+losses the uninterrupted run computes.
+
+Checkpoints (every --save-every steps, on Ctrl-C, at the end) go to
+OUT/checkpoint: the adapter, the optimizer state, and where the data stood.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map
+
+from .data import Dataset, batches
+from .generate import fmt_bytes
+from .lora import DEFAULT_TARGETS, apply_lora, base_info, save_adapter
+from .model import Model
+
+PAD_MULTIPLE = 32  # batch widths rounded up, so the compiled step sees few shapes
+
+
+@dataclass
+class TrainConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = tuple(sorted(DEFAULT_TARGETS))
+    iters: int | None = None  # optimizer steps; default: epochs over the data
+    epochs: int = 1
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup: int = 0
+    weight_decay: float = 0.0
+    grad_checkpoint: bool = False
+    max_seq_len: int = 2048
+    val_every: int = 0
+    save_every: int = 0
+    seed: int = 0
+    extra: dict = field(default_factory=dict)  # what the caller wants recorded (data paths, base folder)
+
+
+def loss_fn(model: Model, inputs: mx.array, targets: mx.array, mask: mx.array):
+    """Mean cross-entropy over the target tokens, and how many there were."""
+    logits = model(inputs, checked=True).astype(mx.float32)
+    ce = nn.losses.cross_entropy(logits, targets, reduction="none")
+    n = mask.sum()
+    return (ce * mask).sum() / mx.maximum(n, 1), n
+
+
+def checkpoint_layers(model: Model) -> None:
+    """Recompute each decoder layer's activations in the backward pass."""
+    layer_type = type(model.model.layers[0])
+    call = layer_type.__call__
+    if getattr(call, "checkpointed", False):
+        return
+
+    def checkpointed(self, *args, **kwargs):
+        def inner(params, *args, **kwargs):
+            self.update(params)
+            return call(self, *args, **kwargs)
+
+        return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+    checkpointed.checkpointed = True
+    layer_type.__call__ = checkpointed  # a class-wide patch: this process trains
+
+
+def schedule(cfg: TrainConfig, total: int):
+    decay = optim.cosine_decay(cfg.lr, max(total - cfg.warmup, 1))
+    if cfg.warmup <= 0:
+        return decay
+    return optim.join_schedules([optim.linear_schedule(cfg.lr / cfg.warmup, cfg.lr, cfg.warmup), decay],
+                                [cfg.warmup])
+
+
+class Trainer:
+    def __init__(self, model: Model, train: Dataset, cfg: TrainConfig, out: str | Path, *,
+                 valid: Dataset | None = None, base_manifest: dict | None = None, base_dir: str | Path = "",
+                 log=print):
+        if not train.examples:
+            raise ValueError("the training data holds no usable samples")
+        for name, ds in (("training", train), ("validation", valid)):
+            top = max((max(e.tokens) for e in ds.examples), default=0) if ds else 0
+            if top >= model.args.vocab_size:  # an id past the vocabulary crashes MLX's CPU embedding
+                raise ValueError(f"the {name} data has token id {top}, outside the vocabulary "
+                                 f"[0, {model.args.vocab_size}): a tokenizer for another model?")
+        self.model, self.train, self.valid, self.cfg = model, train, valid, cfg
+        self.out, self.log = Path(out), log
+        self.base = base_info(base_manifest or {}, Path(base_dir))
+        model.freeze()
+        mx.random.seed(cfg.seed)  # the adapter's initial A factors follow from the seed
+        self.paths = apply_lora(model, targets=set(cfg.targets), rank=cfg.rank, alpha=cfg.alpha,
+                                dropout=cfg.dropout)
+        if cfg.grad_checkpoint:
+            checkpoint_layers(model)
+        per_epoch = math.ceil(len(train.examples) / cfg.batch_size)
+        self.batches_per_epoch = per_epoch
+        self.total = cfg.iters or max(1, cfg.epochs * per_epoch // cfg.grad_accum)
+        self.opt = optim.AdamW(learning_rate=schedule(cfg, self.total), weight_decay=cfg.weight_decay)
+        self.step = 0
+        self.position = 0  # micro-batches consumed since the start
+        self.history: list[dict] = []
+
+        state = [model.state, self.opt.state, mx.random.state]
+        grad = nn.value_and_grad(model, loss_fn)
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def micro(inputs, targets, mask):
+            (loss, n), g = grad(model, inputs, targets, mask)
+            return loss, n, g
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def update(grads):
+            self.opt.update(model, grads)
+
+        self._micro, self._update = micro, update
+
+    # -- data position ---------------------------------------------------------
+
+    def _batch(self, position: int):
+        epoch, index = divmod(position, self.batches_per_epoch)
+        for i, b in enumerate(batches(self.train, self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch,
+                                      pad_multiple=PAD_MULTIPLE)):
+            if i == index:
+                return b
+        raise AssertionError("batch index past the epoch")
+
+    # -- one optimizer step ---------------------------------------------------------
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        mx.random.seed(cfg.seed * 1_000_003 + self.step)  # dropout's randomness: a function of the step
+        total_loss, total_n, acc = 0.0, 0, None
+        t0 = time.perf_counter()
+        for _ in range(cfg.grad_accum):
+            inputs, targets, mask = (mx.array(a) for a in self._batch(self.position))
+            self.position += 1
+            loss, n, g = self._micro(inputs, targets, mask)
+            # sum of per-token losses, so micro-batches weigh by their target tokens
+            g = tree_map(lambda x: x * n, g)
+            acc = g if acc is None else tree_map(mx.add, acc, g)
+            mx.eval(loss, n, acc)
+            total_loss += loss.item() * n.item()
+            total_n += int(n.item())
+        grads = tree_map(lambda x: x / max(total_n, 1), acc)
+        self._update(grads)
+        mx.eval(self.model.trainable_parameters(), self.opt.state)
+        self.step += 1
+        dt = time.perf_counter() - t0
+        rec = {"step": self.step, "loss": total_loss / max(total_n, 1), "tokens": total_n,
+               "lr": float(self.opt.learning_rate.item()), "tokens_per_s": total_n / dt,
+               "peak_memory": mx.get_peak_memory()}
+        return rec
+
+    def evaluate(self) -> float:
+        total, count = 0.0, 0
+        for b in batches(self.valid, self.cfg.batch_size, seed=0, epoch=0, pad_multiple=PAD_MULTIPLE):
+            loss, n = loss_fn(self.model, *(mx.array(a) for a in b))
+            mx.eval(loss, n)
+            total += loss.item() * n.item()
+            count += int(n.item())
+        return total / max(count, 1)
+
+    # -- checkpoints -------------------------------------------------------------------
+
+    def adapter_config(self) -> dict:
+        cfg = asdict(self.cfg)
+        cfg["targets"] = list(cfg["targets"])
+        return {**cfg, "base": self.base, "steps": self.step}
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_adapter(folder, self.model, self.adapter_config())
+        opt = dict(tree_flatten(self.opt.state))
+        tmp = folder / "optimizer.partial.safetensors"
+        mx.save_safetensors(str(tmp), opt)
+        os.replace(tmp, folder / "optimizer.safetensors")
+        state = {"step": self.step, "position": self.position, "history": self.history}
+        (folder / "state.partial.json").write_text(json.dumps(state))
+        os.replace(folder / "state.partial.json", folder / "state.json")
+
+    def resume(self, folder: Path) -> None:
+        state_path = folder / "state.json"
+        if not state_path.is_file():
+            raise ValueError(f"{folder}: no checkpoint to resume from")
+        saved = json.loads((folder / "adapter_config.json").read_text())
+        mine = self.adapter_config()
+        if saved["base"]["fingerprint"] != mine["base"]["fingerprint"]:
+            raise ValueError(f"{folder}: the checkpoint was trained on another model ({saved['base'].get('model')})")
+        for k in ("rank", "alpha", "dropout", "targets", "iters", "epochs", "batch_size", "grad_accum", "lr",
+                  "warmup", "weight_decay", "seed", "max_seq_len"):
+            if saved.get(k) != mine.get(k):
+                raise ValueError(f"{folder}: the checkpoint was made with {k}={saved.get(k)!r}, "
+                                 f"not {mine.get(k)!r}; resume with the same options")
+        self.model.load_weights(str(folder / "adapters.safetensors"), strict=False)
+        # In place, leaf by leaf: the compiled step holds this very dict as its state.
+        self.opt.init(self.model.trainable_parameters())
+        for path, value in mx.load(str(folder / "optimizer.safetensors")).items():
+            node, *keys, last = [self.opt.state, *path.split(".")]
+            for k in keys:
+                node = node[int(k)] if isinstance(node, list) else node[k]
+            if isinstance(node, list):
+                node[int(last)] = value
+            else:
+                node[last] = value
+        state = json.loads(state_path.read_text())
+        self.step, self.position, self.history = state["step"], state["position"], state["history"]
+        mx.eval(self.model.parameters(), self.opt.state)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self, progress=None) -> list[dict]:
+        """Train to the end (or Ctrl-C); the adapter lands in OUT, checkpoints in OUT/checkpoint."""
+        cfg = self.cfg
+        ckpt = self.out / "checkpoint"
+        try:
+            while self.step < self.total:
+                rec = self.train_step()
+                if self.valid and cfg.val_every and (self.step % cfg.val_every == 0 or self.step == self.total):
+                    rec["val_loss"] = self.evaluate()
+                self.history.append(rec)
+                if progress:
+                    progress(rec, self.total)
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save(ckpt)
+        except KeyboardInterrupt:
+            self.save(ckpt)
+            self.log(f"interrupted at step {self.step}: checkpoint in {ckpt}; --resume goes on from there")
+            raise
+        self.save(ckpt)
+        save_adapter(self.out, self.model, self.adapter_config())
+        return self.history
+
+
+def describe(rec: dict) -> str:
+    val = f" | val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
+    return (f"step {rec['step']} | loss {rec['loss']:.4f}{val} | lr {rec['lr']:.2e} | "
+            f"{rec['tokens_per_s']:.0f} tokens/s | peak {fmt_bytes(rec['peak_memory'])}")
+

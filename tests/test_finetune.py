@@ -1,0 +1,105 @@
+"""Fine-tuning end to end: a small task is learnt, resuming is exact, bad input is named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from glm_mlx.data import load_dataset
+from glm_mlx.finetune import TrainConfig, Trainer
+from glm_mlx.loading import load_model
+from glm_mlx.tokenizer import Tokenizer
+from test_convert import cli, one_line_error
+
+QUESTION = "What is the weather in Paris?"
+CALL = {"role": "assistant", "content": "", "tool_calls": [
+    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+LOSS_BOUND = 0.05
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    d = tmp_path_factory.mktemp("task")
+    train = write_jsonl(d / "train.jsonl", [{"messages": [{"role": "user", "content": QUESTION}, CALL]}] * 4)
+    valid = write_jsonl(d / "valid.jsonl", [{"messages": [{"role": "user", "content": QUESTION}, CALL]}])
+    return d, train, valid
+
+
+def test_a_tool_call_is_learnt_and_generated_with_the_adapter(converted, task, tmp_path):
+    """QLoRA on the 4-bit tiny model: the training loss falls under the bound,
+    and greedy `generate --adapter` answers the question with the tool call."""
+    folder = converted("air-tiny", "mixed")
+    d, _, _ = task
+    out = tmp_path / "adapter"
+    p = cli("finetune", "--model", folder, "--data", d, "--out", out, "--iters", "60", "--lr", "1e-3",
+            "--rank", "8", "--alpha", "16", "--batch-size", "2", "--val-every", "20", "--seed", "0", check_ok=True)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["loss"] > 1.0 and log[-1]["loss"] < LOSS_BOUND, (log[0]["loss"], log[-1]["loss"])
+    assert "val_loss" in log[-1] and log[-1]["val_loss"] < LOSS_BOUND
+    g = cli("generate", "--model", folder, "--adapter", out, "--prompt", QUESTION, "--temp", "0", "-n", "40",
+            check_ok=True)
+    assert "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n</tool_call>" in g.stdout
+    assert p.returncode == 0
+
+
+def _trainer(folder, data, out, cfg):
+    model, manifest = load_model(folder, "float32")
+    ds = load_dataset(data, Tokenizer(folder), max_seq_len=cfg.max_seq_len)
+    return Trainer(model, ds, cfg, out, base_manifest=manifest, base_dir=folder, log=lambda s: None)
+
+
+def test_resumed_training_equals_an_uninterrupted_run(converted, tmp_path):
+    folder = converted("air-tiny", "mixed")
+    rows = [{"messages": [{"role": "user", "content": f"question {i}"},
+                          {"role": "assistant", "content": f"answer number {i} " * (1 + i % 3)}]} for i in range(7)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = TrainConfig(rank=4, alpha=8, dropout=0.1, iters=8, batch_size=2, grad_accum=2, lr=1e-3, warmup=2, seed=3)
+    whole = _trainer(folder, data, tmp_path / "a", cfg).run()
+
+    first = _trainer(folder, data, tmp_path / "b", cfg)
+
+    def stop_at_3(rec, total):
+        if rec["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        first.run(progress=stop_at_3)
+    second = _trainer(folder, data, tmp_path / "b", cfg)
+    second.resume(tmp_path / "b" / "checkpoint")
+    assert second.step == 3
+    resumed = second.run()
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in whole]  # every step, bit for bit
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in whole]
+
+
+def test_resume_refuses_other_options(converted, tmp_path):
+    folder = converted("air-tiny", "mixed")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello world " * 5}] * 3)
+    t = _trainer(folder, data, tmp_path / "o", TrainConfig(rank=4, iters=2))
+    t.run()
+    other = _trainer(folder, data, tmp_path / "o", TrainConfig(rank=8, iters=2))
+    with pytest.raises(ValueError, match="rank=4"):
+        other.resume(tmp_path / "o" / "checkpoint")
+
+
+def test_adapter_for_another_model_is_refused(converted, task, tmp_path):
+    d, train, _ = task
+    out = tmp_path / "adapter"
+    cli("finetune", "--model", converted("air-tiny", "mixed"), "--data", train, "--out", out, "--iters", "1",
+        check_ok=True)
+    p = cli("generate", "--model", converted("glm45-tiny", "mixed"), "--adapter", out, "--prompt", "hi", "-n", "2")
+    one_line_error(p, "adapter")
+
+
+def test_malformed_data_is_named_by_file_and_line(converted, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "fine"}) + "\n\n" + '{"messages": [{"role": "user"\n')
+    p = cli("finetune", "--model", converted("air-tiny", "mixed"), "--data", bad, "--out", tmp_path / "o")
+    one_line_error(p, f"{bad}:3:")
+    assert not (tmp_path / "o").exists()
