@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+from test_convert import cli, one_line_error
 
 from glm_mlx.data import load_dataset
 from glm_mlx.finetune import TrainConfig, Trainer
 from glm_mlx.loading import load_model
 from glm_mlx.tokenizer import Tokenizer
-from test_convert import cli, one_line_error
 
 QUESTION = "What is the weather in Paris?"
 CALL = {"role": "assistant", "content": "", "tool_calls": [
@@ -103,3 +104,31 @@ def test_malformed_data_is_named_by_file_and_line(converted, tmp_path):
     p = cli("finetune", "--model", converted("air-tiny", "mixed"), "--data", bad, "--out", tmp_path / "o")
     one_line_error(p, f"{bad}:3:")
     assert not (tmp_path / "o").exists()
+
+
+def test_fuse_command_writes_a_model_folder_that_loads(converted, tmp_path):
+    import glm_mlx
+
+    folder = converted("air-tiny", "none")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": QUESTION}, CALL]}] * 2)
+    cli("finetune", "--model", folder, "--data", data, "--out", tmp_path / "a", "--iters", "3", "--lr", "1e-2",
+        "--targets", "attention,experts", check_ok=True)
+    p = cli("fuse", "--model", folder, "--adapter", tmp_path / "a", "--out", tmp_path / "fused", check_ok=True)
+    assert "wrote" in p.stdout
+    fused, _ = glm_mlx.load(tmp_path / "fused", dtype="float32")
+    with_adapter, _ = glm_mlx.load(folder, dtype="float32", adapter=tmp_path / "a")
+    toks = [[5, 60, 7, 200, 11]]
+    a, b = np.array(fused(toks)), np.array(with_adapter(toks))
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2  # bf16 storage of the fused weights
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(converted, tmp_path):
+    folder = converted("air-tiny", "mixed")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"sample {i} " * 6} for i in range(4)])
+    runs = []
+    for ckpt in (False, True):
+        cfg = TrainConfig(rank=4, iters=3, batch_size=2, lr=1e-3, grad_checkpoint=ckpt)
+        t = _trainer(folder, data, tmp_path / f"o{ckpt}", cfg)
+        assert {type(layer).__name__ == "CheckpointedLayer" for layer in t.model.model.layers} == {ckpt}
+        runs.append([r["loss"] for r in t.run()])
+    np.testing.assert_allclose(runs[1], runs[0], rtol=1e-5)
