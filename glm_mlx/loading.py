@@ -8,7 +8,6 @@ arrays (`read_experts`, which is also where offloading hooks in).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -16,6 +15,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from convert.safetensors_io import sha256_file as _sha256
 
 from .config import ModelArgs
 from .model import Model
@@ -40,14 +41,6 @@ def model_key(name: str, num_hidden_layers: int) -> str:
             rest = "layer." + rest
         return f"mtp.{int(m[1]) - num_hidden_layers}.{rest}"
     return name
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(16 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify_folder(folder: Path) -> dict:

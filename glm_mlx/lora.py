@@ -35,6 +35,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from convert.safetensors_io import sha256_file as _sha256
 from quantize.recipes import group_of
 
 from .experts import QuantizedSwitchLinear, SwitchLinear
@@ -154,14 +155,6 @@ def _natural(path: str) -> list:
 def lora_parameters(model: nn.Module) -> dict[str, mx.array]:
     """The LoRA factors by parameter path ({"...q_proj.lora_a": A, ...})."""
     return {f"{p}.{k}": m[k] for p, m in lora_modules(model) for k in ("lora_a", "lora_b")}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(16 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def base_info(manifest: dict, model_dir: str | Path) -> dict:
