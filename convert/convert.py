@@ -36,7 +36,13 @@ from quantize.quantizer import dequantize, quantize
 from quantize.recipes import DEFAULT_RECIPE, RECIPES, SOURCE, precision
 
 from .checkpoint import Checkpoint, CheckpointError, Quantized
-from .safetensors_io import SafetensorsFile, SafetensorsWriter, bf16_bits, sha256_file, write_safetensors
+from .safetensors_io import (
+    SafetensorsFile,
+    SafetensorsWriter,
+    bf16_bits,
+    sha256_file,
+    write_safetensors,
+)
 
 FORMAT_VERSION = 1
 MANIFEST = "glm_mlx.json"
@@ -195,13 +201,13 @@ def fingerprint(ckpt: Checkpoint, recipe: str) -> str:
     return h.hexdigest()
 
 
-def _atomic_json(path: Path, obj) -> None:
+def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
 
 
-def _copy(src: Path, dst: Path) -> tuple[int, str]:
+def copy_file_atomic(src: Path, dst: Path) -> tuple[int, str]:
     tmp = dst.with_name(dst.name + ".partial")
     shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
@@ -239,7 +245,7 @@ def convert(source_dir: str | Path, out: str | Path, recipe: str = DEFAULT_RECIP
         rec, p = done.get(rel), out / rel
         return bool(rec) and p.is_file() and p.stat().st_size == rec["size"] and sha256_file(p) == rec["sha256"]
 
-    jobs = [(rel, (lambda r=rel: _copy(ckpt.folder / r, out / r)))
+    jobs = [(rel, (lambda r=rel: copy_file_atomic(ckpt.folder / r, out / r)))
             for rel in COPIED if (ckpt.folder / rel).is_file()]
     jobs += [(rel, (lambda r=rel, w=write: w(out / r))) for rel, write in weight_files]
     for k, (rel, job) in enumerate(jobs):
@@ -248,7 +254,7 @@ def convert(source_dir: str | Path, out: str | Path, recipe: str = DEFAULT_RECIP
             continue
         size, sha = job()
         done[rel] = {"size": size, "sha256": sha}
-        _atomic_json(state_path, state)
+        write_json_atomic(state_path, state)
         log(f"[{k + 1}/{len(jobs)}] {rel}: {size / 1e6:.1f} MB")
 
     experts = {}
@@ -269,7 +275,7 @@ def convert(source_dir: str | Path, out: str | Path, recipe: str = DEFAULT_RECIP
         "experts": experts,
         "files": {rel: done[rel] for rel, _ in jobs},
     }
-    _atomic_json(manifest_path, manifest)
+    write_json_atomic(manifest_path, manifest)
     write_verified_stamp(out, manifest["files"])  # every byte was hashed as it was written
     state_path.unlink()
     return out

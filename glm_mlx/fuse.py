@@ -30,8 +30,19 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from convert.convert import FORMAT_VERSION, MANIFEST, _atomic_json, _copy, experts_entry
-from convert.safetensors_io import SafetensorsFile, SafetensorsWriter, bf16_bits, to_float32
+from convert.convert import (
+    FORMAT_VERSION,
+    MANIFEST,
+    copy_file_atomic,
+    experts_entry,
+    write_json_atomic,
+)
+from convert.safetensors_io import (
+    SafetensorsFile,
+    SafetensorsWriter,
+    bf16_bits,
+    to_float32,
+)
 from quantize.quantizer import dequantize, pack, quantize
 
 from .loading import load_model, model_key, write_verified_stamp
@@ -196,7 +207,7 @@ def fuse_folder(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | P
         if rel.startswith("weights/"):
             files[rel] = _write_weights(model_dir / rel, tmp / rel, params, model.args.num_hidden_layers)
         else:
-            size, sha = _copy(model_dir / rel, tmp / rel)
+            size, sha = copy_file_atomic(model_dir / rel, tmp / rel)
             files[rel] = {"size": size, "sha256": sha}
         log(f"[{k + 1}/{len(manifest['files'])}] {rel}: {files[rel]['size'] / 1e6:.1f} MB")
     experts = {i: experts_entry(tmp / e["file"], e["file"], int(i), e["num_experts"], e["quantization"])
@@ -213,7 +224,7 @@ def fuse_folder(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | P
         "dtype": dtype,
     }
     new = {**manifest, "fingerprint": fp, "experts": experts, "files": files, "fused_from": fused_from}
-    _atomic_json(tmp / MANIFEST, new)
+    write_json_atomic(tmp / MANIFEST, new)
     write_verified_stamp(tmp, files)
     if out.exists():
         out.rmdir()
