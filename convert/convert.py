@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -153,13 +154,17 @@ def experts_entry(path: Path, rel: str, layer: int, num_experts: int, quant: dic
     parts = {k[len(first):]: v for k, v in f.tensors.items() if k.startswith(first)}
     start = min(v.start for v in parts.values())
     stride = sum(v.nbytes for v in parts.values())
-    for e in range(num_experts):  # the layout the offloader relies on, checked
-        mine = [v for k, v in f.tensors.items() if k.startswith(f"model.layers.{layer}.mlp.experts.{e}.")]
-        assert min(v.start for v in mine) == start + e * stride and sum(v.nbytes for v in mine) == stride
+    crc = []
+    with open(path, "rb") as fh:
+        for e in range(num_experts):  # the layout the offloader relies on, checked
+            mine = [v for k, v in f.tensors.items() if k.startswith(f"model.layers.{layer}.mlp.experts.{e}.")]
+            assert min(v.start for v in mine) == start + e * stride and sum(v.nbytes for v in mine) == stride
+            # a crc32 per expert: what an offloaded read is checked against
+            crc.append(zlib.crc32(os.pread(fh.fileno(), stride, start + e * stride)))
     return {"file": rel, "num_experts": num_experts, "data_start": start, "stride": stride,
             "parts": {k: {"dtype": v.dtype, "shape": list(v.shape), "offset": v.start - start}
                       for k, v in parts.items()},
-            "quantization": quant}
+            "quantization": quant, "crc32": crc}
 
 
 def plan(ckpt: Checkpoint, recipe: str):

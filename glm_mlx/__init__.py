@@ -7,22 +7,30 @@ from pathlib import Path
 __version__ = "0.1.0"
 
 
-def load(path: str | Path, dtype: str | None = None, adapter: str | Path | None = None):
+def load(path: str | Path, dtype: str | None = None, adapter: str | Path | None = None,
+         expert_memory: str | int | None = None):
     """(model, tokenizer) from a glm-mlx model folder written by `glm-mlx convert`.
 
     `dtype="float32"` computes in float32 (exact checks on the CPU); by default
     the folder's own precision (bf16) is used. A folder without its manifest,
     or with a file of the wrong size or checksum, is refused with the reason.
     `adapter`: a LoRA adapter folder from `glm-mlx finetune`, refused if it
-    was trained on another model.
+    was trained on another model. `expert_memory` ("24GB", bytes, or "auto"):
+    routed experts never occupy more than that; the others are read from the
+    folder when a token needs them (the logits are the resident model's).
     """
     from .loading import load_model
     from .tokenizer import Tokenizer
 
-    model, manifest = load_model(path, dtype)
+    model, manifest = load_model(path, dtype, expert_memory)
     if adapter is not None:
-        from .lora import load_adapter
+        from .lora import load_adapter, read_adapter_config
+        from .offload import OffloadedExperts
 
+        offloaded = any(isinstance(m, OffloadedExperts) for _, m in model.named_modules())
+        if offloaded and "experts" in read_adapter_config(adapter).get("targets", []):
+            raise ValueError(f"{adapter}: this adapter trains the routed experts, which cannot be offloaded yet; "
+                             "load it without --expert-memory, or train one without the experts target")
         load_adapter(model, adapter, manifest)
     return model, Tokenizer(path)
 

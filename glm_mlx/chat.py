@@ -260,7 +260,14 @@ class Repl:
             except ValueError as e:
                 out(f"[red]{e}[/red]")
         elif cmd == "/stats":
-            out(f"[dim]{s.last.line()}[/dim]")
+            out(f"[dim]{s.last.line()}[/dim]", highlight=False)
+            from .offload import OffloadedExperts, offloaded_stats
+
+            if (total := offloaded_stats(s.model)) is not None:
+                out(f"[dim]{total.line()}[/dim]", highlight=False)
+                for name, m in s.model.named_modules():
+                    if isinstance(m, OffloadedExperts):
+                        out(f"[dim]  {name}: {m.stats.line()}[/dim]", highlight=False)
         elif cmd == "/help":
             out(HELP, markup=False, highlight=False)
         else:

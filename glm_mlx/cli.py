@@ -62,6 +62,8 @@ def generate(
     system: Optional[str] = typer.Option(None, "--system", help="a system prompt"),
     dtype: Optional[str] = typer.Option(None, help="compute dtype (float32 for exact checks)"),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="a LoRA adapter folder from glm-mlx finetune"),
+    expert_memory: Optional[str] = typer.Option(None, "--expert-memory", help="most memory routed experts may "
+                                                "take (e.g. 24GB, or auto); the rest are read from disk"),
 ):
     """Generate one reply to a prompt, streamed, then the speed and peak memory."""
     import mlx.core as mx
@@ -72,7 +74,7 @@ def generate(
     if (prompt is None) == (token_ids is None):
         fail("give exactly one of --prompt or --token-ids")
     try:
-        m, tok = glm_mlx.load(model, dtype=dtype, adapter=adapter)
+        m, tok = glm_mlx.load(model, dtype=dtype, adapter=adapter, expert_memory=expert_memory)
         if token_ids is not None:
             ids = [int(t) for t in token_ids.replace(" ", "").split(",") if t]
         else:
@@ -88,6 +90,10 @@ def generate(
         fail(str(e))
     typer.echo("")
     typer.echo(stats.line(), err=True)
+    from glm_mlx.offload import offloaded_stats
+
+    if (experts := offloaded_stats(m)) is not None:
+        typer.echo(experts.line(), err=True)
 
 
 @app.command()
@@ -223,6 +229,8 @@ def chat(
     context: Optional[int] = typer.Option(None, "--context", help="context limit in tokens (default: the model's)"),
     dtype: Optional[str] = typer.Option(None, help="compute dtype (float32 for exact checks)"),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="a LoRA adapter folder from glm-mlx finetune"),
+    expert_memory: Optional[str] = typer.Option(None, "--expert-memory", help="most memory routed experts may "
+                                                "take (e.g. 24GB, or auto); the rest are read from disk"),
 ):
     """Chat in the terminal: streamed replies, reasoning on and off, GLM's tool calls."""
     import mlx.core as mx
@@ -235,7 +243,7 @@ def chat(
     folder = resolve_model(model, yes)
     try:
         tool_map = load_tools(tools) if tools else {}
-        m, tok = glm_mlx.load(folder, dtype=dtype, adapter=adapter)
+        m, tok = glm_mlx.load(folder, dtype=dtype, adapter=adapter, expert_memory=expert_memory)
     except USER_ERRORS as e:
         fail(str(e))
     if seed is not None:
@@ -264,7 +272,7 @@ def demo(
             fail(str(e))
     convert(str(ckpt), out, "mixed", None, None)
     generate(model=out, prompt=prompt, token_ids=None, max_tokens=max_tokens, temp=0.0, top_p=1.0,
-             seed=0, think=False, system=None, dtype=None, adapter=None)
+             seed=0, think=False, system=None, dtype=None, adapter=None, expert_memory=None)
 
 
 def main() -> None:

@@ -36,8 +36,9 @@ class QuantizedSwitchLinear(nn.Module):
                  bits: int = 4, mode: str = "affine"):
         super().__init__()
         self.group_size, self.bits, self.mode = group_size, bits, mode
-        w, s, b = mx.quantize(mx.zeros((num_experts, output_dims, input_dims)), group_size, bits, mode=mode)
-        self.weight, self.scales, self.biases = w, s, b
+        groups = (num_experts, output_dims, input_dims // group_size)
+        self.weight = mx.zeros((num_experts, output_dims, input_dims * bits // 32), dtype=mx.uint32)
+        self.scales, self.biases = mx.zeros(groups), mx.zeros(groups)
         self.freeze()
 
     @classmethod

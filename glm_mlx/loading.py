@@ -113,18 +113,29 @@ def read_experts(folder: Path, entry: dict) -> dict[str, mx.array]:
     return out
 
 
-def load_model(path: str | Path, dtype: str | None = None) -> tuple[Model, dict]:
+def expert_bytes(manifest: dict) -> int:
+    return sum(e["stride"] * e["num_experts"] for e in manifest["experts"].values())
+
+
+def load_model(path: str | Path, dtype: str | None = None,
+               expert_memory: str | int | None = None) -> tuple[Model, dict]:
+    """(model, manifest). `expert_memory` (bytes, "24GB", "auto"): routed experts
+    never occupy more than that; the rest are read from the folder on demand."""
+    from .offload import offload_experts, parse_size
+
     folder = Path(path)
     manifest = verify_folder(folder)
     config = json.loads((folder / "config.json").read_text())
     config["num_nextn_predict_layers"] = manifest.get("mtp_layers", 0)
     args = ModelArgs.from_dict(config)
     n = args.num_hidden_layers
+    budget = parse_size(expert_memory, expert_bytes(manifest))
+    offloaded = budget is not None and budget < expert_bytes(manifest) and manifest["experts"]
     weights = []
     for rel in manifest["files"]:
         if rel.startswith("weights/") and not rel.startswith("weights/experts."):
             weights += [(model_key(k, n), v) for k, v in mx.load(str(folder / rel)).items()]
-    for i, entry in manifest["experts"].items():
+    for i, entry in manifest["experts"].items() if not offloaded else ():
         weights += [(model_key(f"model.layers.{i}.mlp.experts.{k}", n), v)
                     for k, v in read_experts(folder, entry).items()]
     model = Model(args, mtp_own_embed=any(k.startswith("mtp.0.embed_tokens.") for k, _ in weights))
@@ -138,6 +149,8 @@ def load_model(path: str | Path, dtype: str | None = None) -> tuple[Model, dict]
     if dtype is not None:
         dt = getattr(mx, dtype)
         weights = [(k, v.astype(dt) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights]
+    if offloaded:
+        offload_experts(model, folder, manifest, budget, getattr(mx, dtype) if dtype else mx.bfloat16)
     try:
         model.load_weights(weights, strict=True)
     except ValueError as e:
