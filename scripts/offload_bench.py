@@ -1,0 +1,236 @@
+"""Offloaded experts under a budget: tokens/s, hit rate and GB/s against the disk's bound.
+
+    python3 scripts/offload_bench.py --layers 8 --dir /tmp/offload-bench
+
+Writes a model folder of GLM-4.5-Air's shapes (N MoE layers, random weights,
+experts 4-bit group 64, the rest 8-bit) in our format, measures the disk's
+read bandwidth with the offloader's own access pattern (parallel preads of
+whole experts, page cache dropped), then decodes with the routed experts
+limited to 100%, 50%, 25% and 10% of their bytes, on two routing traces:
+uniform (every expert equally likely) and skewed (Zipf popularity, and each
+token reusing most of the previous token's experts). The router's choice is
+replaced by the trace (the offloader is what is measured); every read goes
+to the disk (each expert's pages are dropped after it is read). The bound
+for a run is the disk bandwidth over the bytes missed per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from convert.convert import FORMAT_VERSION, MANIFEST, experts_entry, write_json_atomic
+from convert.safetensors_io import SafetensorsWriter, bf16_bits, write_safetensors
+from glm_mlx.loading import write_verified_stamp
+
+AIR = dict(model_type="glm4_moe", architectures=["Glm4MoeForCausalLM"], vocab_size=151552, hidden_size=4096,
+           intermediate_size=10944, moe_intermediate_size=1408, num_attention_heads=96, num_key_value_heads=8,
+           head_dim=128, n_routed_experts=128, num_experts_per_tok=8, n_shared_experts=1, first_k_dense_replace=0,
+           routed_scaling_factor=1.0, n_group=1, topk_group=1, norm_topk_prob=True, use_qk_norm=False,
+           attention_bias=True, rms_norm_eps=1e-5, rope_theta=1e6, partial_rotary_factor=0.5,
+           max_position_embeddings=131072, tie_word_embeddings=False, num_nextn_predict_layers=0,
+           eos_token_id=[151329], hidden_act="silu")
+
+
+def _q(rng, name, out, inp, bits, scale):
+    """A random quantized matrix: packed codes, bf16 scales and biases."""
+    g = inp // 64
+    return {name: ("U32", (out, inp * bits // 32), rng.integers(0, 2**32, (out, inp * bits // 32), dtype=np.uint32)),
+            name[:-6] + "scales": ("BF16", (out, g), bf16_bits(np.full((out, g), scale, np.float32))),
+            name[:-6] + "biases": ("BF16", (out, g), bf16_bits(np.full((out, g), -scale * (2**bits - 1) / 2,
+                                                                          np.float32)))}
+
+
+def write_folder(folder: Path, cfg: dict) -> None:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "weights").mkdir(exist_ok=True)
+    d, E, m = cfg["hidden_size"], cfg["n_routed_experts"], cfg["moe_intermediate_size"]
+    files, quant, experts = {}, {}, {}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    files["config.json"] = None
+    main = {**_q(rng, "model.embed_tokens.weight", cfg["vocab_size"], d, 8, 0.02),
+            **_q(rng, "lm_head.weight", cfg["vocab_size"], d, 8, 0.002),
+            "model.norm.weight": ("BF16", (d,), bf16_bits(np.ones(d, np.float32)))}
+    quant.update({"model.embed_tokens": {"bits": 8, "group_size": 64}, "lm_head": {"bits": 8, "group_size": 64}})
+    files["weights/main.safetensors"] = write_safetensors(folder / "weights/main.safetensors", main)
+    hq, hk = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        t = {f"{p}.input_layernorm.weight": ("BF16", (d,), bf16_bits(np.ones(d, np.float32))),
+             f"{p}.post_attention_layernorm.weight": ("BF16", (d,), bf16_bits(np.ones(d, np.float32))),
+             f"{p}.mlp.gate.weight": ("F32", (E, d), rng.standard_normal((E, d), dtype=np.float32) * 0.02),
+             f"{p}.mlp.gate.e_score_correction_bias": ("F32", (E,), np.zeros(E, np.float32))}
+        for name, out, inp in (("q_proj", hq, d), ("k_proj", hk, d), ("v_proj", hk, d), ("o_proj", d, hq)):
+            t.update(_q(rng, f"{p}.self_attn.{name}.weight", out, inp, 8, 0.002))
+            quant[f"{p}.self_attn.{name}"] = {"bits": 8, "group_size": 64}
+            if name != "o_proj":
+                t[f"{p}.self_attn.{name}.bias"] = ("BF16", (out,), bf16_bits(np.zeros(out, np.float32)))
+        for name, out, inp in (("gate_proj", m, d), ("up_proj", m, d), ("down_proj", d, m)):
+            t.update(_q(rng, f"{p}.mlp.shared_experts.{name}.weight", out, inp, 8, 0.002))
+            quant[f"{p}.mlp.shared_experts.{name}"] = {"bits": 8, "group_size": 64}
+        rel = f"weights/layer.{i:03d}.safetensors"
+        files[rel] = write_safetensors(folder / rel, t)
+        specs = {}
+        for e in range(E):
+            for name, out, inp in (("gate_proj", m, d), ("up_proj", m, d), ("down_proj", d, m)):
+                for k, (dt, shape, _) in _q(np.random.default_rng(0), f"{p}.mlp.experts.{e}.{name}.weight",
+                                            1, inp, 4, 0.002).items():
+                    specs[k] = (dt, (out, shape[1]))
+        rel = f"weights/experts.{i:03d}.safetensors"
+        w = SafetensorsWriter(folder / rel, specs)
+        block = rng.integers(0, 2**32, 1 << 22, dtype=np.uint32)  # reused random codes: writing is the cost
+        for k, (dt, shape) in specs.items():
+            n = int(np.prod(shape))
+            if dt == "U32":
+                w.write(k, np.resize(np.roll(block, hash(k) % 1000), n).reshape(shape))
+            else:
+                val = 0.002 if k.endswith("scales") else -0.002 * 7.5
+                w.write(k, bf16_bits(np.full(shape, val, np.float32)))
+        files[rel] = w.close()
+        q4 = {"bits": 4, "group_size": 64}
+        experts[str(i)] = experts_entry(folder / rel, rel, i, E, {n: q4 for n in ("gate_proj", "up_proj",
+                                                                                  "down_proj")})
+    from convert.safetensors_io import sha256_file
+
+    files["config.json"] = ((folder / "config.json").stat().st_size, sha256_file(folder / "config.json"))
+    manifest = {"format": "glm-mlx", "format_version": FORMAT_VERSION, "fingerprint": "bench",
+                "source": {"kind": "synthetic"}, "recipe": {"name": "mixed"}, "mtp_layers": 0,
+                "quantization": quant, "experts": experts,
+                "files": {k: {"size": s, "sha256": h} for k, (s, h) in files.items()}}
+    write_json_atomic(folder / MANIFEST, manifest)
+    write_verified_stamp(folder, manifest["files"])
+
+
+def drop_cache(folder: Path) -> None:
+    for f in (folder / "weights").glob("experts.*"):
+        fd = os.open(f, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def disk_bandwidth(folder: Path, entry: dict, experts: int = 64, threads: int = 16) -> float:
+    """GB/s of parallel whole-expert preads from the disk (page cache dropped)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    drop_cache(folder)
+    fd = os.open(folder / entry["file"], os.O_RDONLY)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        n = sum(len(b) for b in pool.map(lambda e: os.pread(fd, entry["stride"], entry["data_start"]
+                                                           + e * entry["stride"]), range(experts)))
+    dt = time.perf_counter() - t0
+    os.close(fd)
+    return n / dt / 1e9
+
+
+def trace(kind: str, tokens: int, layers: int, E: int, k: int, seed: int) -> np.ndarray:
+    """Expert ids [tokens, layers, k]."""
+    rng = np.random.default_rng(seed)
+    if kind == "uniform":
+        return np.stack([[rng.choice(E, k, replace=False) for _ in range(layers)] for _ in range(tokens)])
+    pop = 1.0 / np.arange(1, E + 1) ** 1.1  # Zipf popularity, a different order per layer
+    orders = [rng.permutation(E) for _ in range(layers)]
+    out = np.zeros((tokens, layers, k), dtype=np.int64)
+    for layer in range(layers):
+        prev = rng.choice(E, k, replace=False, p=pop / pop.sum())
+        for t in range(tokens):
+            keep = prev[rng.random(k) < 0.6]  # temporal locality: most of the last token's experts stay
+            p = pop.copy()
+            p[keep] = 0
+            new = rng.choice(E, k - len(keep), replace=False, p=p / p.sum())
+            prev = np.concatenate([keep, new])
+            out[t, layer] = orders[layer][prev]
+    return out
+
+
+def run(folder: Path, budget_frac: float, kind: str, tokens: int, warm: int) -> dict:
+    from glm_mlx.loading import expert_bytes, load_model
+    from glm_mlx.offload import OffloadedExperts, offloaded_stats
+
+    manifest = json.loads((folder / MANIFEST).read_text())
+    total = expert_bytes(manifest)
+    model, _ = load_model(folder, expert_memory=int(total * budget_frac) if budget_frac < 1 else None)
+    a = model.args
+    tr = trace(kind, warm + tokens, a.num_hidden_layers, a.n_routed_experts, a.num_experts_per_tok, seed=1)
+    step = [0]
+    for i, layer in enumerate(model.model.layers):
+        def gate(x, i=i):
+            return mx.array(tr[step[0], i][None, None]), mx.full((1, 1, a.num_experts_per_tok), 1.0 / 8)
+        layer.mlp.gate = gate
+    banks = [m for _, m in model.named_modules() if isinstance(m, OffloadedExperts)]
+    for b in banks:  # every read from the disk: drop each expert's pages once read
+        f = b.file
+        read = f.read
+
+        def honest(e, f=f, read=read):
+            blob = read(e)
+            os.posix_fadvise(f.fd, f.start + e * f.stride, f.stride, os.POSIX_FADV_DONTNEED)
+            return blob
+        object.__setattr__(f, "read", honest)
+    drop_cache(folder)
+    cache = model.make_cache()
+    y = mx.array([[1]])
+    for t in range(warm):
+        step[0] = t
+        mx.eval(model(y, cache, checked=True))
+    before = offloaded_stats(model)
+    before = (before.misses, before.bytes, before.hits) if before else (0, 0, 0)
+    t0 = time.perf_counter()
+    for t in range(warm, warm + tokens):
+        step[0] = t
+        mx.eval(model(y, cache, checked=True))
+    dt = time.perf_counter() - t0
+    st = offloaded_stats(model)
+    misses, nbytes, hits = ((st.misses, st.bytes, st.hits) if st else (0, 0, 0))
+    misses, nbytes, hits = misses - before[0], nbytes - before[1], hits - before[2]
+    return {"budget": budget_frac, "trace": kind, "tokens_per_s": tokens / dt,
+            "hit_rate": hits / max(hits + misses, 1), "read_gbps": nbytes / dt / 1e9,
+            "bytes_missed_per_token": nbytes / tokens, "peak_gb": mx.get_peak_memory() / 1e9}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/offload-bench"))
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--warm", type=int, default=8)
+    ap.add_argument("--small", action="store_true", help="shrink the widths (a quick run on the CPU)")
+    a = ap.parse_args()
+    cfg = dict(AIR, num_hidden_layers=a.layers)
+    if a.small:
+        cfg.update(hidden_size=256, moe_intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=64, vocab_size=1024, n_routed_experts=32)
+    if not (a.dir / MANIFEST).exists():
+        t0 = time.perf_counter()
+        write_folder(a.dir, cfg)
+        print(f"wrote {a.dir} in {time.perf_counter() - t0:.0f} s")
+    manifest = json.loads((a.dir / MANIFEST).read_text())
+    bw = disk_bandwidth(a.dir, manifest["experts"]["0"])
+    print(f"{mx.default_device()}; disk: {bw:.2f} GB/s (parallel whole-expert preads, page cache dropped); "
+          f"expert {manifest['experts']['0']['stride'] / 1e6:.2f} MB; {a.layers} MoE layers of GLM-4.5-Air's shapes")
+    rows = []
+    print("| routing | budget | tokens/s | hit rate | read GB/s | MB missed/token | bound tokens/s | of bound |"
+          " peak GB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for kind in ("uniform", "skewed"):
+        for frac in (1.0, 0.5, 0.25, 0.1):
+            r = run(a.dir, frac, kind, a.tokens, a.warm)
+            bound = bw * 1e9 / r["bytes_missed_per_token"] if r["bytes_missed_per_token"] else float("inf")
+            r["bound"] = bound
+            rows.append(r)
+            print(f"| {kind} | {frac:.0%} | {r['tokens_per_s']:.2f} | {r['hit_rate']:.1%} | {r['read_gbps']:.2f} | "
+                  f"{r['bytes_missed_per_token'] / 1e6:.0f} | {bound:.2f} | "
+                  f"{(r['tokens_per_s'] / bound if bound != float('inf') else float('nan')):.0%} | "
+                  f"{r['peak_gb']:.2f} |", flush=True)
+    print(json.dumps({"disk_gbps": bw, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
