@@ -143,6 +143,8 @@ class OffloadedExperts(nn.Module):
     def ensure(self, needed: np.ndarray) -> None:
         """Make every expert in `needed` resident (len(needed) <= slots)."""
         misses = [int(e) for e in needed if self.slot_of[e] < 0]
+        for e in [e for e in self.pending if e not in misses]:  # a wrong guess: let it go
+            self.pending.pop(e).cancel()
         self.stats.hits += len(needed) - len(misses)
         self.stats.misses += len(misses)
         if not misses:

@@ -150,7 +150,12 @@ def trace(kind: str, tokens: int, layers: int, E: int, k: int, seed: int) -> np.
     return out
 
 
-def run(folder: Path, budget_frac: float, kind: str, tokens: int, warm: int) -> dict:
+def nxt_gate(model, banks, nxt, step, tr):
+    i = banks.index(nxt)
+    return lambda x: (mx.array(tr[step[0], i][None, None]), None)
+
+
+def run(folder: Path, budget_frac: float, kind: str, tokens: int, warm: int, prefetch: bool) -> dict:
     from glm_mlx.loading import expert_bytes, load_model
     from glm_mlx.offload import OffloadedExperts, offloaded_stats
 
@@ -165,6 +170,13 @@ def run(folder: Path, budget_frac: float, kind: str, tokens: int, warm: int) -> 
             return mx.array(tr[step[0], i][None, None]), mx.full((1, 1, a.num_experts_per_tok), 1.0 / 8)
         layer.mlp.gate = gate
     banks = [m for _, m in model.named_modules() if isinstance(m, OffloadedExperts)]
+    for b, nxt in zip(banks, banks[1:]):
+        # The trace stands in for the router, so the prediction is the trace's next layer: an oracle,
+        # the most prefetch can buy. Without it, no prefetch at all.
+        object.__setattr__(b, "next", (nxt_gate(model, banks, nxt, step, tr), nxt) if prefetch else None)
+    if banks:
+        object.__setattr__(banks[-1], "next", None)
+    mx.reset_peak_memory()
     for b in banks:  # every read from the disk: drop each expert's pages once read
         f = b.file
         read = f.read
@@ -190,7 +202,7 @@ def run(folder: Path, budget_frac: float, kind: str, tokens: int, warm: int) -> 
     st = offloaded_stats(model)
     misses, nbytes, hits = ((st.misses, st.bytes, st.hits) if st else (0, 0, 0))
     misses, nbytes, hits = misses - before[0], nbytes - before[1], hits - before[2]
-    return {"budget": budget_frac, "trace": kind, "tokens_per_s": tokens / dt,
+    return {"budget": budget_frac, "trace": kind, "prefetch": prefetch, "tokens_per_s": tokens / dt,
             "hit_rate": hits / max(hits + misses, 1), "read_gbps": nbytes / dt / 1e9,
             "bytes_missed_per_token": nbytes / tokens, "peak_gb": mx.get_peak_memory() / 1e9}
 
@@ -216,16 +228,18 @@ def main():
     print(f"{mx.default_device()}; disk: {bw:.2f} GB/s (parallel whole-expert preads, page cache dropped); "
           f"expert {manifest['experts']['0']['stride'] / 1e6:.2f} MB; {a.layers} MoE layers of GLM-4.5-Air's shapes")
     rows = []
-    print("| routing | budget | tokens/s | hit rate | read GB/s | MB missed/token | bound tokens/s | of bound |"
-          " peak GB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| routing | prefetch | budget | tokens/s | hit rate | read GB/s | MB missed/token | bound tokens/s |"
+          " of bound | peak GB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for kind in ("uniform", "skewed"):
-        for frac in (1.0, 0.5, 0.25, 0.1):
-            r = run(a.dir, frac, kind, a.tokens, a.warm)
+        for frac, prefetch in ((1.0, False), (0.5, False), (0.5, True), (0.25, False), (0.25, True), (0.1, False),
+                               (0.1, True)):
+            r = run(a.dir, frac, kind, a.tokens, a.warm, prefetch)
             bound = bw * 1e9 / r["bytes_missed_per_token"] if r["bytes_missed_per_token"] else float("inf")
             r["bound"] = bound
             rows.append(r)
-            print(f"| {kind} | {frac:.0%} | {r['tokens_per_s']:.2f} | {r['hit_rate']:.1%} | {r['read_gbps']:.2f} | "
+            print(f"| {kind} | {'oracle' if prefetch else 'off'} | {frac:.0%} | {r['tokens_per_s']:.2f} | "
+                  f"{r['hit_rate']:.1%} | {r['read_gbps']:.2f} | "
                   f"{r['bytes_missed_per_token'] / 1e6:.0f} | {bound:.2f} | "
                   f"{(r['tokens_per_s'] / bound if bound != float('inf') else float('nan')):.0%} | "
                   f"{r['peak_gb']:.2f} |", flush=True)
