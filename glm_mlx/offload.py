@@ -127,18 +127,23 @@ class OffloadedExperts(nn.Module):
         object.__setattr__(self, "pending", {})  # expert -> Future of its read
         object.__setattr__(self, "next", None)  # (router, OffloadedExperts) of the next MoE layer
 
-    def _fill(self, slot: int, e: int, blob: bytes) -> None:
+    def _fill(self, slots: list[int], experts: list[int], blobs: list[bytes]) -> None:
+        """Write the read experts into their slots: one scatter per tensor, not per expert."""
         glu = self.bank.glu
-        for part, arr in self.file.arrays(blob).items():
+        views = [self.file.arrays(b) for b in blobs]
+        where = mx.array(slots)
+        for part in views[0]:
             proj, name = part.split(".")
-            lin = getattr(glu, proj)
-            a = mx.array(arr)
-            if arr.dtype == np.uint16:  # bf16 bits
+            stacked = np.stack([v[part] for v in views])
+            a = mx.array(stacked)
+            if stacked.dtype == np.uint16:  # bf16 bits
                 a = a.view(mx.bfloat16)
             if mx.issubdtype(a.dtype, mx.floating):
                 a = a.astype(self.dtype)
-            lin[name][slot] = a
-        self.expert_in[slot], self.slot_of[e] = e, slot
+            lin = getattr(glu, proj)
+            lin[name][where] = a
+        for slot, e in zip(slots, experts):
+            self.expert_in[slot], self.slot_of[e] = e, slot
 
     def ensure(self, needed: np.ndarray) -> None:
         """Make every expert in `needed` resident (len(needed) <= slots)."""
@@ -161,7 +166,8 @@ class OffloadedExperts(nn.Module):
         self.stats.bytes += len(misses) * self.file.stride
         pinned = np.zeros(self.slots, dtype=bool)
         pinned[self.slot_of[needed][self.slot_of[needed] >= 0]] = True
-        for e, blob in zip(misses, blobs):
+        slots = []
+        for e in misses:
             free = np.flatnonzero(self.expert_in < 0)
             if free.size:
                 slot = int(free[0])
@@ -169,8 +175,10 @@ class OffloadedExperts(nn.Module):
                 cand = np.flatnonzero(~pinned)
                 slot = int(cand[np.argmin(self.score[self.expert_in[cand]])])
                 self.slot_of[self.expert_in[slot]] = -1
-            self._fill(slot, e, blob)
+            self.expert_in[slot] = e  # taken, so the next miss picks another slot
             pinned[slot] = True
+            slots.append(slot)
+        self._fill(slots, misses, blobs)
         mx.eval(self.bank.glu.parameters())
 
     def prefetch(self, experts: np.ndarray) -> None:
@@ -183,12 +191,13 @@ class OffloadedExperts(nn.Module):
         needed = np.unique(idx)
         self.score *= DECAY
         self.score[needed] += 1.0
-        if self.next is not None and x.shape[-2] == 1:  # decode: read ahead for the next layer
-            router, nxt = self.next
-            nxt.prefetch(np.unique(np.array(router(x)[0])))
         glu = self.bank.glu
         if needed.size <= self.slots:
             self.ensure(needed)
+            if self.next is not None and x.shape[-2] == 1:
+                # decode: this layer's reads are in; read ahead for the next layer while this one computes
+                router, nxt = self.next
+                nxt.prefetch(np.unique(np.array(router(x)[0])))
             return glu(x, mx.array(self.slot_of[idx]))
         y = None
         for g in range(0, needed.size, self.slots):
