@@ -11,8 +11,9 @@ groups, each read once and serving all its rows.
 
 Eviction keeps the experts with the highest aged frequency (each step
 multiplies every score by DECAY and adds one for each expert used), never
-those the current step needs. Prefetch: in decode, a layer applies the next
-layer's router to its own input and starts reading the experts it predicts.
+those the current step needs. Prefetch (off by default: measured slower so
+far): in decode, a layer applies the next layer's router to its own input
+and starts reading the experts it predicts.
 """
 
 from __future__ import annotations
@@ -234,8 +235,13 @@ def parse_size(size: str | int | None, total: int) -> int | None:
     return int(float(m[1]) * unit)
 
 
-def offload_experts(model, folder: Path, manifest: dict, budget: int, dtype) -> list[OffloadedExperts]:
+PREFETCH = False  # measured slower, even with a perfect prediction (BENCHMARKS.md): off until it pays
+
+
+def offload_experts(model, folder: Path, manifest: dict, budget: int, dtype,
+                    prefetch: bool | None = None) -> list[OffloadedExperts]:
     """Swap every MoE layer's experts for an offloaded bank sharing `budget` bytes."""
+    prefetch = PREFETCH if prefetch is None else prefetch
     from .loading import model_key
 
     entries = manifest["experts"]
@@ -254,7 +260,7 @@ def offload_experts(model, folder: Path, manifest: dict, budget: int, dtype) -> 
         moe.experts = off
         layers.append((int(i), moe, off))
     trunk = [(i, moe, off) for i, moe, off in layers if i < n]
-    for (_, _, off), (_, nxt_moe, nxt_off) in zip(trunk, trunk[1:]):
+    for (_, _, off), (_, nxt_moe, nxt_off) in zip(trunk, trunk[1:]) if prefetch else ():
         object.__setattr__(off, "next", (nxt_moe.gate, nxt_off))
     return [off for _, _, off in layers]
 

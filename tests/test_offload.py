@@ -35,13 +35,16 @@ def run_all(model, toks):
 
 
 @pytest.mark.parametrize("recipe", ["mixed", "none"])
-def test_offloaded_logits_equal_the_resident_models_exactly(recipe, converted):
+def test_offloaded_logits_equal_the_resident_models_exactly(recipe, converted, monkeypatch):
     folder = converted("glm45-tiny", recipe)
     resident, _ = load_model(folder, "float32")
     toks = np.random.default_rng(0).integers(0, resident.args.vocab_size, size=(1, 24))
     want = run_all(resident, toks)
     E, k = resident.args.n_routed_experts, resident.args.num_experts_per_tok
-    for slots in (1, 2, k, k + 1, E - 1):  # one expert per layer up to all but one
+    import glm_mlx.offload as offload
+
+    for slots, prefetch in ((1, False), (2, True), (k, False), (k + 1, True), (E - 1, False)):
+        monkeypatch.setattr(offload, "PREFETCH", prefetch)  # exact with and without reading ahead
         model, _ = load_model(folder, "float32", expert_memory=budget_for(folder, slots))
         banks = [m for _, m in model.named_modules() if isinstance(m, OffloadedExperts)]
         assert len(banks) == 3 and {b.slots for b in banks} == {slots}  # two MoE layers and the MTP layer
