@@ -8,6 +8,7 @@ arrays (`read_experts`, which is also where offloading hooks in).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -92,10 +93,8 @@ def write_verified_stamp(folder: Path, files: dict, old: dict | None = None) -> 
     The converter calls it too: it hashed every byte as it wrote it."""
     stamp = {rel: _stamp_key(folder / rel, rec) for rel, rec in files.items()}
     if stamp != old:
-        try:
+        with contextlib.suppress(OSError):  # a read-only folder is verified again next time, nothing worse
             (folder / VERIFIED).write_text(json.dumps(stamp))
-        except OSError:
-            pass  # a read-only folder is verified again next time, nothing worse
 
 
 def read_experts(folder: Path, entry: dict) -> dict[str, mx.array]:
