@@ -114,6 +114,7 @@ class Trainer:
         self.opt = optim.AdamW(learning_rate=schedule(cfg, self.total), weight_decay=cfg.weight_decay)
         self.step = 0
         self.position = 0  # micro-batches consumed since the start
+        self._epoch = None  # (epoch, next batch index, its generator)
         self.history: list[dict] = []
 
         state = [model.state, self.opt.state, mx.random.state]
@@ -133,12 +134,17 @@ class Trainer:
     # -- data position ---------------------------------------------------------
 
     def _batch(self, position: int):
+        """The batch at a position: the epoch's batches are drawn in order, and
+        only a jump (a resume) starts an epoch over and skips ahead."""
         epoch, index = divmod(position, self.batches_per_epoch)
-        for i, b in enumerate(batches(self.train, self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch,
-                                      pad_multiple=PAD_MULTIPLE)):
-            if i == index:
-                return b
-        raise AssertionError("batch index past the epoch")
+        if self._epoch is None or self._epoch[:2] != (epoch, index):
+            it = batches(self.train, self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch, pad_multiple=PAD_MULTIPLE)
+            for _ in range(index):
+                next(it)
+            self._epoch = (epoch, index, it)
+        b = next(self._epoch[2])
+        self._epoch = (epoch, index + 1, self._epoch[2])
+        return b
 
     # -- one optimizer step ---------------------------------------------------------
 
