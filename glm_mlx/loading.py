@@ -25,7 +25,8 @@ from .model import Model
 MANIFEST = "glm_mlx.json"
 VERIFIED = ".glm_mlx_verified.json"
 FORMAT_VERSION = 1
-_NP = {"U32": np.uint32, "BF16": np.uint16, "F32": np.float32, "F16": np.float16}
+# how a stored dtype code is held in numpy (bf16 as its uint16 bits)
+STORED_DTYPES = {"U32": np.uint32, "BF16": np.uint16, "F32": np.float32, "F16": np.float16}
 _LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 
 
@@ -103,7 +104,7 @@ def read_experts(folder: Path, entry: dict) -> dict[str, mx.array]:
     raw = np.memmap(folder / entry["file"], dtype=np.uint8, mode="r")
     out = {}
     for part, spec in entry["parts"].items():
-        dt, shape = np.dtype(_NP[spec["dtype"]]), tuple(spec["shape"])
+        dt, shape = np.dtype(STORED_DTYPES[spec["dtype"]]), tuple(spec["shape"])
         nbytes = int(np.prod(shape)) * dt.itemsize
         first = start + spec["offset"]
         rows = np.lib.stride_tricks.as_strided(raw[first:], shape=(E, nbytes), strides=(stride, 1))

@@ -31,9 +31,9 @@ import mlx.nn as nn
 import numpy as np
 
 from .experts import QuantizedSwitchLinear, SwitchGLU
+from .loading import STORED_DTYPES, model_key
 
 DECAY = 0.9
-_NP = {"U32": np.uint32, "BF16": np.uint16, "F32": np.float32, "F16": np.float16}
 PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -88,7 +88,7 @@ class ExpertFile:
     def arrays(self, blob: bytes) -> dict[str, np.ndarray]:
         out = {}
         for part, spec in self.parts.items():
-            dt = np.dtype(_NP[spec["dtype"]])
+            dt = np.dtype(STORED_DTYPES[spec["dtype"]])
             n = int(np.prod(spec["shape"]))
             out[part] = np.frombuffer(blob, dtype=dt, count=n, offset=spec["offset"]).reshape(spec["shape"])
         return out
@@ -242,8 +242,6 @@ def offload_experts(model, folder: Path, manifest: dict, budget: int, dtype,
                     prefetch: bool | None = None) -> list[OffloadedExperts]:
     """Swap every MoE layer's experts for an offloaded bank sharing `budget` bytes."""
     prefetch = PREFETCH if prefetch is None else prefetch
-    from .loading import model_key
-
     entries = manifest["experts"]
     stride = max(e["stride"] for e in entries.values())
     slots = max(1, min(min(e["num_experts"] for e in entries.values()), budget // (stride * len(entries))))
