@@ -163,9 +163,10 @@ class ChatSession:
         if reply.reasoning:
             msg["reasoning_content"] = reply.reasoning
         if reply.tool_calls:
-            msg["tool_calls"] = [c.to_openai(f"call_{len(self.messages)}_{i}") for i, c in enumerate(reply.tool_calls)]
-            for c in msg["tool_calls"]:  # GLM's template writes the arguments from a mapping
-                c["function"]["arguments"] = json.loads(c["function"]["arguments"])
+            # arguments kept as a mapping: GLM's template iterates them (save() writes OpenAI's JSON strings)
+            msg["tool_calls"] = [{"id": f"call_{len(self.messages)}_{i}", "type": "function",
+                                  "function": {"name": c.name, "arguments": dict(c.arguments)}}
+                                 for i, c in enumerate(reply.tool_calls)]
         self.messages.append(msg)
 
     def add_user(self, text: str) -> None:
