@@ -18,6 +18,8 @@ def load(path: str | Path, dtype: str | None = None, adapter: str | Path | None 
     was trained on another model. `expert_memory` ("24GB", bytes, or "auto"):
     routed experts never occupy more than that; the others are read from the
     folder when a token needs them (the logits are the resident model's).
+    "auto" keeps them all resident when the model fits in this machine's
+    memory; None (the default here) always does.
     """
     from .loading import load_model
     from .tokenizer import Tokenizer
@@ -25,10 +27,9 @@ def load(path: str | Path, dtype: str | None = None, adapter: str | Path | None 
     model, manifest = load_model(path, dtype, expert_memory)
     if adapter is not None:
         from .lora import load_adapter, read_adapter_config
-        from .offload import OffloadedExperts
+        from .offload import offloaded_banks
 
-        offloaded = any(isinstance(m, OffloadedExperts) for _, m in model.named_modules())
-        if offloaded and "experts" in read_adapter_config(adapter).get("targets", []):
+        if offloaded_banks(model) and "experts" in read_adapter_config(adapter).get("targets", []):
             raise ValueError(f"{adapter}: this adapter trains the routed experts, which cannot be offloaded yet; "
                              "load it without --expert-memory, or train one without the experts target")
         load_adapter(model, adapter, manifest)

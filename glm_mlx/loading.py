@@ -129,7 +129,10 @@ def load_model(path: str | Path, dtype: str | None = None,
     config["num_nextn_predict_layers"] = manifest.get("mtp_layers", 0)
     args = ModelArgs.from_dict(config)
     n = args.num_hidden_layers
-    budget = parse_size(expert_memory, expert_bytes(manifest))
+    resident = sum(r["size"] for f, r in manifest["files"].items() if f.startswith("weights/")
+                   and not f.startswith("weights/experts."))
+    smallest = sum(e["stride"] for e in manifest["experts"].values())  # one expert per layer
+    budget = parse_size(expert_memory, expert_bytes(manifest), resident, smallest)
     offloaded = budget is not None and budget < expert_bytes(manifest) and manifest["experts"]
     weights = []
     for rel in manifest["files"]:
@@ -150,7 +153,7 @@ def load_model(path: str | Path, dtype: str | None = None,
         dt = getattr(mx, dtype)
         weights = [(k, v.astype(dt) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights]
     if offloaded:
-        offload_experts(model, folder, manifest, budget, getattr(mx, dtype) if dtype else mx.bfloat16)
+        offload_experts(model, folder, manifest, budget, getattr(mx, dtype) if dtype else None)
     try:
         model.load_weights(weights, strict=True)
     except ValueError as e:

@@ -3,17 +3,25 @@
 Each MoE layer keeps `slots` experts resident in a SwitchGLU of that many
 experts (quantized like the folder's); the rest stay on disk, where the
 converter wrote each expert as one contiguous byte range, so a miss is one
-positional read (checked against the manifest's size and crc32), several
-misses read in parallel. The MoE computes on the bank with the router's
-indices mapped to slots: no per-expert Python loop. When a step needs more
-experts than there are slots (prefill), the experts go through the bank in
-groups, each read once and serving all its rows.
+positional read (checked against the manifest's size and crc32), a layer's
+misses read in parallel. When the bank holds the folder's own dtypes (the
+default), a read goes straight into the slot's memory (preadv into the MLX
+arrays' buffers: no copy, no scatter); a bank in another dtype (float32 for
+tests) reads into a buffer and converts. The MoE computes on the bank with the
+router's indices mapped to slots: no per-expert Python loop. When a step needs
+more experts than there are slots (prefill), the experts go through the bank
+in groups, each read once and serving all its rows.
 
-Eviction keeps the experts with the highest aged frequency (each step
-multiplies every score by DECAY and adds one for each expert used), never
-those the current step needs. Prefetch (off by default: measured slower so
-far): in decode, a layer applies the next layer's router to its own input
-and starts reading the experts it predicts.
+Three policies, each switchable so the benchmark can measure what it buys:
+- eviction: "lfu" keeps the experts with the highest aged frequency (each step
+  multiplies every score by DECAY and adds one per expert used); "lru" the
+  most recently used. The current step's experts are never evicted (they must
+  all be in the bank at once).
+- pin: the experts the previous token used are evicted last (routing is
+  temporally local), and never by a prefetch.
+- prefetch (decode): a layer applies the next layer's router to its own input
+  and starts reading the experts it predicts, behind its own reads, so the
+  disk stays busy while this layer computes.
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ from .loading import STORED_DTYPES, model_key
 
 DECAY = 0.9
 PROJS = ("gate_proj", "up_proj", "down_proj")
+POLICIES = ("lfu", "lru")
+MX_STORED = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32, "U32": mx.uint32}
 
 
 class ExpertReadError(RuntimeError):
@@ -43,10 +53,11 @@ class ExpertReadError(RuntimeError):
 
 @dataclass
 class Stats:
-    hits: int = 0
-    misses: int = 0
-    prefetched: int = 0  # misses served by a read the prefetch had started
-    bytes: int = 0
+    hits: int = 0  # needed experts already in the bank (a finished prefetch included)
+    misses: int = 0  # needed experts read on demand
+    prefetched: int = 0  # reads started ahead by a prediction
+    prefetch_used: int = 0  # of those, experts the step then needed
+    bytes: int = 0  # everything read, prefetches included
     seconds: float = 0.0  # time spent waiting for reads
 
     @property
@@ -58,40 +69,160 @@ class Stats:
         return self.bytes / max(self.seconds, 1e-9) / 1e9
 
     def add(self, other: "Stats") -> None:
-        for k in ("hits", "misses", "prefetched", "bytes", "seconds"):
+        for k in ("hits", "misses", "prefetched", "prefetch_used", "bytes", "seconds"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
 
     def line(self) -> str:
-        return (f"experts: {self.hit_rate:.1%} hits ({self.hits} hits, {self.misses} misses, "
-                f"{self.prefetched} prefetched), {self.bytes / 1e9:.2f} GB read at {self.gbps:.2f} GB/s")
+        ahead = f", {self.prefetch_used} of {self.prefetched} prefetched used" if self.prefetched else ""
+        return (f"experts: {self.hit_rate:.1%} hits ({self.hits} hits, {self.misses} misses{ahead}), "
+                f"{self.bytes / 1e9:.2f} GB read at {self.gbps:.2f} GB/s")
+
+
+def preadv_all(fd: int, views: list[memoryview], offset: int) -> int:
+    """Fill `views` from the file at `offset` (one preadv, continued if it
+    comes back short); the bytes read, fewer only at the end of the file."""
+    views, done = list(views), 0
+    while views:
+        if hasattr(os, "preadv"):
+            n = os.preadv(fd, views, offset + done)
+        else:  # no preadv on this platform: one pread per view
+            blob = os.pread(fd, views[0].nbytes, offset + done)
+            views[0][: len(blob)], n = blob, len(blob)
+        if n == 0:
+            break
+        done += n
+        while views and n >= views[0].nbytes:
+            n -= views.pop(0).nbytes
+        if views and n:
+            views[0] = views[0][n:]
+    return done
+
+
+def _mul(a: int, b: int) -> int:
+    """a(x) * b(x) modulo CRC-32's polynomial (bit-reflected), as zlib computes it."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if a & (m - 1) == 0:
+                return p
+        m >>= 1
+        b = (b >> 1) ^ 0xEDB88320 if b & 1 else b >> 1
+
+
+_X2N = [1 << 30]  # x^(2^k) modulo the polynomial
+for _ in range(31):
+    _X2N.append(_mul(_X2N[-1], _X2N[-1]))
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """crc32(a + b) from crc32(a), crc32(b) and len(b) (zlib's crc32_combine,
+    which Python's zlib does not expose): pieces are checked in parallel."""
+    p, k, n = 1 << 31, 3, len2  # x^(8 * len2)
+    while n:
+        if n & 1:
+            p = _mul(_X2N[k & 31], p)
+        n, k = n >> 1, k + 1
+    return _mul(p, crc1) ^ crc2
+
+
+def split(views: list[memoryview], size: int) -> list[list[memoryview]]:
+    """`views` (consecutive bytes) cut into pieces of at most `size` bytes."""
+    pieces, cur, room = [], [], size
+    for v in views:
+        while v.nbytes:
+            take = v[:room]
+            cur.append(take)
+            v, room = v[take.nbytes:], room - take.nbytes
+            if room == 0:
+                pieces.append(cur)
+                cur, room = [], size
+    return pieces + ([cur] if cur else [])
+
+
+PIECE = 2 << 20  # an expert is read as pieces of this size in parallel: a disk serves several requests at once
 
 
 class ExpertFile:
-    """One layer's experts file: expert e is one pread of `stride` bytes."""
+    """One layer's experts file: expert e is the `stride` bytes at start + e * stride,
+    its parts (gate_proj.weight, gate_proj.scales, ...) back to back in `order`."""
+
+    drop_pages = False  # forget each expert's pages once read (the benchmark's honest disk)
 
     def __init__(self, folder: Path, layer: int, entry: dict):
         self.path, self.layer = folder / entry["file"], layer
         self.fd = os.open(self.path, os.O_RDONLY)
         self.start, self.stride = entry["data_start"], entry["stride"]
         self.parts, self.crc = entry["parts"], entry.get("crc32")
+        self.order = sorted(self.parts, key=lambda p: self.parts[p]["offset"])
 
-    def read(self, e: int) -> bytes:
-        blob = os.pread(self.fd, self.stride, self.start + e * self.stride)
-        if len(blob) != self.stride:
-            raise ExpertReadError(f"{self.path}: expert {e} of layer {self.layer}: read {len(blob)} of "
-                                  f"{self.stride} bytes (is the file truncated?)")
-        if self.crc is not None and zlib.crc32(blob) != self.crc[e]:
-            raise ExpertReadError(f"{self.path}: expert {e} of layer {self.layer} does not match the "
+    def nbytes(self, part: str) -> int:
+        spec = self.parts[part]
+        return int(np.prod(spec["shape"])) * np.dtype(STORED_DTYPES[spec["dtype"]]).itemsize
+
+    def read_piece(self, views: list[memoryview], offset: int) -> tuple[int, int]:
+        """(bytes read, their crc32) of one piece at `offset` within an expert's range."""
+        n = preadv_all(self.fd, views, offset)
+        crc = 0
+        for v in views:
+            crc = zlib.crc32(v, crc)
+        if self.drop_pages:
+            os.posix_fadvise(self.fd, offset, sum(v.nbytes for v in views), os.POSIX_FADV_DONTNEED)
+        return n, crc
+
+    def start_read(self, pool, e: int, views: list[memoryview]) -> "ExpertRead":
+        """Start reading expert e into `views` (writable bytes, in file order), in pieces."""
+        offset, futures = self.start + e * self.stride, []
+        for piece in split(views, PIECE):
+            futures.append((pool.submit(self.read_piece, piece, offset), sum(v.nbytes for v in piece)))
+            offset += futures[-1][1]
+        return ExpertRead(self, e, futures)
+
+
+class ExpertRead:
+    """An expert's read under way: its pieces' futures, checked as one."""
+
+    def __init__(self, file: ExpertFile, e: int, futures: list):
+        self.file, self.e, self.futures = file, e, futures
+
+    def result(self) -> None:
+        """Wait for every piece; a short or corrupt expert raises ExpertReadError."""
+        f, e = self.file, self.e
+        got, crc, error = 0, 0, None
+        for fut, size in self.futures:
+            try:
+                n, c = fut.result()
+            except OSError as ex:
+                error = error or ex
+                continue
+            got += n
+            crc = crc32_combine(crc, c, size)
+        if error is not None:
+            raise ExpertReadError(f"{f.path}: expert {e} of layer {f.layer}: {error}")
+        if got != f.stride:
+            raise ExpertReadError(f"{f.path}: expert {e} of layer {f.layer}: read {got} of "
+                                  f"{f.stride} bytes (is the file truncated?)")
+        if f.crc is not None and crc != f.crc[e]:
+            raise ExpertReadError(f"{f.path}: expert {e} of layer {f.layer} does not match the "
                                   "manifest's checksum (the file is corrupt)")
-        return blob
 
-    def arrays(self, blob: bytes) -> dict[str, np.ndarray]:
-        out = {}
-        for part, spec in self.parts.items():
-            dt = np.dtype(STORED_DTYPES[spec["dtype"]])
-            n = int(np.prod(spec["shape"]))
-            out[part] = np.frombuffer(blob, dtype=dt, count=n, offset=spec["offset"]).reshape(spec["shape"])
-        return out
+    def abandon(self) -> bool:
+        """Stop a read no longer wanted: pieces not started are dropped, those under
+        way finish (they write into the slot). True when it had all been read anyway."""
+        dropped = [fut.cancel() for fut, _ in self.futures]
+        for fut, _ in self.futures:
+            if not fut.cancelled():
+                fut.exception()  # wait
+        return not any(dropped)
+
+
+def arrays(file: ExpertFile, blob: bytearray) -> dict[str, np.ndarray]:
+    out = {}
+    for part, spec in file.parts.items():
+        dt = np.dtype(STORED_DTYPES[spec["dtype"]])
+        n = int(np.prod(spec["shape"]))
+        out[part] = np.frombuffer(blob, dtype=dt, count=n, offset=spec["offset"]).reshape(spec["shape"])
+    return out
 
 
 class _Holder:
@@ -104,101 +235,196 @@ class _Holder:
 class OffloadedExperts(nn.Module):
     """Stands in for a MoE layer's SwitchGLU: same call, experts read on demand."""
 
-    def __init__(self, file: ExpertFile, entry: dict, dims: tuple[int, int], slots: int, dtype, pool):
+    def __init__(self, file: ExpertFile, entry: dict, dims: tuple[int, int], slots: int, dtype, pool,
+                 policy: str = "lfu", pin: bool = True):
         super().__init__()
+        if policy not in POLICIES:
+            raise ValueError(f"eviction policy {policy!r}: choose from {', '.join(POLICIES)}")
         dim, hidden = dims
         glu = SwitchGLU(dim, hidden, slots)
         for p in PROJS:
             q = entry["quantization"][p]
-            lin = getattr(glu, p)
             if q:
-                E, out, inp = lin.weight.shape
+                E, out, inp = getattr(glu, p).weight.shape
                 setattr(glu, p, QuantizedSwitchLinear(E, inp, out, q["group_size"], q["bits"]))
-        glu.update({p: {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-                        for k, v in getattr(glu, p).items() if isinstance(v, mx.array)} for p in PROJS})
+        # The bank in the dtype the model computes in (the stored one when dtype is None),
+        # as real, evaluated buffers: reads may write into them.
+        direct = True
+        for part, spec in entry["parts"].items():
+            proj, name = part.split(".")
+            stored = MX_STORED[spec["dtype"]]
+            dt = stored if dtype is None or not mx.issubdtype(stored, mx.floating) else dtype
+            direct &= dt == stored
+            setattr(getattr(glu, proj), name, mx.zeros((slots, *spec["shape"]), dt))
+        mx.eval(glu.parameters())
         object.__setattr__(self, "bank", _Holder(glu))
         object.__setattr__(self, "file", file)
         object.__setattr__(self, "pool", pool)
-        self.slots, self.dtype = slots, dtype
+        object.__setattr__(self, "pending", {})  # expert -> a prefetch's read, as _start returns it
+        object.__setattr__(self, "next", None)  # (router, OffloadedExperts) of the next MoE layer
+        object.__setattr__(self, "views", None)
+        if direct:  # slot s of every part, in file order: the iovecs of one preadv
+            whole = {p: memoryview(getattr(getattr(glu, p.split(".")[0]), p.split(".")[1])).cast("B")
+                     for p in file.order}
+            object.__setattr__(self, "views", [[whole[p][s * file.nbytes(p): (s + 1) * file.nbytes(p)]
+                                                for p in file.order] for s in range(slots)])
+        self.slots, self.dtype, self.policy, self.pin = slots, dtype, policy, pin
         E = entry["num_experts"]
         self.slot_of = np.full(E, -1, dtype=np.int64)
         self.expert_in = np.full(slots, -1, dtype=np.int64)
         self.score = np.zeros(E)
+        self.recent = np.zeros(E, dtype=bool)  # used by the previous step
+        self.clock = 0
         self.stats = Stats()
-        object.__setattr__(self, "pending", {})  # expert -> Future of its read
-        object.__setattr__(self, "next", None)  # (router, OffloadedExperts) of the next MoE layer
 
-    def _fill(self, slots: list[int], experts: list[int], blobs: list[bytes]) -> None:
-        """Write the read experts into their slots: one scatter per tensor, not per expert."""
+    # --- slots ---------------------------------------------------------------
+
+    def _victim(self, protect: np.ndarray, strict_pin: bool = False) -> int | None:
+        """A slot to (re)fill: a free one, else the coldest unprotected one."""
+        free = np.flatnonzero(self.expert_in < 0)
+        if free.size:
+            return int(free[0])
+        cand = np.flatnonzero(~protect)
+        if self.pin and cand.size:
+            cold = cand[~self.recent[self.expert_in[cand]]]
+            cand = cold if cold.size or strict_pin else cand
+        if not cand.size:
+            return None
+        return int(cand[np.argmin(self.score[self.expert_in[cand]])])
+
+    def _take(self, slot: int, e: int) -> None:
+        if self.expert_in[slot] >= 0:
+            self.slot_of[self.expert_in[slot]] = -1
+        self.expert_in[slot], self.slot_of[e] = e, slot
+
+    def _free(self, slot: int) -> None:
+        if self.expert_in[slot] >= 0:
+            self.slot_of[self.expert_in[slot]] = -1
+        self.expert_in[slot] = -1
+
+    def _start(self, e: int, slot: int) -> tuple:
+        """Start reading expert e: straight into its slot, or into a buffer to convert.
+        (expert, slot, ExpertRead, buffer or None)."""
+        if self.views is not None:
+            return e, slot, self.file.start_read(self.pool, e, self.views[slot]), None
+        blob = bytearray(self.file.stride)
+        return e, slot, self.file.start_read(self.pool, e, [memoryview(blob)]), blob
+
+    def _wait(self, reads: list[tuple]) -> None:
+        """Wait for reads from _start; fill converted ones; a failed read empties its
+        slot and raises once every read has stopped writing."""
+        t0 = time.perf_counter()
+        error, blobs = None, []
+        for e, slot, read, blob in reads:
+            try:
+                read.result()
+            except ExpertReadError as ex:
+                error = error or ex
+                self._free(slot)
+                continue
+            if blob is not None:
+                blobs.append((slot, e, blob))
+        self.stats.seconds += time.perf_counter() - t0
+        if blobs:
+            self._fill(blobs)
+        if error is not None:
+            raise error
+
+    def _fill(self, blobs: list[tuple[int, int, bytearray]]) -> None:
+        """Converted reads into their slots: one scatter per tensor, not per expert."""
         glu = self.bank.glu
-        views = [self.file.arrays(b) for b in blobs]
-        where = mx.array(slots)
+        views = [arrays(self.file, b) for _, _, b in blobs]
+        where = mx.array([s for s, _, _ in blobs])
         for part in views[0]:
             proj, name = part.split(".")
             stacked = np.stack([v[part] for v in views])
             a = mx.array(stacked)
-            if stacked.dtype == np.uint16:  # bf16 bits
+            if self.file.parts[part]["dtype"] == "BF16":
                 a = a.view(mx.bfloat16)
-            if mx.issubdtype(a.dtype, mx.floating):
-                a = a.astype(self.dtype)
             lin = getattr(glu, proj)
-            lin[name][where] = a
-        for slot, e in zip(slots, experts):
-            self.expert_in[slot], self.slot_of[e] = e, slot
+            lin[name][where] = a.astype(lin[name].dtype)
+        mx.eval(glu.parameters())
 
-    def ensure(self, needed: np.ndarray) -> None:
-        """Make every expert in `needed` resident (len(needed) <= slots)."""
+    # --- a step ----------------------------------------------------------------
+
+    def _settle(self, needed: np.ndarray) -> None:
+        """Finish the prefetches the previous layer started: a wrong guess is dropped
+        (what it had under way finishes first: it writes into its slot) unless it
+        was read completely; the right ones are waited for."""
+        if not self.pending:
+            return
+        want = set(map(int, needed))
+        reads = []
+        for e, r in self.pending.items():
+            if e in want or r[2].abandon():
+                reads.append(r)
+                self.stats.prefetch_used += e in want
+            else:
+                self._free(r[1])
+        self.pending.clear()
+        self._wait(reads)
+
+    def _use(self, needed: np.ndarray) -> None:
+        self.clock += 1
+        if self.policy == "lfu":
+            self.score *= DECAY
+            self.score[needed] += 1.0
+        else:
+            self.score[needed] = self.clock
+
+    def ensure(self, needed: np.ndarray, then=None) -> None:
+        """Make every expert in `needed` resident (len(needed) <= slots); `then` runs
+        once this step's reads are queued (the next layer's prefetch goes behind them)."""
         misses = [int(e) for e in needed if self.slot_of[e] < 0]
-        for e in [e for e in self.pending if e not in misses]:  # a wrong guess: let it go
-            self.pending.pop(e).cancel()
         self.stats.hits += len(needed) - len(misses)
         self.stats.misses += len(misses)
-        if not misses:
-            return
-        t0 = time.perf_counter()
-        futures = []
-        for e in misses:
-            f = self.pending.pop(e, None)
-            if f is not None:
-                self.stats.prefetched += 1
-            futures.append(f or self.pool.submit(self.file.read, e))
-        blobs = [f.result() for f in futures]
-        self.stats.seconds += time.perf_counter() - t0
         self.stats.bytes += len(misses) * self.file.stride
-        pinned = np.zeros(self.slots, dtype=bool)
-        pinned[self.slot_of[needed][self.slot_of[needed] >= 0]] = True
-        slots = []
+        protect = np.zeros(self.slots, dtype=bool)
+        protect[self.slot_of[needed][self.slot_of[needed] >= 0]] = True
+        reads = []
         for e in misses:
-            free = np.flatnonzero(self.expert_in < 0)
-            if free.size:
-                slot = int(free[0])
-            else:
-                cand = np.flatnonzero(~pinned)
-                slot = int(cand[np.argmin(self.score[self.expert_in[cand]])])
-                self.slot_of[self.expert_in[slot]] = -1
-            self.expert_in[slot] = e  # taken, so the next miss picks another slot
-            pinned[slot] = True
-            slots.append(slot)
-        self._fill(slots, misses, blobs)
-        mx.eval(self.bank.glu.parameters())
+            slot = self._victim(protect)
+            self._take(slot, e)
+            protect[slot] = True
+            reads.append(self._start(e, slot))
+        if then is not None:
+            then()
+        self._wait(reads)
 
     def prefetch(self, experts: np.ndarray) -> None:
+        """Start reading predicted experts into cold slots (never the last step's)."""
+        protect = np.zeros(self.slots, dtype=bool)
         for e in map(int, experts):
-            if self.slot_of[e] < 0 and e not in self.pending:
-                self.pending[e] = self.pool.submit(self.file.read, e)
+            if self.slot_of[e] >= 0:
+                protect[self.slot_of[e]] = True
+        for e in map(int, experts):
+            if self.slot_of[e] >= 0:
+                continue
+            slot = self._victim(protect, strict_pin=True)
+            if slot is None:
+                break
+            self._take(slot, e)
+            protect[slot] = True
+            self.pending[e] = self._start(e, slot)
+            self.stats.prefetched += 1
+            self.stats.bytes += self.file.stride
 
     def __call__(self, x: mx.array, inds: mx.array) -> mx.array:
+        then = None
+        if self.next is not None and x.size == x.shape[-1]:  # decode: guess the next layer's experts
+            router, nxt = self.next
+            guess = router(x)[0]
+            mx.eval(inds, guess)  # one synchronisation for both
+            then = lambda: nxt.prefetch(np.unique(np.array(guess)))  # noqa: E731
         idx = np.array(inds)  # the host must know which experts to read
         needed = np.unique(idx)
-        self.score *= DECAY
-        self.score[needed] += 1.0
+        self._settle(needed)
+        self._use(needed)
         glu = self.bank.glu
         if needed.size <= self.slots:
-            self.ensure(needed)
-            if self.next is not None and x.shape[-2] == 1:
-                # decode: this layer's reads are in; read ahead for the next layer while this one computes
-                router, nxt = self.next
-                nxt.prefetch(np.unique(np.array(router(x)[0])))
+            self.ensure(needed, then)
+            self.recent[:] = False
+            self.recent[needed] = True
             return glu(x, mx.array(self.slot_of[idx]))
         y = None
         for g in range(0, needed.size, self.slots):
@@ -209,24 +435,50 @@ class OffloadedExperts(nn.Module):
             part = mx.where(mx.array(member)[..., None], out, mx.zeros_like(out))
             y = part if y is None else y + part
             mx.eval(y)  # the next group overwrites these slots
+        self.recent[:] = False
         return y
 
 
-def parse_size(size: str | int | None, total: int) -> int | None:
+AUTO_RESERVE = 2 * 10**9  # what `auto` leaves for the KV cache, activations and the rest of the process
+
+
+def machine_memory() -> int | None:
+    """Bytes MLX may use here: Metal's recommended working set on a Mac, else
+    three quarters of physical memory; None when unknown."""
+    try:
+        info = mx.device_info()
+        if "max_recommended_working_set_size" in info:
+            return int(info["max_recommended_working_set_size"])
+    except (AttributeError, RuntimeError):
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.75)
+    except (ValueError, OSError):
+        return None
+
+
+def parse_size(size: str | int | None, total: int, resident: int = 0, smallest: int = 0) -> int | None:
     """Bytes for --expert-memory: '24GB', '512MB', a number of bytes, or 'auto'
-    (what the machine can spare); None when everything fits resident."""
+    (what the machine has for MLX, less the `resident` non-expert weights and
+    AUTO_RESERVE); None when every expert (`total` bytes) fits resident.
+    `smallest` is the least budget that works (one expert per layer)."""
     if size is None:
         return None
     if isinstance(size, int):
         return size
     s = size.strip().upper()
     if s == "AUTO":
-        try:
-            mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError):
+        mem = machine_memory()
+        if mem is None:
             return None
-        budget = int(mem * 0.6)  # leave room for the rest of the model, the cache, the system
-        return None if budget >= total else budget
+        budget = mem - resident - AUTO_RESERVE
+        if budget >= total:
+            return None
+        if budget < smallest:
+            raise ValueError(f"--expert-memory auto: MLX may use {mem / 1e9:.1f} GB here; the non-expert weights "
+                             f"({resident / 1e9:.1f} GB) and a {AUTO_RESERVE / 1e9:.0f} GB reserve leave less than "
+                             f"one expert per layer ({smallest / 1e9:.2f} GB)")
+        return budget
     m = re.fullmatch(r"([\d.]+)\s*([KMGT]?I?B?)", s)
     if not m:
         raise ValueError(f"--expert-memory {size!r}: give a size like 24GB, 512MB, or auto")
@@ -235,13 +487,16 @@ def parse_size(size: str | int | None, total: int) -> int | None:
     return int(float(m[1]) * unit)
 
 
-PREFETCH = False  # measured slower, even with a perfect prediction (BENCHMARKS.md): off until it pays
+# The defaults, each measured against its alternative in scripts/offload_bench.py (BENCHMARKS.md).
+POLICY, PIN, PREFETCH = "lfu", True, False
 
 
-def offload_experts(model, folder: Path, manifest: dict, budget: int, dtype,
-                    prefetch: bool | None = None) -> list[OffloadedExperts]:
-    """Swap every MoE layer's experts for an offloaded bank sharing `budget` bytes."""
+def offload_experts(model, folder: Path, manifest: dict, budget: int, dtype, prefetch: bool | None = None,
+                    policy: str | None = None, pin: bool | None = None) -> list[OffloadedExperts]:
+    """Swap every MoE layer's experts for an offloaded bank sharing `budget` bytes.
+    dtype None keeps the folder's dtypes (reads go straight into the bank)."""
     prefetch = PREFETCH if prefetch is None else prefetch
+    policy, pin = policy or POLICY, PIN if pin is None else pin
     entries = manifest["experts"]
     stride = max(e["stride"] for e in entries.values())
     slots = max(1, min(min(e["num_experts"] for e in entries.values()), budget // (stride * len(entries))))
@@ -254,7 +509,8 @@ def offload_experts(model, folder: Path, manifest: dict, budget: int, dtype,
         for key in path.split("."):
             moe = moe[int(key)] if isinstance(moe, list) else getattr(moe, key)
         off = OffloadedExperts(ExpertFile(folder, int(i), entry), entry,
-                               (model.args.hidden_size, model.args.moe_intermediate_size), slots, dtype, pool)
+                               (model.args.hidden_size, model.args.moe_intermediate_size), slots, dtype, pool,
+                               policy, pin)
         moe.experts = off
         layers.append((int(i), moe, off))
     trunk = [(i, moe, off) for i, moe, off in layers if i < n]
@@ -263,9 +519,15 @@ def offload_experts(model, folder: Path, manifest: dict, budget: int, dtype,
     return [off for _, _, off in layers]
 
 
+def offloaded_banks(model) -> list[OffloadedExperts]:
+    """The offloaded layers in layer order (named_modules lists a list's items last first)."""
+    banks = [m for _, m in model.named_modules() if isinstance(m, OffloadedExperts)]
+    return sorted(banks, key=lambda b: b.file.layer)
+
+
 def offloaded_stats(model) -> Stats | None:
     """All offloaded layers' statistics summed; None when the experts are resident."""
-    banks = [m for _, m in model.named_modules() if isinstance(m, OffloadedExperts)]
+    banks = offloaded_banks(model)
     if not banks:
         return None
     total = Stats()

@@ -11,7 +11,8 @@ uniform (every expert equally likely) and skewed (Zipf popularity, and each
 token reusing most of the previous token's experts). The router's choice is
 replaced by the trace (the offloader is what is measured); every read goes
 to the disk (each expert's pages are dropped after it is read). The bound
-for a run is the disk bandwidth over the bytes missed per token.
+for a run is the disk bandwidth over the bytes read per token (prefetches included). Each row's last logits
+are compared with the resident model's on the same trace: they must be equal.
 """
 
 from __future__ import annotations
@@ -150,61 +151,70 @@ def trace(kind: str, tokens: int, layers: int, E: int, k: int, seed: int) -> np.
     return out
 
 
-def nxt_gate(model, banks, nxt, step, tr):
-    i = next(j for j, b in enumerate(banks) if b is nxt)  # by identity: modules are dicts and compare equal
-    return lambda x: (mx.array(tr[step[0], i][None, None]), None)
+def guess(tr: np.ndarray, accuracy: float, E: int, seed: int) -> np.ndarray:
+    """A prediction of the trace: each expert right with probability `accuracy`,
+    else another expert (what a router applied one layer early might give)."""
+    rng = np.random.default_rng(seed)
+    out = tr.copy()
+    wrong = rng.random(tr.shape) >= accuracy
+    out[wrong] = rng.integers(0, E, wrong.sum())
+    return out
 
 
-def run(folder: Path, budget_frac: float, kind: str, tokens: int, warm: int, prefetch: bool) -> dict:
+VARIANTS = {  # name: (eviction, pin, prefetch accuracy or None)
+    "lru": ("lru", False, None),
+    "lfu": ("lfu", False, None),
+    "lfu+pin": ("lfu", True, None),
+    "lfu+pin+prefetch 100%": ("lfu", True, 1.0),
+    "lfu+pin+prefetch 50%": ("lfu", True, 0.5),
+}
+
+
+def run(folder: Path, budget_frac: float, kind: str, tokens: int, warm: int, variant: str) -> dict:
+    import glm_mlx.offload as offload
     from glm_mlx.loading import expert_bytes, load_model
-    from glm_mlx.offload import OffloadedExperts, offloaded_stats
 
+    policy, pin, accuracy = VARIANTS[variant]
+    offload.POLICY, offload.PIN, offload.PREFETCH = policy, pin, False
     manifest = json.loads((folder / MANIFEST).read_text())
     total = expert_bytes(manifest)
     model, _ = load_model(folder, expert_memory=int(total * budget_frac) if budget_frac < 1 else None)
     a = model.args
     tr = trace(kind, warm + tokens, a.num_hidden_layers, a.n_routed_experts, a.num_experts_per_tok, seed=1)
     step = [0]
-    for i, layer in enumerate(model.model.layers):
-        def gate(x, i=i):
-            return mx.array(tr[step[0], i][None, None]), mx.full((1, 1, a.num_experts_per_tok), 1.0 / 8)
-        layer.mlp.gate = gate
-    banks = [m for _, m in model.named_modules() if isinstance(m, OffloadedExperts)]
-    for b, nxt in zip(banks, banks[1:]):
-        # The trace stands in for the router, so the prediction is the trace's next layer: an oracle,
-        # the most prefetch can buy. Without it, no prefetch at all.
-        object.__setattr__(b, "next", (nxt_gate(model, banks, nxt, step, tr), nxt) if prefetch else None)
-    if banks:
-        object.__setattr__(banks[-1], "next", None)
+    k = a.num_experts_per_tok
+    for i, layer in enumerate(model.model.layers):  # the trace stands in for the router
+        layer.mlp.gate = lambda x, i=i: (mx.array(tr[step[0], i][None, None]), mx.full((1, 1, k), 1.0 / k))
+    banks = offload.offloaded_banks(model)  # in layer order
+    if accuracy is not None:
+        # The prediction is the trace's next layer, right with probability `accuracy`:
+        # at 100% an oracle, the most prefetch can buy.
+        pred = guess(tr, accuracy, a.n_routed_experts, seed=2)
+        for i, (b, nxt) in enumerate(zip(banks, banks[1:])):
+            object.__setattr__(b, "next", (lambda x, i=i: (mx.array(pred[step[0], i + 1][None, None]), None), nxt))
+    for b in banks:
+        b.file.drop_pages = True  # every read from the disk
     mx.reset_peak_memory()
-    for b in banks:  # every read from the disk: drop each expert's pages once read
-        f = b.file
-        read = f.read
-
-        def honest(e, f=f, read=read):
-            blob = read(e)
-            os.posix_fadvise(f.fd, f.start + e * f.stride, f.stride, os.POSIX_FADV_DONTNEED)
-            return blob
-        object.__setattr__(f, "read", honest)
     drop_cache(folder)
     cache = model.make_cache()
     y = mx.array([[1]])
     for t in range(warm):
         step[0] = t
         mx.eval(model(y, cache, checked=True))
-    before = offloaded_stats(model)
-    before = (before.misses, before.bytes, before.hits) if before else (0, 0, 0)
+    before = offload.offloaded_stats(model) or offload.Stats()
     t0 = time.perf_counter()
     for t in range(warm, warm + tokens):
         step[0] = t
-        mx.eval(model(y, cache, checked=True))
+        logits = model(y, cache, checked=True)
+        mx.eval(logits)
     dt = time.perf_counter() - t0
-    st = offloaded_stats(model)
-    misses, nbytes, hits = ((st.misses, st.bytes, st.hits) if st else (0, 0, 0))
-    misses, nbytes, hits = misses - before[0], nbytes - before[1], hits - before[2]
-    return {"budget": budget_frac, "trace": kind, "prefetch": prefetch, "tokens_per_s": tokens / dt,
+    st = offload.offloaded_stats(model) or offload.Stats()
+    misses, nbytes, hits = st.misses - before.misses, st.bytes - before.bytes, st.hits - before.hits
+    used, ahead = st.prefetch_used - before.prefetch_used, st.prefetched - before.prefetched
+    return {"budget": budget_frac, "trace": kind, "variant": variant, "tokens_per_s": tokens / dt,
             "hit_rate": hits / max(hits + misses, 1), "read_gbps": nbytes / dt / 1e9,
-            "bytes_missed_per_token": nbytes / tokens, "peak_gb": mx.get_peak_memory() / 1e9}
+            "bytes_read_per_token": nbytes / tokens, "prefetch_used": used / max(ahead, 1) if ahead else None,
+            "peak_gb": mx.get_peak_memory() / 1e9, "logits": np.array(logits.astype(mx.float32)).ravel()}
 
 
 def main():
@@ -213,6 +223,8 @@ def main():
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--warm", type=int, default=8)
+    ap.add_argument("--budgets", default="0.5,0.25,0.1")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--small", action="store_true", help="shrink the widths (a quick run on the CPU)")
     a = ap.parse_args()
     cfg = dict(AIR, num_hidden_layers=a.layers)
@@ -228,21 +240,23 @@ def main():
     print(f"{mx.default_device()}; disk: {bw:.2f} GB/s (parallel whole-expert preads, page cache dropped); "
           f"expert {manifest['experts']['0']['stride'] / 1e6:.2f} MB; {a.layers} MoE layers of GLM-4.5-Air's shapes")
     rows = []
-    print("| routing | prefetch | budget | tokens/s | hit rate | read GB/s | MB missed/token | bound tokens/s |"
-          " of bound | peak GB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| routing | budget | policy | tokens/s | hit rate | prefetch used | read GB/s | MB read/token | "
+          "bound tokens/s | of bound | peak GB | logits vs resident |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for kind in ("uniform", "skewed"):
-        for frac, prefetch in ((1.0, False), (0.5, False), (0.5, True), (0.25, False), (0.25, True), (0.1, False),
-                               (0.1, True)):
-            r = run(a.dir, frac, kind, a.tokens, a.warm, prefetch)
-            bound = bw * 1e9 / r["bytes_missed_per_token"] if r["bytes_missed_per_token"] else float("inf")
-            r["bound"] = bound
-            rows.append(r)
-            print(f"| {kind} | {'oracle' if prefetch else 'off'} | {frac:.0%} | {r['tokens_per_s']:.2f} | "
-                  f"{r['hit_rate']:.1%} | {r['read_gbps']:.2f} | "
-                  f"{r['bytes_missed_per_token'] / 1e6:.0f} | {bound:.2f} | "
-                  f"{(r['tokens_per_s'] / bound if bound != float('inf') else float('nan')):.0%} | "
-                  f"{r['peak_gb']:.2f} |", flush=True)
+        resident = run(a.dir, 1.0, kind, a.tokens, a.warm, "lfu")
+        for frac, variant in [(1.0, "lfu")] + [(float(f), v) for f in a.budgets.split(",")
+                                               for v in a.variants.split(",")]:
+            r = resident if frac == 1.0 else run(a.dir, frac, kind, a.tokens, a.warm, variant)
+            bound = bw * 1e9 / r["bytes_read_per_token"] if r["bytes_read_per_token"] else float("inf")
+            diff = float(np.abs(r["logits"] - resident["logits"]).max())
+            r.update(bound=bound, max_logit_diff=diff)
+            rows.append({k: v for k, v in r.items() if k != "logits"})
+            used = f"{r['prefetch_used']:.0%}" if r["prefetch_used"] is not None else "-"
+            print(f"| {kind} | {frac:.0%} | {'(resident)' if frac == 1 else variant} | {r['tokens_per_s']:.2f} | "
+                  f"{r['hit_rate']:.1%} | {used} | {r['read_gbps']:.2f} | {r['bytes_read_per_token'] / 1e6:.0f} | "
+                  f"{bound:.2f} | {(r['tokens_per_s'] / bound if bound != float('inf') else float('nan')):.0%} | "
+                  f"{r['peak_gb']:.2f} | {'equal' if diff == 0 else f'{diff:.1e}'} |", flush=True)
     print(json.dumps({"disk_gbps": bw, "rows": rows}))
 
 

@@ -25,34 +25,42 @@ def budget_for(folder, slots: int) -> int:
 
 def run_all(model, toks):
     """A full forward, then a prefill of 9 and token-by-token decoding, and the MTP head."""
-    full = np.array(model(toks))
+    f32 = lambda a: np.array(a.astype(mx.float32))  # noqa: E731 - numpy has no bf16
+    full = f32(model(toks))
     cache = model.make_cache()
-    steps = [np.array(model(toks[:, :9], cache))] + [np.array(model(toks[:, t : t + 1], cache))
-                                                      for t in range(9, toks.shape[1])]
+    steps = [f32(model(toks[:, :9], cache))] + [f32(model(toks[:, t : t + 1], cache))
+                                                for t in range(9, toks.shape[1])]
     hidden = model.model(mx.array(toks))
-    mtp = np.array(model.mtp[0](hidden[:, :-1], mx.array(toks[:, 1:]), model.model.embed_tokens))
+    mtp = f32(model.mtp[0](hidden[:, :-1], mx.array(toks[:, 1:]), model.model.embed_tokens))
     return full, np.concatenate(steps, axis=1), mtp
 
 
-@pytest.mark.parametrize("recipe", ["mixed", "none"])
-def test_offloaded_logits_equal_the_resident_models_exactly(recipe, converted, monkeypatch):
+@pytest.mark.parametrize("recipe,dtype", [("mixed", "float32"), ("none", "float32"), ("mixed", None),
+                                          ("none", None)])
+def test_offloaded_logits_equal_the_resident_models_exactly(recipe, dtype, converted, monkeypatch):
+    """float32: reads converted into the bank; None (the folder's bf16): reads straight into it."""
     folder = converted("glm45-tiny", recipe)
-    resident, _ = load_model(folder, "float32")
+    resident, _ = load_model(folder, dtype)
     toks = np.random.default_rng(0).integers(0, resident.args.vocab_size, size=(1, 24))
     want = run_all(resident, toks)
     E, k = resident.args.n_routed_experts, resident.args.num_experts_per_tok
     import glm_mlx.offload as offload
 
-    for slots, prefetch in ((1, False), (2, True), (k, False), (k + 1, True), (E - 1, False)):
-        monkeypatch.setattr(offload, "PREFETCH", prefetch)  # exact with and without reading ahead
-        model, _ = load_model(folder, "float32", expert_memory=budget_for(folder, slots))
-        banks = [m for _, m in model.named_modules() if isinstance(m, OffloadedExperts)]
+    for slots, prefetch, policy, pin in ((1, False, "lfu", True), (2, True, "lru", False), (k, False, "lfu", False),
+                                         (k + 1, True, "lfu", True), (E - 1, False, "lru", True)):
+        piece = 1000 if slots % 2 else offload.PIECE  # an expert read whole, or in parallel pieces
+        for name, value in (("PREFETCH", prefetch), ("POLICY", policy), ("PIN", pin), ("PIECE", piece)):
+            monkeypatch.setattr(offload, name, value)  # exact whatever is read ahead or evicted
+        model, _ = load_model(folder, dtype, expert_memory=budget_for(folder, slots))
+        banks = offload.offloaded_banks(model)
         assert len(banks) == 3 and {b.slots for b in banks} == {slots}  # two MoE layers and the MTP layer
+        assert all((b.views is not None) == (dtype is None) for b in banks)
         got = run_all(model, toks)
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a, b)
         st = offloaded_stats(model)
-        assert st.misses > 0 and st.bytes == st.misses * banks[0].file.stride
+        assert st.misses > 0 and st.bytes == (st.misses + st.prefetched) * banks[0].file.stride
+        assert (st.prefetched > 0) == (prefetch and slots > k)  # room to read ahead only beside a full step
     # a budget that holds every expert keeps them resident
     model, _ = load_model(folder, "float32", expert_memory=budget_for(folder, E))
     assert offloaded_stats(model) is None
@@ -68,9 +76,13 @@ def test_each_expert_is_read_at_most_once_per_prefill_chunk(converted):
             assert bank.stats.misses <= bank.slot_of.size  # at most one read per expert
 
 
-def test_a_short_or_corrupt_expert_read_stops_with_a_clear_error(converted, tmp_path):
+@pytest.mark.parametrize("piece", [1000, 2 << 20])  # read in pieces, or whole
+def test_a_short_or_corrupt_expert_read_stops_with_a_clear_error(piece, converted, tmp_path, monkeypatch):
     import shutil
 
+    import glm_mlx.offload as offload
+
+    monkeypatch.setattr(offload, "PIECE", piece)
     folder = shutil.copytree(converted("glm45-tiny", "mixed"), tmp_path / "m")
     toks = np.random.default_rng(2).integers(0, 400, size=(1, 8))
     model, _ = load_model(folder, "float32", expert_memory=budget_for(folder, 1))
@@ -89,12 +101,42 @@ def test_a_short_or_corrupt_expert_read_stops_with_a_clear_error(converted, tmp_
         model(toks)
 
 
-def test_parse_size():
+def test_crc32_of_pieces_combines_to_the_whole():
+    import zlib
+
+    from glm_mlx.offload import crc32_combine, split
+
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 256, 100_003, dtype=np.uint8).tobytes()
+    views = [memoryview(bytearray(data[:40_000])), memoryview(bytearray(data[40_000:]))]
+    for size in (1, 7, 4096, 39_999, 40_000, 100_003, 1 << 20):
+        pieces = split(views, size)
+        assert [len(bytes(b"".join(p))) for p in pieces][:-1] == [size] * (len(pieces) - 1)
+        assert b"".join(b"".join(p) for p in pieces) == data
+        if size < 100:
+            continue
+        crc = 0
+        for p in pieces:
+            blob = b"".join(p)
+            crc = crc32_combine(crc, zlib.crc32(blob), len(blob))
+        assert crc == zlib.crc32(data)
+
+
+def test_parse_size(monkeypatch):
+    import glm_mlx.offload as offload
+
     assert parse_size("24GB", 10**12) == 24 * 10**9
     assert parse_size("512MiB", 10**12) == 512 * 2**20
     assert parse_size(None, 1) is None
     with pytest.raises(ValueError, match="expert-memory"):
         parse_size("lots", 1)
+    # auto: what MLX may use, less the resident weights and the reserve; None when all experts fit
+    monkeypatch.setattr(offload, "machine_memory", lambda: 64 * 10**9)
+    want = 64 * 10**9 - 10 * 10**9 - offload.AUTO_RESERVE
+    assert parse_size("auto", 200 * 10**9, resident=10 * 10**9, smallest=10**9) == want
+    assert parse_size("auto", want, resident=10 * 10**9) is None
+    with pytest.raises(ValueError, match="less than one expert per layer"):
+        parse_size("auto", 200 * 10**9, resident=62 * 10**9, smallest=10**9)
 
 
 MEASURE = """
@@ -103,9 +145,9 @@ import mlx.core as mx, numpy as np
 from glm_mlx.loading import load_model
 def hwm():
     return int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) * 1024
-folder, budget = sys.argv[1], int(sys.argv[2])
+folder, budget, dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None
 base = hwm()
-model, _ = load_model(folder, 'float32', expert_memory=budget)
+model, _ = load_model(folder, dtype, expert_memory=budget)
 toks = np.random.default_rng(0).integers(0, model.args.vocab_size, size=(1, 64))
 cache = model.make_cache()
 mx.eval(model(toks, cache))
@@ -117,7 +159,8 @@ print(json.dumps({"mlx_peak": mx.get_peak_memory(), "rss_peak": hwm() - base,
 MARGIN = 24 * 2**20  # activations and read buffers at these sizes, stated
 
 
-def test_memory_stays_within_the_budget(tmp_path):
+@pytest.mark.parametrize("dtype", [None, "float32"])  # reads straight into the bank; reads converted
+def test_memory_stays_within_the_budget(dtype, tmp_path):
     """Experts five times the budget: MLX's peak and the process's RSS growth stay
     within budget + non-expert weights + KV cache + MARGIN."""
     from convert.convert import convert
@@ -129,9 +172,10 @@ def test_memory_stays_within_the_budget(tmp_path):
     manifest = json.loads((folder / MANIFEST).read_text())
     experts = sum(e["stride"] * e["num_experts"] for e in manifest["experts"].values())
     non_expert = sum(r["size"] for f, r in manifest["files"].items() if f.startswith("weights/")
-                     and "experts." not in f) * 4  # float32 compute: 8-bit weights widen to at most 4x
+                     and "experts." not in f) * (4 if dtype else 1)  # float32: 8-bit weights widen 4x at most
     budget = experts // 5
-    p = subprocess.run([sys.executable, "-c", MEASURE, str(folder), str(budget)], capture_output=True, text=True,
+    argv = [sys.executable, "-c", MEASURE, str(folder), str(budget)] + ([dtype] if dtype else [])
+    p = subprocess.run(argv, capture_output=True, text=True,
                        env=ENV, cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stderr
     m = json.loads(p.stdout)
