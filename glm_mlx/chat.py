@@ -55,11 +55,12 @@ class ChatSession:
     top_p: float = 0.95
     max_tokens: int = 4096
     context_limit: int | None = None
+    kv_bits: int | None = None  # 8 or 4: a quantized KV cache
     messages: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
         self.context_limit = self.context_limit or self.model.args.max_position_embeddings
-        self.cache = self.model.make_cache()
+        self.cache = self.model.make_cache(self.kv_bits)
         self.cached: list[int] = []  # the tokens whose keys and values the cache holds
         self.last = TurnStats()
 
@@ -262,13 +263,12 @@ class Repl:
                 out(f"[red]{e}[/red]")
         elif cmd == "/stats":
             out(f"[dim]{s.last.line()}[/dim]", highlight=False)
-            from .offload import OffloadedExperts, offloaded_stats
+            from .offload import offloaded_banks, offloaded_stats
 
             if (total := offloaded_stats(s.model)) is not None:
                 out(f"[dim]{total.line()}[/dim]", highlight=False)
-                for name, m in s.model.named_modules():
-                    if isinstance(m, OffloadedExperts):
-                        out(f"[dim]  {name}: {m.stats.line()}[/dim]", highlight=False)
+                for bank in offloaded_banks(s.model):
+                    out(f"[dim]  layer {bank.file.layer}: {bank.stats.line()}[/dim]", highlight=False)
         elif cmd == "/help":
             out(HELP, markup=False, highlight=False)
         else:

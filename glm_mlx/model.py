@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import KVCache
+from .cache import KVCache, attend, make_caches
 from .config import ModelArgs
 from .experts import SwitchGLU
 
@@ -50,9 +50,7 @@ class Attention(nn.Module):
         q, k = mx.fast.rope(q, **rope), mx.fast.rope(k, **rope)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        o = mx.fast.scaled_dot_product_attention(
-            q, k, v, scale=self.scale, mask="causal" if T > 1 else None
-        )
+        o = attend(q, k, v, cache, self.scale, causal=T > 1)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 
@@ -190,8 +188,9 @@ class Model(nn.Module):
             return self.model.embed_tokens.as_linear(hidden)
         return self.lm_head(hidden)
 
-    def make_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.model.layers]
+    def make_cache(self, kv_bits: int | None = None) -> list:
+        """One cache per layer; kv_bits 8 or 4 quantizes keys and values (long contexts)."""
+        return make_caches(len(self.model.layers), self.args.head_dim, kv_bits)
 
 
 def validate_tokens(tokens, vocab_size: int) -> mx.array:
