@@ -22,6 +22,16 @@ def fail(message: str) -> None:
 USER_ERRORS = (ValueError, OSError)
 
 
+def say_offloaded(model) -> None:
+    """One line on stderr when the routed experts are offloaded, and how far."""
+    from glm_mlx.offload import offloaded_banks
+
+    if banks := offloaded_banks(model):
+        b = banks[0]
+        typer.echo(f"experts offloaded: {b.slots} of {b.slot_of.size} per layer resident "
+                   f"({b.slots * b.file.stride * len(banks) / 1e9:.2f} GB), the rest read from disk", err=True)
+
+
 @app.command()
 def convert(
     source: str = typer.Argument(..., help="Hugging Face repo id (e.g. zai-org/GLM-4.5-Air) or a local folder"),
@@ -62,8 +72,11 @@ def generate(
     system: Optional[str] = typer.Option(None, "--system", help="a system prompt"),
     dtype: Optional[str] = typer.Option(None, help="compute dtype (float32 for exact checks)"),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="a LoRA adapter folder from glm-mlx finetune"),
-    expert_memory: Optional[str] = typer.Option(None, "--expert-memory", help="most memory routed experts may "
-                                                "take (e.g. 24GB, or auto); the rest are read from disk"),
+    expert_memory: Optional[str] = typer.Option("auto", "--expert-memory", help="most memory routed experts may "
+                                                "take (e.g. 24GB); the rest are read from disk. auto (the default): "
+                                                "all resident when the model fits in memory, else what is left"),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="quantize the KV cache to 8 or 4 bits "
+                                          "(long contexts: about 1/2 or 1/4 of its bf16 memory)"),
 ):
     """Generate one reply to a prompt, streamed, then the speed and peak memory."""
     import mlx.core as mx
@@ -73,8 +86,11 @@ def generate(
 
     if (prompt is None) == (token_ids is None):
         fail("give exactly one of --prompt or --token-ids")
+    if kv_bits not in (None, 8, 4):
+        fail(f"--kv-bits must be 8 or 4, not {kv_bits}")
     try:
         m, tok = glm_mlx.load(model, dtype=dtype, adapter=adapter, expert_memory=expert_memory)
+        say_offloaded(m)
         if token_ids is not None:
             ids = [int(t) for t in token_ids.replace(" ", "").split(",") if t]
         else:
@@ -82,8 +98,8 @@ def generate(
             ids = tok.encode(tok.apply_chat_template(msgs, enable_thinking=think))
         if seed is not None:
             mx.random.seed(seed)
-        stats = Stats()
-        for piece in stream(m, tok, ids, temp=temp, top_p=top_p, max_tokens=max_tokens, stats=stats):
+        stats, cache = Stats(), m.make_cache(kv_bits)
+        for piece in stream(m, tok, ids, cache, temp=temp, top_p=top_p, max_tokens=max_tokens, stats=stats):
             sys.stdout.write(piece)
             sys.stdout.flush()
     except USER_ERRORS as e:
@@ -190,6 +206,40 @@ def fuse(
     typer.echo(f"wrote {out}: {describe(report)}")
 
 
+def int_list(option: str, text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        fail(f"{option} takes comma-separated integers, got {text!r}")
+
+
+@app.command()
+def bench(
+    shape: Optional[str] = typer.Option(None, "--shape", help="air, glm45 or small (default: small on the CPU, "
+                                        "else air)"),
+    layers: Optional[int] = typer.Option(None, "--layers", help="keep the first N layers (default: all; 4 for small)"),
+    recipe: str = typer.Option("uniform4", "--recipe", help="uniform4 (every linear 4-bit) or mixed (routed "
+                               "experts 4-bit, the rest 8-bit)"),
+    prompts: str = typer.Option("512,4096", "--prompts", help="prefill lengths, comma-separated"),
+    contexts: str = typer.Option("0,4096,32768", "--contexts", help="decode contexts, comma-separated (the KV "
+                                 "cache is filled with random keys and values)"),
+    steps: int = typer.Option(32, "--steps", help="decode steps timed at each context"),
+    runtime: str = typer.Option("both", "--runtime", help="both, ours or mlx-lm"),
+    seed: int = typer.Option(0, "--seed", help="seed of the random weights"),
+    dtype: Optional[str] = typer.Option(None, help="compute dtype (default: float32 on the CPU, else bfloat16)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object with every raw number instead"),
+):
+    """Prefill and decode speed, peak memory and GB/s against the copy bandwidth, ours beside mlx-lm."""
+    from glm_mlx.bench import render, run_bench
+
+    try:
+        result = run_bench(shape, layers, recipe, int_list("--prompts", prompts), int_list("--contexts", contexts),
+                           steps, runtime, seed, dtype, log=lambda s: typer.echo(s, err=True))
+    except USER_ERRORS as e:
+        fail(str(e))
+    typer.echo(json.dumps(result) if as_json else render(result))
+
+
 def models_home() -> Path:
     import os
 
@@ -229,8 +279,11 @@ def chat(
     context: Optional[int] = typer.Option(None, "--context", help="context limit in tokens (default: the model's)"),
     dtype: Optional[str] = typer.Option(None, help="compute dtype (float32 for exact checks)"),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="a LoRA adapter folder from glm-mlx finetune"),
-    expert_memory: Optional[str] = typer.Option(None, "--expert-memory", help="most memory routed experts may "
-                                                "take (e.g. 24GB, or auto); the rest are read from disk"),
+    expert_memory: Optional[str] = typer.Option("auto", "--expert-memory", help="most memory routed experts may "
+                                                "take (e.g. 24GB); the rest are read from disk. auto (the default): "
+                                                "all resident when the model fits in memory, else what is left"),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="quantize the KV cache to 8 or 4 bits "
+                                          "(long contexts: about 1/2 or 1/4 of its bf16 memory)"),
 ):
     """Chat in the terminal: streamed replies, reasoning on and off, GLM's tool calls."""
     import mlx.core as mx
@@ -240,16 +293,20 @@ def chat(
     from glm_mlx.chat import ChatSession, Repl
     from glm_mlx.tools import load_tools
 
+    if kv_bits not in (None, 8, 4):
+        fail(f"--kv-bits must be 8 or 4, not {kv_bits}")
     folder = resolve_model(model, yes)
     try:
         tool_map = load_tools(tools) if tools else {}
         m, tok = glm_mlx.load(folder, dtype=dtype, adapter=adapter, expert_memory=expert_memory)
+        say_offloaded(m)
+        session = ChatSession(m, tok, system=system, tools=[t.schema for t in tool_map.values()] or None,
+                              think=think, temp=temp, top_p=top_p, max_tokens=max_tokens, context_limit=context,
+                              kv_bits=kv_bits)
     except USER_ERRORS as e:
         fail(str(e))
     if seed is not None:
         mx.random.seed(seed)
-    session = ChatSession(m, tok, system=system, tools=[t.schema for t in tool_map.values()] or None,
-                          think=think, temp=temp, top_p=top_p, max_tokens=max_tokens, context_limit=context)
     Repl(session, Console(highlight=False), tool_map, show_thinking=show_thinking, approve_all=yes).run()
 
 
@@ -272,7 +329,7 @@ def demo(
             fail(str(e))
     convert(str(ckpt), out, "mixed", None, None)
     generate(model=out, prompt=prompt, token_ids=None, max_tokens=max_tokens, temp=0.0, top_p=1.0,
-             seed=0, think=False, system=None, dtype=None, adapter=None, expert_memory=None)
+             seed=0, think=False, system=None, dtype=None, adapter=None, expert_memory=None, kv_bits=None)
 
 
 def main() -> None:
