@@ -52,12 +52,12 @@ def make_sampler(temp: float = 0.0, top_p: float = 1.0):
 
 
 def prefill(model: Model, tokens: mx.array, cache, chunk: int = PREFILL_CHUNK) -> mx.array:
-    """Run checked prompt tokens [1, T] through the model in chunks; logits of the last position."""
-    while tokens.shape[1] > chunk:
-        model.model(tokens[:, :chunk], cache)
-        mx.eval([c.state for c in cache])
-        tokens = tokens[:, chunk:]
-    return model(tokens, cache, checked=True)[:, -1, :]
+    """Run checked prompt tokens [1, T] through the model in chunks, a layer at a time
+    (what one layer's prefill makes, such as its experts dequantized whole, is freed
+    before the next layer's is); the logits of the last position only."""
+    for start in range(0, tokens.shape[1], chunk):
+        h = model.model(tokens[:, start : start + chunk], cache, eval_layers=True)
+    return model.logits(h[:, -1:, :])[:, -1, :]
 
 
 def generate_tokens(model: Model, prompt: list[int], cache=None, *, temp: float = 0.0,

@@ -16,7 +16,8 @@ import numpy as np
 
 from .cache import KVCache, attend, make_caches
 from .config import ModelArgs
-from .experts import SwitchGLU
+from .experts import QuantizedSwitchLinear, SwitchGLU
+from .kernels import backend, moe_decode
 
 
 class Attention(nn.Module):
@@ -102,9 +103,25 @@ class MoE(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         inds, weights = self.gate(x)
+        if x.size == x.shape[-1] and fused_decode(self.experts):
+            # one token on a GPU: the routed experts in two kernel launches (glm_mlx/kernels.py)
+            glu = self.experts
+            y = moe_decode(x.reshape(-1), glu.gate_proj, glu.up_proj, glu.down_proj, inds.reshape(-1),
+                           weights.reshape(-1)).astype(x.dtype).reshape(x.shape)
+            return y + self.shared_experts(x)
         y = self.experts(x, inds)  # [..., k, D]
         y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
         return y + self.shared_experts(x)
+
+
+def fused_decode(experts) -> bool:
+    """Whether a token's routed experts go through the fused kernels: quantized
+    stacked experts (not an offloaded bank, not LoRA-wrapped) on a GPU."""
+    return (FUSED_DECODE and type(experts) is SwitchGLU and backend() != "cpu"
+            and all(type(getattr(experts, p)) is QuantizedSwitchLinear for p in ("gate_proj", "up_proj", "down_proj")))
+
+
+FUSED_DECODE = True
 
 
 class DecoderLayer(nn.Module):
@@ -159,10 +176,14 @@ class GLMModel(nn.Module):
         self.layers = [DecoderLayer(args, args.is_moe_layer(i)) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+    def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None, eval_layers: bool = False) -> mx.array:
+        """Final normed hidden states. `eval_layers` evaluates each layer before the next
+        is built (prefill: a layer's temporaries are freed before the next one's exist)."""
         h = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
             h = layer(h, cache[i] if cache is not None else None)
+            if eval_layers:
+                mx.eval(h)
         return self.norm(h)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -77,6 +78,24 @@ def test_gathered_experts_equal_a_per_expert_loop(rows):
     inds = np.stack([rng.permutation(6)[:2] for _ in range(rows)])[None]
     ours = np.array(glu(mx.array(x), mx.array(inds)))
     assert rel_err(ours, _expert_loop(glu, x, inds)) < 1e-5
+
+
+@pytest.mark.parametrize("rows", [3, 80, 300])  # gather_qmm unsorted, sorted; dequantized + gather_mm
+def test_quantized_gathered_experts_equal_a_per_expert_loop_on_their_dequantized_weights(rows, monkeypatch):
+    import glm_mlx.experts as experts
+
+    monkeypatch.setattr(experts, "DEQUANT_ROWS", 512)  # 300 rows x 2 experts each: dequantized
+    rng = np.random.default_rng(1)
+    glu = SwitchGLU(64, 64, 6)
+    glu.update({k: {"weight": mx.array(rng.standard_normal((6, *p.weight.shape[1:]), dtype=np.float32))}
+                for k, p in glu.children().items()})
+    nn.quantize(glu, 32, 4)
+    plain = SwitchGLU(64, 64, 6)  # the same experts, dequantized: what the quantized ones compute
+    plain.update({k: {"weight": mx.dequantize(p.weight, p.scales, p.biases, 32, 4)} for k, p in glu.children().items()})
+    x = rng.standard_normal((1, rows, 64), dtype=np.float32)
+    inds = np.stack([rng.permutation(6)[:2] for _ in range(rows)])[None]
+    ours = np.array(glu(mx.array(x), mx.array(inds)))
+    assert rel_err(ours, _expert_loop(plain, x, inds)) < 1e-5
 
 
 def test_token_ids_are_validated(converted):
