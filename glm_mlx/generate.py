@@ -21,7 +21,7 @@ from .tokenizer import StreamDecoder, Tokenizer
 
 # GLM ends an assistant turn by emitting the next role token.
 TURN_END_TOKENS = ("<|user|>", "<|observation|>", "<|endoftext|>")
-PREFILL_CHUNK = 512
+PREFILL_CHUNK = 2048  # as mlx-lm; prefill dequantizes each projection's experts once per chunk
 
 
 def stop_ids(model: Model, tokenizer: Tokenizer) -> set[int]:
