@@ -106,9 +106,12 @@ class MoE(nn.Module):
         if x.size == x.shape[-1] and fused_decode(self.experts):
             # one token on a GPU: the routed experts in two kernel launches (glm_mlx/kernels.py)
             glu = self.experts
-            y = moe_decode(x.reshape(-1), glu.gate_proj, glu.up_proj, glu.down_proj, inds.reshape(-1),
-                           weights.reshape(-1)).astype(x.dtype).reshape(x.shape)
-            return y + self.shared_experts(x)
+            if isinstance(glu, SwitchGLU):
+                y = moe_decode(x.reshape(-1), glu.gate_proj, glu.up_proj, glu.down_proj, inds.reshape(-1),
+                               weights.reshape(-1))
+            else:  # an offloaded bank: the same kernels on its slots
+                y = glu(x, inds, weights)
+            return y.astype(x.dtype).reshape(x.shape) + self.shared_experts(x)
         y = self.experts(x, inds)  # [..., k, D]
         y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
         return y + self.shared_experts(x)
@@ -116,9 +119,10 @@ class MoE(nn.Module):
 
 def fused_decode(experts) -> bool:
     """Whether a token's routed experts go through the fused kernels: quantized
-    stacked experts (not an offloaded bank, not LoRA-wrapped) on a GPU."""
-    return (FUSED_DECODE and type(experts) is SwitchGLU and backend() != "cpu"
-            and all(type(getattr(experts, p)) is QuantizedSwitchLinear for p in ("gate_proj", "up_proj", "down_proj")))
+    stacked experts, resident or an offloaded bank (not LoRA-wrapped), on a GPU."""
+    glu = getattr(getattr(experts, "bank", None), "glu", experts)  # an offloaded bank computes on its own
+    return (FUSED_DECODE and type(glu) is SwitchGLU and backend() != "cpu"
+            and all(type(getattr(glu, p)) is QuantizedSwitchLinear for p in ("gate_proj", "up_proj", "down_proj")))
 
 
 FUSED_DECODE = True

@@ -39,6 +39,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .experts import QuantizedSwitchLinear, SwitchGLU
+from .kernels import moe_decode
 from .loading import STORED_DTYPES, model_key
 
 DECAY = 0.9
@@ -140,7 +141,7 @@ def split(views: list[memoryview], size: int) -> list[list[memoryview]]:
     return pieces + ([cur] if cur else [])
 
 
-PIECE = 2 << 20  # an expert is read as pieces of this size in parallel: a disk serves several requests at once
+PIECE = 512 << 10  # an expert is read as pieces of this size in parallel: a disk serves several at once (BENCHMARKS.md)
 
 
 class ExpertFile:
@@ -409,7 +410,9 @@ class OffloadedExperts(nn.Module):
             self.stats.prefetched += 1
             self.stats.bytes += self.file.stride
 
-    def __call__(self, x: mx.array, inds: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, inds: mx.array, weights: mx.array | None = None) -> mx.array:
+        """[..., k, D] like SwitchGLU; given the router's `weights` (one token on a GPU) the
+        weighted sum [D] through the same fused kernels as resident experts (glm_mlx.kernels)."""
         then = None
         if self.next is not None and x.size == x.shape[-1]:  # decode: guess the next layer's experts
             router, nxt = self.next
@@ -425,6 +428,9 @@ class OffloadedExperts(nn.Module):
             self.ensure(needed, then)
             self.recent[:] = False
             self.recent[needed] = True
+            if weights is not None:
+                return moe_decode(x.reshape(-1), glu.gate_proj, glu.up_proj, glu.down_proj,
+                                  mx.array(self.slot_of[idx]).reshape(-1), weights.reshape(-1))
             return glu(x, mx.array(self.slot_of[idx]))
         y = None
         for g in range(0, needed.size, self.slots):
@@ -436,6 +442,8 @@ class OffloadedExperts(nn.Module):
             y = part if y is None else y + part
             mx.eval(y)  # the next group overwrites these slots
         self.recent[:] = False
+        if weights is not None:  # more experts than slots: summed here, not in the kernel's order
+            return (y * weights[..., None].astype(y.dtype)).sum(axis=-2).reshape(-1)
         return y
 
 

@@ -161,6 +161,7 @@ def guess(tr: np.ndarray, accuracy: float, E: int, seed: int) -> np.ndarray:
     return out
 
 
+DEFAULT_PIECE = None  # set from glm_mlx.offload in main
 VARIANTS = {  # name: (eviction, pin, prefetch accuracy or None)
     "lru": ("lru", False, None),
     "lfu": ("lfu", False, None),
@@ -170,12 +171,14 @@ VARIANTS = {  # name: (eviction, pin, prefetch accuracy or None)
 }
 
 
-def run(folder: Path, budget_frac: float, kind: str, tokens: int, warm: int, variant: str) -> dict:
+def run(folder: Path, budget_frac: float, kind: str, tokens: int, warm: int, variant: str,
+        piece: int | None = None) -> dict:
     import glm_mlx.offload as offload
     from glm_mlx.loading import expert_bytes, load_model
 
     policy, pin, accuracy = VARIANTS[variant]
     offload.POLICY, offload.PIN, offload.PREFETCH = policy, pin, False
+    offload.PIECE = piece or DEFAULT_PIECE
     manifest = json.loads((folder / MANIFEST).read_text())
     total = expert_bytes(manifest)
     model, _ = load_model(folder, expert_memory=int(total * budget_frac) if budget_frac < 1 else None)
@@ -225,8 +228,14 @@ def main():
     ap.add_argument("--warm", type=int, default=8)
     ap.add_argument("--budgets", default="0.5,0.25,0.1")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--traces", default="uniform,skewed")
+    ap.add_argument("--pieces", default="", help="MB per parallel piece of an expert's read, e.g. 1,2,4,16 "
+                    "(instead of the policies: lfu+pin at each piece size)")
     ap.add_argument("--small", action="store_true", help="shrink the widths (a quick run on the CPU)")
     a = ap.parse_args()
+    global DEFAULT_PIECE
+    import glm_mlx.offload as offload
+    DEFAULT_PIECE = offload.PIECE
     cfg = dict(AIR, num_hidden_layers=a.layers)
     if a.small:
         cfg.update(hidden_size=256, moe_intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
@@ -243,11 +252,15 @@ def main():
     print("| routing | budget | policy | tokens/s | hit rate | prefetch used | read GB/s | MB read/token | "
           "bound tokens/s | of bound | peak GB | logits vs resident |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for kind in ("uniform", "skewed"):
+    pieces = [int(float(p) * 2**20) for p in a.pieces.split(",") if p]
+    for kind in a.traces.split(","):
         resident = run(a.dir, 1.0, kind, a.tokens, a.warm, "lfu")
-        for frac, variant in [(1.0, "lfu")] + [(float(f), v) for f in a.budgets.split(",")
-                                               for v in a.variants.split(",")]:
-            r = resident if frac == 1.0 else run(a.dir, frac, kind, a.tokens, a.warm, variant)
+        runs = ([(float(f), "lfu+pin", p) for f in a.budgets.split(",") for p in pieces] if pieces else
+                [(float(f), v, None) for f in a.budgets.split(",") for v in a.variants.split(",")])
+        for frac, variant, piece in [(1.0, "lfu", None)] + runs:
+            r = resident if frac == 1.0 else run(a.dir, frac, kind, a.tokens, a.warm, variant, piece)
+            if piece:
+                variant = f"{variant}, {piece / 2**20:g} MB pieces"
             bound = bw * 1e9 / r["bytes_read_per_token"] if r["bytes_read_per_token"] else float("inf")
             diff = float(np.abs(r["logits"] - resident["logits"]).max())
             r.update(bound=bound, max_logit_diff=diff)

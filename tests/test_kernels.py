@@ -3,6 +3,8 @@ checked against these by scripts/kernel_check.py on the GPU machine)."""
 
 from __future__ import annotations
 
+import json
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -66,3 +68,35 @@ def test_every_kernel_body_uses_only_the_shared_names():
         for word in ("threadIdx", "blockIdx", "__shfl", "simd_sum", "thread_position", "threadgroup_position",
                      "__nv_bfloat16", "device "):
             assert word not in body, (name, word)
+
+
+def test_offloaded_experts_take_the_same_fused_path(converted, monkeypatch):
+    """On a GPU one token's experts go through the fused kernels whether resident or
+    offloaded (here their references, on the CPU): the logits stay equal."""
+    folder = converted("glm45-tiny", "mixed")
+    monkeypatch.setattr(model_mod, "backend", lambda: "cuda")
+    calls = []
+    real = model_mod.moe_decode
+    monkeypatch.setattr(model_mod, "moe_decode", lambda *a: calls.append(1) or real(*a))
+    toks = np.random.default_rng(4).integers(0, 400, size=(1, 10))
+
+    def decode(model):
+        cache = model.make_cache()
+        mx.eval(model(toks[:, :3], cache))
+        return np.concatenate([np.array(model(toks[:, t : t + 1], cache)) for t in range(3, 10)], axis=1)
+
+    resident, _ = load_model(folder, "float32")
+    want = decode(resident)
+    assert calls
+    m = resident.args
+    stride = sum(e["stride"] for e in json.loads((folder / "glm_mlx.json").read_text())["experts"].values())
+    import glm_mlx.offload as offload
+
+    banked = []
+    monkeypatch.setattr(offload, "moe_decode", lambda *a: banked.append(1) or real(*a))
+    for slots in (m.num_experts_per_tok + 1, m.n_routed_experts - 1):  # a token's experts fit the bank
+        model, _ = load_model(folder, "float32", expert_memory=slots * stride)
+        np.testing.assert_array_equal(decode(model), want)
+    assert banked  # the bank computed through the fused path
+    model, _ = load_model(folder, "float32", expert_memory=2 * stride)  # they do not: summed in groups
+    assert rel_err(decode(model), want) < 1e-5
