@@ -26,12 +26,8 @@ def load(path: str | Path, dtype: str | None = None, adapter: str | Path | None 
 
     model, manifest = load_model(path, dtype, expert_memory)
     if adapter is not None:
-        from .lora import load_adapter, read_adapter_config
-        from .offload import offloaded_banks
+        from .lora import load_adapter
 
-        if offloaded_banks(model) and "experts" in read_adapter_config(adapter).get("targets", []):
-            raise ValueError(f"{adapter}: this adapter trains the routed experts, which cannot be offloaded yet; "
-                             "load it without --expert-memory, or train one without the experts target")
         load_adapter(model, adapter, manifest)
     return model, Tokenizer(path)
 

@@ -48,8 +48,13 @@ ADAPTER_FORMAT = "glm-mlx-adapter"
 _LINEAR_GROUPS = ("attention", "shared_experts", "dense_mlp")
 
 
-def _dims(base: nn.Module) -> tuple[int | None, int, int]:
-    """(experts or None, in, out) of a Linear, QuantizedLinear or (Quantized)SwitchLinear."""
+def _dims(base) -> tuple[int | None, int, int]:
+    """(experts or None, in, out) of a Linear, QuantizedLinear or (Quantized)SwitchLinear,
+    or of an offloaded bank's projection given as (OffloadedExperts, name)."""
+    if isinstance(base, tuple):
+        bank, name = base
+        _, inp, out = _dims(getattr(bank.bank.glu, name))
+        return bank.slot_of.size, inp, out  # every expert, not the bank's slots
     w = base.weight
     inp = w.shape[-1] * 32 // base.bits if "scales" in base else w.shape[-1]
     return (w.shape[0] if w.ndim == 3 else None), inp, w.shape[-2]
@@ -58,11 +63,12 @@ def _dims(base: nn.Module) -> tuple[int | None, int, int]:
 class LoRALayer(nn.Module):
     """What LoRALinear and LoRASwitchLinear share: the base, the factors, the settings."""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float):
+    def __init__(self, base, rank: int, alpha: float, dropout: float):
         super().__init__()
         experts, inp, out = _dims(base)
         lead = () if experts is None else (experts,)
-        self.base = base
+        if isinstance(base, nn.Module):
+            self.base = base
         self.rank, self.alpha, self.dropout_p = rank, alpha, dropout
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout)
@@ -96,6 +102,19 @@ class LoRASwitchLinear(LoRALayer):
         return y + (self.scale * z).astype(y.dtype)
 
 
+class ExpertLoRA(LoRALayer):
+    """The per-expert factors of one projection of an offloaded bank: the bank holds
+    a few experts' base weights in slots, these every expert's factors (small), so
+    a row meets its own expert's factors whichever slot its base weights are in.
+
+    Called with the rows and their expert ids; returns the low-rank term only."""
+
+    def __call__(self, x: mx.array, inds: mx.array) -> mx.array:
+        z = self.dropout(x).astype(self.lora_a.dtype)
+        z = mx.gather_mm(z, self.lora_a.swapaxes(-1, -2), rhs_indices=inds)
+        return self.scale * mx.gather_mm(z, self.lora_b.swapaxes(-1, -2), rhs_indices=inds)
+
+
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALayer]]:
     """[(path, layer)] of the model's LoRA layers."""
     return [(p, m) for p, m in model.named_modules() if isinstance(m, LoRALayer)]
@@ -106,11 +125,17 @@ def _plan(model: nn.Module, targets) -> list[tuple[str, nn.Module]]:
     targets = set(targets)
     if unknown := targets - set(TARGETS):
         raise ValueError(f"unknown LoRA target(s) {', '.join(sorted(unknown))} (choose from {', '.join(TARGETS)})")
+    from .offload import PROJS, OffloadedExperts
+
     chosen = []
     for path, m in model.named_modules():
         if path.startswith("mtp.") and "mtp" not in targets:
             continue
         group = group_of(path)
+        if isinstance(m, OffloadedExperts):  # its projections, as the resident layer's paths name them
+            if "experts" in targets:
+                chosen += [(f"{path}.{p}", (m, p)) for p in PROJS]
+            continue
         if isinstance(m, (SwitchLinear, QuantizedSwitchLinear)):
             ok = group == "experts" and "experts" in targets
         elif isinstance(m, (nn.Linear, nn.QuantizedLinear)):
@@ -135,11 +160,17 @@ def apply_lora(model: nn.Module, *, targets, rank: int, alpha: float, dropout: f
         raise ValueError("LoRA is already applied to this model")
     if rank < 1 or not 0 <= dropout < 1:
         raise ValueError(f"LoRA needs rank >= 1 and 0 <= dropout < 1 (got rank {rank}, dropout {dropout})")
-    wrapped = []
+    wrapped, banked = [], []
     for path, m in _plan(model, targets):
+        if isinstance(m, tuple):  # an offloaded bank's projection: its factors go beside the bank
+            banked.append((m, ExpertLoRA(m, rank, alpha, dropout)))
+            wrapped.append((path, banked[-1][1]))
+            continue
         cls = LoRASwitchLinear if isinstance(m, (SwitchLinear, QuantizedSwitchLinear)) else LoRALinear
         wrapped.append((path, cls(m, rank, alpha, dropout)))
-    model.update_modules(tree_unflatten(wrapped))
+    model.update_modules(tree_unflatten([(p, m) for p, m in wrapped if not isinstance(m, ExpertLoRA)]))
+    for (bank, name), layer in banked:
+        setattr(bank, name, layer)
     model.freeze()
     for _, layer in wrapped:
         layer.unfreeze(keys=["lora_a", "lora_b"], recurse=False)

@@ -120,6 +120,8 @@ class MoE(nn.Module):
 def fused_decode(experts) -> bool:
     """Whether a token's routed experts go through the fused kernels: quantized
     stacked experts, resident or an offloaded bank (not LoRA-wrapped), on a GPU."""
+    if hasattr(experts, "bank") and "gate_proj" in experts:  # an offloaded bank under a LoRA adapter
+        return False
     glu = getattr(getattr(experts, "bank", None), "glu", experts)  # an offloaded bank computes on its own
     return (FUSED_DECODE and type(glu) is SwitchGLU and backend() != "cpu"
             and all(type(getattr(glu, p)) is QuantizedSwitchLinear for p in ("gate_proj", "up_proj", "down_proj")))

@@ -410,6 +410,21 @@ class OffloadedExperts(nn.Module):
             self.stats.prefetched += 1
             self.stats.bytes += self.file.stride
 
+    def _glu(self, x: mx.array, slots: np.ndarray, experts: np.ndarray) -> mx.array:
+        """The bank's SwiGLU on the rows' slots, plus, under a LoRA adapter on the experts,
+        each projection's low-rank term by expert id (glm_mlx.lora.ExpertLoRA)."""
+        glu, s = self.bank.glu, mx.array(slots)
+        if "gate_proj" not in self:
+            return glu(x, s)
+        e = mx.array(experts)
+
+        def proj(name: str, z: mx.array) -> mx.array:
+            y = getattr(glu, name)(z, s)
+            return y + self[name](z, e).astype(y.dtype)
+
+        xe = mx.expand_dims(x, (-2, -3))
+        return proj("down_proj", nn.silu(proj("gate_proj", xe)) * proj("up_proj", xe)).squeeze(-2)
+
     def __call__(self, x: mx.array, inds: mx.array, weights: mx.array | None = None) -> mx.array:
         """[..., k, D] like SwitchGLU; given the router's `weights` (one token on a GPU) the
         weighted sum [D] through the same fused kernels as resident experts (glm_mlx.kernels)."""
@@ -431,13 +446,13 @@ class OffloadedExperts(nn.Module):
             if weights is not None:
                 return moe_decode(x.reshape(-1), glu.gate_proj, glu.up_proj, glu.down_proj,
                                   mx.array(self.slot_of[idx]).reshape(-1), weights.reshape(-1))
-            return glu(x, mx.array(self.slot_of[idx]))
+            return self._glu(x, self.slot_of[idx], idx)
         y = None
         for g in range(0, needed.size, self.slots):
             group = needed[g : g + self.slots]
             self.ensure(group)
             member = np.isin(idx, group)
-            out = glu(x, mx.array(np.where(member, self.slot_of[idx], 0)))
+            out = self._glu(x, np.where(member, self.slot_of[idx], 0), np.where(member, idx, 0))
             part = mx.where(mx.array(member)[..., None], out, mx.zeros_like(out))
             y = part if y is None else y + part
             mx.eval(y)  # the next group overwrites these slots

@@ -18,6 +18,10 @@ from glm_mlx.offload import ExpertReadError, OffloadedExperts, offloaded_stats, 
 from test_convert import ENV, ROOT, cli
 
 
+def rel_err(a, b) -> float:
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+
+
 def budget_for(folder, slots: int) -> int:
     m = json.loads((folder / MANIFEST).read_text())
     return slots * max(e["stride"] for e in m["experts"].values()) * len(m["experts"])
@@ -185,20 +189,28 @@ def test_memory_stays_within_the_budget(dtype, tmp_path):
     assert m["mlx_peak"] < limit and m["rss_peak"] < limit
 
 
-def test_generate_with_expert_memory_and_adapters(converted, tmp_path):
+def test_generate_with_expert_memory_and_adapters_on_the_experts(converted, tmp_path):
     folder = converted("glm45-tiny", "mixed")
     p = cli("generate", "--model", folder, "--prompt", "hi", "-n", "6", "--temp", "0",
             "--expert-memory", str(budget_for(folder, 2)), check_ok=True)
     assert "experts:" in p.stderr and "hits" in p.stderr
     resident = cli("generate", "--model", folder, "--prompt", "hi", "-n", "6", "--temp", "0", check_ok=True)
     assert p.stdout == resident.stdout
-    from glm_mlx.lora import apply_lora, save_adapter
+    from glm_mlx.lora import apply_lora, base_info, lora_modules, save_adapter
 
     model, manifest = load_model(folder, "float32")
-    apply_lora(model, targets={"experts"}, rank=2, alpha=4.0)
-    from glm_mlx.lora import base_info
-
-    save_adapter(tmp_path / "a", model, {"base": base_info(manifest, folder), "targets": ["experts"], "rank": 2,
-                                         "alpha": 4.0, "dropout": 0.0})
-    with pytest.raises(ValueError, match="cannot be offloaded yet"):
-        glm_mlx.load(folder, adapter=tmp_path / "a", expert_memory=budget_for(folder, 2))
+    apply_lora(model, targets={"experts", "attention"}, rank=2, alpha=4.0)
+    rng = np.random.default_rng(5)
+    for _, layer in lora_modules(model):  # a trained-looking adapter: B is zero at initialisation
+        layer.lora_b = mx.array(rng.standard_normal(layer.lora_b.shape, dtype=np.float32) * 0.5)
+    save_adapter(tmp_path / "a", model, {"base": base_info(manifest, folder), "targets": ["experts", "attention"],
+                                         "rank": 2, "alpha": 4.0, "dropout": 0.0})
+    toks = np.random.default_rng(6).integers(0, model.args.vocab_size, size=(1, 16))
+    plain = np.array(load_model(folder, "float32")[0](toks))
+    want = run_all(glm_mlx.load(folder, dtype="float32", adapter=tmp_path / "a")[0], toks)
+    assert rel_err(want[0], plain) > 1e-2  # the adapter changes the logits
+    for slots in (2, 5):  # the experts' factors follow each row's expert, whichever slot holds it
+        got = run_all(glm_mlx.load(folder, dtype="float32", adapter=tmp_path / "a",
+                                   expert_memory=budget_for(folder, slots))[0], toks)
+        for a, b in zip(got, want):
+            assert rel_err(a, b) < 1e-5
