@@ -32,6 +32,22 @@ def say_offloaded(model) -> None:
                    f"({b.slots * b.file.stride * len(banks) / 1e9:.2f} GB), the rest read from disk", err=True)
 
 
+def check_kv_bits(value: Optional[int]) -> Optional[int]:
+    if value not in (None, 8, 4):
+        fail(f"--kv-bits must be 8 or 4, not {value}")
+    return value
+
+
+# The options generate and chat share: the model as loaded, and its cache.
+DTYPE = typer.Option(None, "--dtype", help="compute dtype (float32 for exact checks)")
+ADAPTER = typer.Option(None, "--adapter", help="a LoRA adapter folder from glm-mlx finetune")
+EXPERT_MEMORY = typer.Option("auto", "--expert-memory", help="most memory routed experts may take (e.g. 24GB); the "
+                             "rest are read from disk. auto (the default): all resident when the model fits in "
+                             "memory, else what is left")
+KV_BITS = typer.Option(None, "--kv-bits", callback=check_kv_bits, help="quantize the KV cache to 8 or 4 bits (long "
+                       "contexts: about 1/2 or 1/4 of its bf16 memory)")
+
+
 @app.command()
 def convert(
     source: str = typer.Argument(..., help="Hugging Face repo id (e.g. zai-org/GLM-4.5-Air) or a local folder"),
@@ -70,13 +86,10 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed", help="seed for reproducible sampling"),
     think: bool = typer.Option(True, "--think/--no-think", help="let the model reason first"),
     system: Optional[str] = typer.Option(None, "--system", help="a system prompt"),
-    dtype: Optional[str] = typer.Option(None, help="compute dtype (float32 for exact checks)"),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="a LoRA adapter folder from glm-mlx finetune"),
-    expert_memory: Optional[str] = typer.Option("auto", "--expert-memory", help="most memory routed experts may "
-                                                "take (e.g. 24GB); the rest are read from disk. auto (the default): "
-                                                "all resident when the model fits in memory, else what is left"),
-    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="quantize the KV cache to 8 or 4 bits "
-                                          "(long contexts: about 1/2 or 1/4 of its bf16 memory)"),
+    dtype: Optional[str] = DTYPE,
+    adapter: Optional[Path] = ADAPTER,
+    expert_memory: Optional[str] = EXPERT_MEMORY,
+    kv_bits: Optional[int] = KV_BITS,
 ):
     """Generate one reply to a prompt, streamed, then the speed and peak memory."""
     import mlx.core as mx
@@ -86,8 +99,6 @@ def generate(
 
     if (prompt is None) == (token_ids is None):
         fail("give exactly one of --prompt or --token-ids")
-    if kv_bits not in (None, 8, 4):
-        fail(f"--kv-bits must be 8 or 4, not {kv_bits}")
     try:
         m, tok = glm_mlx.load(model, dtype=dtype, adapter=adapter, expert_memory=expert_memory)
         say_offloaded(m)
@@ -277,13 +288,10 @@ def chat(
     seed: Optional[int] = typer.Option(None, "--seed", help="seed for reproducible replies"),
     system: Optional[str] = typer.Option(None, "--system", help="a system prompt"),
     context: Optional[int] = typer.Option(None, "--context", help="context limit in tokens (default: the model's)"),
-    dtype: Optional[str] = typer.Option(None, help="compute dtype (float32 for exact checks)"),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="a LoRA adapter folder from glm-mlx finetune"),
-    expert_memory: Optional[str] = typer.Option("auto", "--expert-memory", help="most memory routed experts may "
-                                                "take (e.g. 24GB); the rest are read from disk. auto (the default): "
-                                                "all resident when the model fits in memory, else what is left"),
-    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="quantize the KV cache to 8 or 4 bits "
-                                          "(long contexts: about 1/2 or 1/4 of its bf16 memory)"),
+    dtype: Optional[str] = DTYPE,
+    adapter: Optional[Path] = ADAPTER,
+    expert_memory: Optional[str] = EXPERT_MEMORY,
+    kv_bits: Optional[int] = KV_BITS,
 ):
     """Chat in the terminal: streamed replies, reasoning on and off, GLM's tool calls."""
     import mlx.core as mx
@@ -293,8 +301,6 @@ def chat(
     from glm_mlx.chat import ChatSession, Repl
     from glm_mlx.tools import load_tools
 
-    if kv_bits not in (None, 8, 4):
-        fail(f"--kv-bits must be 8 or 4, not {kv_bits}")
     folder = resolve_model(model, yes)
     try:
         tool_map = load_tools(tools) if tools else {}

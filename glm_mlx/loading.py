@@ -27,6 +27,13 @@ VERIFIED = ".glm_mlx_verified.json"
 FORMAT_VERSION = 1
 # how a stored dtype code is held in numpy (bf16 as its uint16 bits)
 STORED_DTYPES = {"U32": np.uint32, "BF16": np.uint16, "F32": np.float32, "F16": np.float16}
+MX_DTYPES = {"U32": mx.uint32, "BF16": mx.bfloat16, "F32": mx.float32, "F16": mx.float16}  # what each holds
+
+
+def stored_array(arr: np.ndarray, code: str) -> mx.array:
+    """A stored tensor read with numpy (bf16 as its uint16 bits) as the MLX array it holds."""
+    a = mx.array(arr)
+    return a.view(mx.bfloat16) if code == "BF16" else a
 _LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 
 
@@ -108,8 +115,7 @@ def read_experts(folder: Path, entry: dict) -> dict[str, mx.array]:
         nbytes = int(np.prod(shape)) * dt.itemsize
         first = start + spec["offset"]
         rows = np.lib.stride_tricks.as_strided(raw[first:], shape=(E, nbytes), strides=(stride, 1))
-        arr = mx.array(np.ascontiguousarray(rows).view(dt).reshape(E, *shape))
-        out[part] = arr.view(mx.bfloat16) if spec["dtype"] == "BF16" else arr
+        out[part] = stored_array(np.ascontiguousarray(rows).view(dt).reshape(E, *shape), spec["dtype"])
     return out
 
 
@@ -132,8 +138,9 @@ def load_model(path: str | Path, dtype: str | None = None,
     resident = sum(r["size"] for f, r in manifest["files"].items() if f.startswith("weights/")
                    and not f.startswith("weights/experts."))
     smallest = sum(e["stride"] for e in manifest["experts"].values())  # one expert per layer
-    budget = parse_size(expert_memory, expert_bytes(manifest), resident, smallest)
-    offloaded = budget is not None and budget < expert_bytes(manifest) and manifest["experts"]
+    total = expert_bytes(manifest)
+    budget = parse_size(expert_memory, total, resident, smallest)
+    offloaded = budget is not None and budget < total and manifest["experts"]
     weights = []
     for rel in manifest["files"]:
         if rel.startswith("weights/") and not rel.startswith("weights/experts."):

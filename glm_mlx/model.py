@@ -120,9 +120,7 @@ class MoE(nn.Module):
 def fused_decode(experts) -> bool:
     """Whether a token's routed experts go through the fused kernels: quantized
     stacked experts, resident or an offloaded bank (not LoRA-wrapped), on a GPU."""
-    if hasattr(experts, "bank") and "gate_proj" in experts:  # an offloaded bank under a LoRA adapter
-        return False
-    glu = getattr(getattr(experts, "bank", None), "glu", experts)  # an offloaded bank computes on its own
+    glu = getattr(experts, "fused_glu", experts)  # an offloaded bank names the SwitchGLU it computes on
     return (FUSED_DECODE and type(glu) is SwitchGLU and backend() != "cpu"
             and all(type(getattr(glu, p)) is QuantizedSwitchLinear for p in ("gate_proj", "up_proj", "down_proj")))
 

@@ -40,12 +40,11 @@ import numpy as np
 
 from .experts import QuantizedSwitchLinear, SwitchGLU
 from .kernels import moe_decode
-from .loading import STORED_DTYPES, model_key
+from .loading import MX_DTYPES, STORED_DTYPES, model_key, stored_array
 
 DECAY = 0.9
 PROJS = ("gate_proj", "up_proj", "down_proj")
 POLICIES = ("lfu", "lru")
-MX_STORED = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32, "U32": mx.uint32}
 
 
 class ExpertReadError(RuntimeError):
@@ -253,7 +252,7 @@ class OffloadedExperts(nn.Module):
         direct = True
         for part, spec in entry["parts"].items():
             proj, name = part.split(".")
-            stored = MX_STORED[spec["dtype"]]
+            stored = MX_DTYPES[spec["dtype"]]
             dt = stored if dtype is None or not mx.issubdtype(stored, mx.floating) else dtype
             direct &= dt == stored
             setattr(getattr(glu, proj), name, mx.zeros((slots, *spec["shape"]), dt))
@@ -269,7 +268,7 @@ class OffloadedExperts(nn.Module):
                      for p in file.order}
             object.__setattr__(self, "views", [[whole[p][s * file.nbytes(p): (s + 1) * file.nbytes(p)]
                                                 for p in file.order] for s in range(slots)])
-        self.slots, self.dtype, self.policy, self.pin = slots, dtype, policy, pin
+        self.slots, self.policy, self.pin = slots, policy, pin
         E = entry["num_experts"]
         self.slot_of = np.full(E, -1, dtype=np.int64)
         self.expert_in = np.full(slots, -1, dtype=np.int64)
@@ -338,10 +337,7 @@ class OffloadedExperts(nn.Module):
         where = mx.array([s for s, _, _ in blobs])
         for part in views[0]:
             proj, name = part.split(".")
-            stacked = np.stack([v[part] for v in views])
-            a = mx.array(stacked)
-            if self.file.parts[part]["dtype"] == "BF16":
-                a = a.view(mx.bfloat16)
+            a = stored_array(np.stack([v[part] for v in views]), self.file.parts[part]["dtype"])
             lin = getattr(glu, proj)
             lin[name][where] = a.astype(lin[name].dtype)
         mx.eval(glu.parameters())
@@ -409,6 +405,12 @@ class OffloadedExperts(nn.Module):
             self.pending[e] = self._start(e, slot)
             self.stats.prefetched += 1
             self.stats.bytes += self.file.stride
+
+    @property
+    def fused_glu(self) -> SwitchGLU | None:
+        """The SwitchGLU a token's fused decode kernels may run on: the bank's, unless a
+        LoRA adapter adds per-expert terms (then None: _glu computes)."""
+        return None if "gate_proj" in self else self.bank.glu
 
     def _glu(self, x: mx.array, slots: np.ndarray, experts: np.ndarray) -> mx.array:
         """The bank's SwiGLU on the rows' slots, plus, under a LoRA adapter on the experts,

@@ -28,14 +28,11 @@ import numpy as np
 
 from convert.convert import FORMAT_VERSION, MANIFEST, experts_entry, write_json_atomic
 from convert.safetensors_io import SafetensorsWriter, bf16_bits, write_safetensors
+from glm_mlx.bench import bench_config
 from glm_mlx.loading import write_verified_stamp
 
-AIR = dict(model_type="glm4_moe", architectures=["Glm4MoeForCausalLM"], vocab_size=151552, hidden_size=4096,
-           intermediate_size=10944, moe_intermediate_size=1408, num_attention_heads=96, num_key_value_heads=8,
-           head_dim=128, n_routed_experts=128, num_experts_per_tok=8, n_shared_experts=1, first_k_dense_replace=0,
-           routed_scaling_factor=1.0, n_group=1, topk_group=1, norm_topk_prob=True, use_qk_norm=False,
-           attention_bias=True, rms_norm_eps=1e-5, rope_theta=1e6, partial_rotary_factor=0.5,
-           max_position_embeddings=131072, tie_word_embeddings=False, num_nextn_predict_layers=0,
+# The Air's shapes, every layer MoE (the bench's config; the loader wants these few more keys)
+AIR = dict(bench_config("air"), first_k_dense_replace=0, architectures=["Glm4MoeForCausalLM"],
            eos_token_id=[151329], hidden_act="silu")
 
 
