@@ -1,84 +1,209 @@
-"""Custom kernels: one body for Metal and CUDA, a pure-MLX reference for each.
+"""Custom kernels for one token (decode): one body for Metal and CUDA, a pure-MLX reference for each.
 
-`gather_qmv`: y[r] = W[inds[r]] @ x[r or 0] for a handful of rows (decode),
-W affine-quantized in MLX's layout (4 or 8 bits, groups along the input).
-One simdgroup (Metal) / warp (CUDA), 32 lanes, computes one output: its
-lanes stride over the packed words of the row, dequantize them in registers,
-and sum with the group's scale and bias; one reduction across the lanes.
-MLX 0.32.4's CUDA gather_qmm took 77 µs for 8 experts of the Air's gate
-projection, whose 11.5 MB need 4 µs at the card's bandwidth
-(scripts/decode_profile.py): reading the weights once is all this does.
+A decode step on MLX's CUDA backend is bound by the host: each op costs a few
+µs to build and encode whatever its size (scripts/launch_probe.py), and MLX's
+quantized matmul reads at half the card's bandwidth (scripts/kernel_check.py).
+So a decoder layer here is a handful of launches, each reading its weights
+once at close to the card's bandwidth:
+
+- `qkv_decode`: the q, k and v projections and their biases, one launch;
+- `linear_decode`: a projection plus the residual (o_proj), one launch;
+- `router_select`: the router's sigmoid, correction bias, top-k, normalisation
+  and scaling over its logits, one launch of one simdgroup;
+- `moe_decode`: the routed experts' gate, up and SwiGLU for the chosen experts
+  and the shared expert in one launch, their down projections, the router's
+  weighted sum, the shared expert's and the residual in a second (a dense MLP
+  is the same with no routed experts);
+- `gather_qmv`: y[r] = W[inds[r]] @ x[r or 0], the building block, on its own.
+
+Weights are affine-quantized in MLX's layout (4 or 8 bits, groups along the
+input). One simdgroup (Metal) / warp (CUDA), 32 lanes, computes RPW outputs:
+its lanes stride over the rows 8 values at a time, load each x chunk once for
+all RPW rows, dequantize the words in registers and sum with the group's
+scale and bias; one reduction across the lanes per output.
 
 The body is shared: each backend supplies the same few names (tid, lane,
-warp, bx, by, BF16(p, i), SIMD_SUM(v)) in its prologue and header, so the
-body tested on the NVIDIA machine is the one a Mac runs. The dispatch picks
-the backend's kernel, or the reference where there is none (the CPU).
+warp, bx, by, BF16(p, i), AS_FLOAT(u), SIMD_SUM/MAX/MIN(v), the
+address-space words DEV and LOC) in its prologue and header, so the body
+tested on the NVIDIA machine is the one a Mac runs. The dispatch picks the
+backend's kernel, or the reference where there is none (the CPU).
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-WARPS = 8  # outputs per threadgroup of 256 threads
+WARPS = 8  # simdgroups (warps) per threadgroup of 256 threads
+RPW = 8  # output rows per simdgroup: x is loaded once for all of them (scripts/kernel_check.py --rpw)
 
-# One lane's share of a quantized row's dot product with x[xbase : xbase + K]: the
-# lanes stride over the packed words; each word dequantized in registers.
+# One lane's share of R consecutive quantized rows' dot products with
+# x[xbase : xbase + K]. The row is taken 8 values at a time (one 32-bit word at
+# 4 bits, two at 8), lane l taking chunks l, l + 32, ...: the simdgroup reads
+# each row's bytes contiguously, and each x chunk (one 16-byte load of bf16, or
+# two of float) serves all R rows. Dequantized in registers:
+# sum_j (scale * q_j + bias) * x_j = scale * sum_j q_j x_j + bias * sum_j x_j.
 _DOT = """
-template <int K, int GROUP, int BITS, typename S, typename X>
-FN float dot_row(const DEV uint* w, const DEV S* scales, const DEV S* biases, ulong row,
-                 const DEV X* x, ulong xbase, uint lane) {
-    const uint vpw = 32 / BITS, wpr = K / vpw, mask = (1u << BITS) - 1u;
-    float acc = 0.0f;
-    for (uint q = lane; q < wpr; q += 32) {
-        uint word = w[row * wpr + q];
-        ulong g = row * (K / GROUP) + (q * vpw) / GROUP;
-        float dot = 0.0f, xs = 0.0f;
-        for (uint j = 0; j < vpw; j++) {
-            float xv = ld(x, xbase + q * vpw + j);
-            dot += (float)((word >> (BITS * j)) & mask) * xv;
-            xs += xv;
-        }
-        acc += BF16(scales, g) * dot + BF16(biases, g) * xs;
+FN void ld8(const DEV float* p, ulong i, LOC float* v) {
+    float4 a = ((const DEV float4*)(p + i))[0], b = ((const DEV float4*)(p + i))[1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+FN void ld8(const DEV BF16_T* p, ulong i, LOC float* v) {
+    uint4 a = ((const DEV uint4*)(p + i))[0];
+    uint u[4] = {a.x, a.y, a.z, a.w};
+    for (int j = 0; j < 4; j++) {
+        v[2 * j] = AS_FLOAT(u[j] << 16);
+        v[2 * j + 1] = AS_FLOAT(u[j] & 0xffff0000u);
     }
-    return acc;
+}
+FN float ld1(const DEV float* p, ulong i) { return p[i]; }
+FN float ld1(const DEV BF16_T* p, ulong i) { return BF16(p, i); }
+template <typename T> FN void put(DEV T* p, ulong i, float v) { p[i] = T(v); }
+template <int K, int GROUP, int BITS, int R, typename S, typename X>
+FN void dot_rows(const DEV uint* w, const DEV S* scales, const DEV S* biases, ulong row0, uint rows,
+                 const DEV X* x, ulong xbase, uint lane, LOC float* acc) {
+    const uint wpr = K * BITS / 32;  // words per row
+    for (uint c = lane; c < K / 8; c += 32) {
+        float xv[8];
+        ld8(x, xbase + c * 8, xv);
+        float xs = ((xv[0] + xv[1]) + (xv[2] + xv[3])) + ((xv[4] + xv[5]) + (xv[6] + xv[7]));
+        for (int r = 0; r < R; r++) {
+            if ((uint)r < rows) {
+                ulong row = row0 + r;
+                ulong g = row * (K / GROUP) + (c * 8) / GROUP;
+                float dot = 0.0f;
+                if (BITS == 4) {
+                    uint word = w[row * wpr + c];
+                    for (int j = 0; j < 8; j++) dot += (float)((word >> (4 * j)) & 15u) * xv[j];
+                } else {
+                    uint2 word = ((const DEV uint2*)(w + row * wpr))[c];
+                    for (int j = 0; j < 4; j++) dot += (float)((word.x >> (8 * j)) & 255u) * xv[j];
+                    for (int j = 0; j < 4; j++) dot += (float)((word.y >> (8 * j)) & 255u) * xv[4 + j];
+                }
+                acc[r] += BF16(scales, g) * dot + BF16(biases, g) * xs;
+            }
+        }
+    }
 }
 """
 
+# The outputs n0 .. n0 + rows of a simdgroup, and its accumulators zeroed.
+_ROWS = """
+    uint n0 = (bx * WARPS + warp) * RPW;
+    float acc[RPW];
+    for (int i = 0; i < RPW; i++) acc[i] = 0.0f;
+"""
+
 # y[r, n] = W[inds[r]][n] . x[r or 0]
-_BODY = """
-    uint n = bx * WARPS + warp, r = by;
-    if (n < N) {
-        ulong row = (ulong)inds[r] * N + n;
-        float part = dot_row<K, GROUP, BITS>(w, scales, biases, row, x, (ulong)(XROWS == 1 ? 0 : r) * K, lane);
-        float acc = SIMD_SUM(part);
-        if (lane == 0) y[(ulong)r * N + n] = acc;
-    }
-"""
-
-# h[r, n] = silu(G[inds[r]][n] . x) * (U[inds[r]][n] . x): a routed expert's first half, one launch
-_SWIGLU_BODY = """
-    uint n = bx * WARPS + warp, r = by;
-    if (n < N) {
-        ulong row = (ulong)inds[r] * N + n;
-        float g = dot_row<K, GROUP, BITS>(gw, gs, gb, row, x, 0, lane);
-        float u = dot_row<K, GROUP, BITS>(uw, us, ub, row, x, 0, lane);
-        g = SIMD_SUM(g);
-        u = SIMD_SUM(u);
-        if (lane == 0) y[(ulong)r * N + n] = g / (1.0f + exp(-g)) * u;
-    }
-"""
-
-# y[n] = sum_r weights[r] * (D[inds[r]][n] . h[r]): the second half and the weighted sum, one launch
-_DOWN_BODY = """
-    uint n = bx * WARPS + warp;
-    if (n < N) {
-        float acc = 0.0f;
-        for (uint r = 0; r < ROWS; r++) {
-            ulong row = (ulong)inds[r] * N + n;
-            acc += weights[r] * dot_row<K, GROUP, BITS>(w, scales, biases, row, h, (ulong)r * K, lane);
+_QMV_BODY = _ROWS + """
+    uint r = by;
+    if (n0 < N) {
+        uint rows = min((uint)RPW, N - n0);
+        dot_rows<K, GROUP, BITS, RPW>(w, scales, biases, (ulong)inds[r] * N + n0, rows, x,
+                                      (ulong)(XROWS == 1 ? 0 : r) * K, lane, acc);
+        for (int i = 0; i < RPW; i++) {
+            float v = SIMD_SUM(acc[i]);
+            if (lane == 0 && (uint)i < rows) y[(ulong)r * N + n0 + i] = v;
         }
-        acc = SIMD_SUM(acc);  // the weighted sum is linear: reduce the lanes once
-        if (lane == 0) y[n] = acc;
+    }
+"""
+
+# q|k|v = Wq x + bq | Wk x + bk | Wv x + bv: rows [0, NQ) of q, then NK of k, NK of v
+# (NQ and NK multiples of RPW: a simdgroup's rows lie in one projection).
+_QKV_BODY = _ROWS + """
+    if (n0 < NQ + 2 * NK) {
+        uint part = n0 < NQ ? 0 : (n0 < NQ + NK ? 1 : 2);
+        uint m0 = n0 - (part == 0 ? 0 : (part == 1 ? NQ : NQ + NK));
+        uint rows = min((uint)RPW, (part == 0 ? NQ : NK) - m0);
+        if (part == 0) dot_rows<K, GROUP, BITS, RPW>(qw, qs, qb, m0, rows, x, 0, lane, acc);
+        else if (part == 1) dot_rows<K, GROUP, BITS, RPW>(kw, ks, kb, m0, rows, x, 0, lane, acc);
+        else dot_rows<K, GROUP, BITS, RPW>(vw, vs, vb, m0, rows, x, 0, lane, acc);
+        for (int i = 0; i < RPW; i++) {
+            float v = SIMD_SUM(acc[i]);
+            if (lane == 0 && (uint)i < rows) {
+                ulong m = m0 + i;
+                if (part == 0) put(yq, m, v + (BIAS ? ld1(qbias, m) : 0.0f));
+                else if (part == 1) put(yk, m, v + (BIAS ? ld1(kbias, m) : 0.0f));
+                else put(yv, m, v + (BIAS ? ld1(vbias, m) : 0.0f));
+            }
+        }
+    }
+"""
+
+# h[r, n] = silu(G_r[n] . x) * (U_r[n] . x): rows r < ROWS are routed experts inds[r]
+# (gw.. [E, N, K]), row ROWS the shared expert (sgw.. [N, K]) when SHARED: one launch.
+_UP_BODY = _ROWS + """
+    uint r = by;
+    if (n0 < N) {
+        uint rows = min((uint)RPW, N - n0);
+        float u[RPW];
+        for (int i = 0; i < RPW; i++) u[i] = 0.0f;
+        if (r < ROWS) {
+            ulong row0 = (ulong)inds[r] * N + n0;
+            dot_rows<K, GROUP, BITS, RPW>(gw, gs, gb, row0, rows, x, 0, lane, acc);
+            dot_rows<K, GROUP, BITS, RPW>(uw, us, ub, row0, rows, x, 0, lane, u);
+        } else {
+            dot_rows<K, SGROUP, SBITS, RPW>(sgw, sgs, sgb, n0, rows, x, 0, lane, acc);
+            dot_rows<K, SGROUP, SBITS, RPW>(suw, sus, sub, n0, rows, x, 0, lane, u);
+        }
+        for (int i = 0; i < RPW; i++) {
+            float g = SIMD_SUM(acc[i]), v = SIMD_SUM(u[i]);
+            if (lane == 0 && (uint)i < rows) y[(ulong)r * N + n0 + i] = g / (1.0f + exp(-g)) * v;
+        }
+    }
+"""
+
+# y[n] = res[n] + sum_{r < ROWS} weights[r] * (D_r[n] . h[r]) + (S[n] . h[ROWS]): the routed experts'
+# down projections and weighted sum, the shared expert's (or any one projection's) and the residual.
+_DOWN_BODY = _ROWS + """
+    if (n0 < N) {
+        uint rows = min((uint)RPW, N - n0);
+        for (uint r = 0; r < ROWS; r++) {
+            float part[RPW];
+            for (int i = 0; i < RPW; i++) part[i] = 0.0f;
+            dot_rows<K, GROUP, BITS, RPW>(w, scales, biases, (ulong)inds[r] * N + n0, rows, h, (ulong)r * K,
+                                          lane, part);
+            for (int i = 0; i < RPW; i++) acc[i] += weights[r] * part[i];
+        }
+        if (SHARED) dot_rows<K, SGROUP, SBITS, RPW>(sw, ss, sb, n0, rows, h, (ulong)ROWS * K, lane, acc);
+        for (int i = 0; i < RPW; i++) {
+            float v = SIMD_SUM(acc[i]);  // the sums are linear: reduce the lanes once
+            if (lane == 0 && (uint)i < rows) put(y, n0 + i, v + (RES ? ld1(res, n0 + i) : 0.0f));
+        }
+    }
+"""
+
+# The router's choice from its logits [E] (float32): scores = sigmoid(logits); the TOPK
+# experts of highest score + bias, best first (ties to the lower id); their scores,
+# normalised to sum 1 when NORM, times scale[0]. One simdgroup; lane l holds experts l, l + 32, ...
+_SELECT_BODY = """
+    const uint EPL = (E + 31) / 32;
+    float sc[EPL], ch[EPL], wv[TOPK];
+    for (uint i = 0; i < EPL; i++) {
+        uint e = lane + 32 * i;
+        float s = e < E ? 1.0f / (1.0f + exp(-logits[e])) : 0.0f;
+        sc[i] = s;
+        ch[i] = e < E ? s + bias[e] : NEG_INF;
+    }
+    float total = 0.0f;
+    for (uint j = 0; j < TOPK; j++) {
+        float best = NEG_INF;
+        uint at = 0xffffffffu;
+        for (uint i = 0; i < EPL; i++) {
+            if (ch[i] > best) { best = ch[i]; at = lane + 32 * i; }
+        }
+        float top = SIMD_MAX(best);
+        uint win = SIMD_MIN(best == top ? at : 0xffffffffu);
+        float s = 0.0f;
+        for (uint i = 0; i < EPL; i++) {
+            if (lane + 32 * i == win) { s = sc[i]; ch[i] = NEG_INF; }
+        }
+        s = SIMD_SUM(s);
+        wv[j] = s;
+        total += s;
+        if (lane == 0) inds[j] = win;
+    }
+    if (lane == 0) {
+        for (uint j = 0; j < TOPK; j++) weights[j] = (NORM ? wv[j] / (total + 1e-20f) : wv[j]) * scale[0];
     }
 """
 
@@ -87,14 +212,26 @@ typedef unsigned int uint;
 typedef unsigned long long ulong;
 #define FN __device__ __forceinline__
 #define DEV
+#define LOC
+#define BF16_T __nv_bfloat16
+#define AS_FLOAT(u) __uint_as_float(u)
 #define BF16(p, i) __uint_as_float(((unsigned int)reinterpret_cast<const unsigned short*>(p)[i]) << 16)
 FN float glm_simd_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
+FN float glm_simd_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+FN uint glm_simd_min(uint v) {
+    for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
 #define SIMD_SUM(v) glm_simd_sum(v)
-FN float ld(const float* p, ulong i) { return p[i]; }
-FN float ld(const __nv_bfloat16* p, ulong i) { return BF16(p, i); }
+#define SIMD_MAX(v) glm_simd_max(v)
+#define SIMD_MIN(v) glm_simd_min(v)
+#define NEG_INF __int_as_float(0xff800000)
 """
 _CUDA_PROLOGUE = """
     uint tid = threadIdx.x, lane = tid % 32, warp = tid / 32, bx = blockIdx.x, by = blockIdx.y;
@@ -102,10 +239,14 @@ _CUDA_PROLOGUE = """
 _METAL_HEADER = """
 #define FN inline
 #define DEV device
+#define LOC thread
+#define BF16_T bfloat16_t
+#define AS_FLOAT(u) as_type<float>(u)
 #define BF16(p, i) as_type<float>(((uint)((const device ushort*)(p))[i]) << 16)
 #define SIMD_SUM(v) simd_sum(v)
-inline float ld(const device float* p, ulong i) { return p[i]; }
-inline float ld(const device bfloat16_t* p, ulong i) { return BF16(p, i); }
+#define SIMD_MAX(v) simd_max(v)
+#define SIMD_MIN(v) simd_min(v)
+#define NEG_INF (-INFINITY)
 """
 _METAL_PROLOGUE = """
     uint lane = thread_index_in_simdgroup, warp = simdgroup_index_in_threadgroup;
@@ -115,102 +256,254 @@ _METAL_PROLOGUE = """
 _kernels: dict[tuple[str, str], object] = {}
 
 
+_gpu_kind: list[str] = []
+
+
 def backend() -> str:
-    """'metal', 'cuda' or 'cpu': which kernel gather_qmv runs here."""
+    """'metal', 'cuda' or 'cpu': whose kernels run on the default device (asked once per process;
+    each decode op asks)."""
     if mx.default_device() == mx.cpu:
         return "cpu"
-    if mx.metal.is_available():
-        return "metal"
-    cuda = getattr(mx, "cuda", None)
-    return "cuda" if cuda is not None and cuda.is_available() else "cpu"
+    if not _gpu_kind:
+        cuda = getattr(mx, "cuda", None)
+        _gpu_kind.append("metal" if mx.metal.is_available() else
+                         "cuda" if cuda is not None and cuda.is_available() else "cpu")
+    return _gpu_kind[0]
 
 
-KERNELS = {  # name: (inputs, body)
-    "glm_gather_qmv": (["x", "w", "scales", "biases", "inds"], _BODY),
-    "glm_gather_swiglu": (["x", "gw", "gs", "gb", "uw", "us", "ub", "inds"], _SWIGLU_BODY),
-    "glm_gather_down_sum": (["h", "w", "scales", "biases", "inds", "weights"], _DOWN_BODY),
+KERNELS = {  # name: (inputs, outputs, body)
+    "glm_gather_qmv": (["x", "w", "scales", "biases", "inds"], ["y"], _QMV_BODY),
+    "glm_qkv": (["x", "qw", "qs", "qb", "qbias", "kw", "ks", "kb", "kbias", "vw", "vs", "vb", "vbias"],
+                ["yq", "yk", "yv"], _QKV_BODY),
+    "glm_expert_up": (["x", "gw", "gs", "gb", "uw", "us", "ub", "inds", "sgw", "sgs", "sgb", "suw", "sus", "sub"],
+                      ["y"], _UP_BODY),
+    "glm_expert_down": (["h", "w", "scales", "biases", "inds", "weights", "sw", "ss", "sb", "res"], ["y"],
+                        _DOWN_BODY),
+    "glm_router_select": (["logits", "bias", "scale"], ["inds", "weights"], _SELECT_BODY),
 }
 
 
 def _kernel(kind: str, name: str):
-    """The kernel `name` for backend `kind`, built once. The helper (_DOT) goes in
+    """The kernel `name` for backend `kind`, built once. The helpers (_DOT) go in
     the header after the backend's macros; the body is the same for both."""
     if (kind, name) not in _kernels:
-        inputs, body = KERNELS[name]
+        inputs, outputs, body = KERNELS[name]
         if kind == "cuda":
             make, prologue, header = mx.fast.cuda_kernel, _CUDA_PROLOGUE, _CUDA_HEADER
         else:
             make, prologue, header = mx.fast.metal_kernel, _METAL_PROLOGUE, _METAL_HEADER
-        _kernels[kind, name] = make(name=name, input_names=inputs, output_names=["y"], source=prologue + body,
+        _kernels[kind, name] = make(name=name, input_names=inputs, output_names=outputs, source=prologue + body,
                                     header=header + _DOT)
     return _kernels[kind, name]
 
 
-def supported(x: mx.array, w: mx.array, scales: mx.array, group_size: int, bits: int) -> bool:
-    """Whether the kernel covers these operands (else use the reference)."""
-    return (bits in (4, 8) and x.dtype == mx.bfloat16 and scales.dtype == mx.bfloat16
-            and x.shape[-1] % group_size == 0 and group_size % (32 // bits) == 0)
+def _run(kind: str, name: str, inputs: list, rows: int, M: int, outputs: list, **template):
+    """RPW of `rows` outputs per simdgroup (x M), over threadgroups of WARPS simdgroups."""
+    per = WARPS * RPW
+    return _kernel(kind, name)(
+        inputs=inputs, template=list({**template, "WARPS": WARPS, "RPW": RPW}.items()),
+        grid=(-(-rows // per) * 32 * WARPS, M, 1), threadgroup=(32 * WARPS, 1, 1),
+        output_shapes=[shape for shape, _ in outputs], output_dtypes=[dt for _, dt in outputs])
 
+
+_consts: dict = {}
+
+
+def _const(value: float, dtype) -> mx.array:
+    """A one-element array, built once: a kernel input (or one a launch does not read)."""
+    if (value, dtype) not in _consts:
+        _consts[value, dtype] = mx.array([value], dtype)
+        mx.eval(_consts[value, dtype])
+    return _consts[value, dtype]
+
+
+def _dummy(dtype) -> mx.array:
+    return _const(0, dtype)
+
+
+def _as(a: mx.array, dtype) -> mx.array:
+    """a in dtype, with no op when it already is."""
+    return a if a.dtype == dtype else a.astype(dtype)
+
+
+def _q(layer) -> tuple:
+    """A quantized layer's (weight, scales, biases); read as dict items, not attributes (a
+    module's __getattr__ is slow, and a decode step asks a few hundred times)."""
+    return layer["weight"], layer["scales"], layer["biases"]
+
+
+def _fits(layer, K: int) -> bool:
+    """Whether the kernels take this layer (quantized, input width K) on a bf16 input."""
+    if "scales" not in layer or layer.bits not in (4, 8) or layer.group_size % 8 or K % layer.group_size:
+        return False
+    w, s, _ = _q(layer)
+    return s.dtype == mx.bfloat16 and w.shape[-1] * 32 // layer.bits == K
+
+
+def _gpu(x: mx.array) -> str | None:
+    """The backend whose kernels take input x, or None (the CPU, or x not bf16 or not a multiple of 8 wide)."""
+    kind = backend()
+    return kind if kind != "cpu" and x.dtype == mx.bfloat16 and x.shape[-1] % 8 == 0 else None
+
+
+# --- references (plain MLX, float32 sums) ---------------------------------------
 
 def gather_qmv_reference(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, inds: mx.array,
                          group_size: int, bits: int) -> mx.array:
-    """The same numbers in plain MLX: x [1 or M, K], w [E, N, K*bits/32], inds [M]
-    -> [M, N] float32 (weights dequantized, products summed in float32)."""
+    """x [1 or M, K], w [E, N, K*bits/32], inds [M] -> [M, N] float32 (weights
+    dequantized, products summed in float32)."""
     f32 = mx.float32
     W = mx.dequantize(w[inds], scales[inds].astype(f32), biases[inds].astype(f32), group_size, bits)
     xs = mx.broadcast_to(x.astype(mx.float32), (inds.size, x.shape[-1]))
     return (W @ xs[..., None]).squeeze(-1)
 
 
+def _ref(x: mx.array, layer, inds: mx.array | None = None) -> mx.array:
+    """x [1 or M, K] through quantized `layer` -> [M, N] float32: experts inds of a stacked
+    layer, or a plain one (inds None)."""
+    w, s, b = _q(layer)
+    if inds is None:
+        w, s, b, inds = w[None], s[None], b[None], mx.zeros((x.shape[0],), mx.uint32)
+    return gather_qmv_reference(x, w, s, b, inds, layer.group_size, layer.bits)
+
+
+def _swiglu_ref(x: mx.array, glu, inds: mx.array | None = None) -> mx.array:
+    g, u = _ref(x, glu.gate_proj, inds), _ref(x, glu.up_proj, inds)
+    return g * mx.sigmoid(g) * u  # float32, as the kernel hands it on
+
+
+def moe_decode_reference(x: mx.array, experts, inds: mx.array | None, weights: mx.array | None, shared=None,
+                         residual: mx.array | None = None) -> mx.array:
+    """One token's MLP block in plain MLX: sum_r weights[r] * down_r(silu(gate_r(x)) * up_r(x)) over the
+    routed `experts` inds (a stacked SwiGLU, or None), plus the `shared` SwiGLU's output (or None), plus
+    `residual`. x [K] -> [D]: float32, or the residual's dtype."""
+    x = x.reshape(1, -1)
+    y = mx.zeros((1,), mx.float32)
+    if experts is not None:
+        h = _swiglu_ref(x, experts, inds)
+        y = y + (weights.astype(mx.float32)[:, None] * _ref(h, experts.down_proj, inds)).sum(0)
+    if shared is not None:
+        y = y + _ref(_swiglu_ref(x, shared), shared.down_proj)[0]
+    return y if residual is None else (y + residual.astype(mx.float32)).astype(residual.dtype)
+
+
+def linear_decode_reference(x: mx.array, layer, residual: mx.array | None = None) -> mx.array:
+    """residual + layer(x) for one token x [K] -> [N] (float32 without a residual)."""
+    y = _ref(x.reshape(1, -1), layer)[0]
+    return y if residual is None else (y + residual.astype(mx.float32)).astype(residual.dtype)
+
+
+def qkv_decode_reference(x: mx.array, q, k, v, shapes: tuple) -> tuple[mx.array, mx.array, mx.array]:
+    """q, k, v projections (with their biases, if any) of one token x [K], in x's dtype, shaped `shapes`."""
+    out = []
+    for layer, shape in zip((q, k, v), shapes):
+        y = _ref(x.reshape(1, -1), layer)[0]
+        if "bias" in layer:
+            y = y + layer.bias.astype(mx.float32)
+        out.append(y.astype(x.dtype).reshape(shape))
+    return tuple(out)
+
+
+def router_select_reference(logits: mx.array, bias: mx.array, k: int, norm: bool, scale: float):
+    """The router's choice from its float32 logits [E]: (expert ids [k] uint32, best first; their
+    sigmoid scores, normalised to sum 1 when `norm`, times `scale`, float32)."""
+    scores = mx.sigmoid(logits.astype(mx.float32))
+    inds = mx.argsort(-(scores + bias.astype(mx.float32)))[:k].astype(mx.uint32)
+    w = scores[inds]
+    if norm:
+        w = w / (w.sum() + 1e-20)
+    return inds, w * scale
+
+
+# --- the dispatch: the backend's kernel, else the reference ----------------------
+
 def gather_qmv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, inds: mx.array,
                group_size: int, bits: int) -> mx.array:
     """x [1 or M, K] (bf16), w [E, N, K*bits/32] (uint32), scales and biases
     [E, N, K/group] (bf16), inds [M] -> [M, N] float32."""
-    kind = backend()
-    if kind == "cpu" or not supported(x, w, scales, group_size, bits):
+    kind = _gpu(x)
+    ok = bits in (4, 8) and group_size % 8 == 0 and x.shape[-1] % group_size == 0 and scales.dtype == mx.bfloat16
+    if kind is None or not ok:
         return gather_qmv_reference(x, w, scales, biases, inds, group_size, bits)
     M, K, N = inds.size, x.shape[-1], w.shape[-2]
-    return _launch(kind, "glm_gather_qmv", [x, w, scales, biases, inds.astype(mx.uint32)], K, N, M,
-                   group_size, bits, (M, N), XROWS=x.shape[0])
+    return _run(kind, "glm_gather_qmv", [x, w, scales, biases, _as(inds, mx.uint32)], N, M,
+                [((M, N), mx.float32)], K=K, N=N, GROUP=group_size, BITS=bits, XROWS=x.shape[0])[0]
 
 
-def _launch(kind, name, inputs, K, N, M, group_size, bits, shape, **extra):
-    """One output per simdgroup: N outputs (x M rows) over threadgroups of WARPS simdgroups."""
-    template = [("K", K), ("N", N), ("GROUP", group_size), ("BITS", bits), ("WARPS", WARPS)]
-    return _kernel(kind, name)(
-        inputs=inputs, template=template + list(extra.items()),
-        grid=((N + WARPS - 1) // WARPS * 32 * WARPS, M, 1), threadgroup=(32 * WARPS, 1, 1),
-        output_shapes=[shape], output_dtypes=[mx.float32],
-    )[0]
+def moe_decode(x: mx.array, experts, inds: mx.array | None, weights: mx.array | None, shared=None,
+               residual: mx.array | None = None) -> mx.array:
+    """moe_decode_reference's numbers in two launches on a GPU: the routed experts' and the shared
+    expert's SwiGLU halves in one, their down projections, weighted sum and the residual in the other."""
+    kind, K = _gpu(x), x.shape[-1]
+    parts = ([experts.gate_proj, experts.up_proj] if experts is not None else []) + (
+        [shared.gate_proj, shared.up_proj] if shared is not None else [])
+    downs = ([experts.down_proj] if experts is not None else []) + ([shared.down_proj] if shared is not None else [])
+    H = parts[0]["weight"].shape[-2] if parts else 0
+    ok = (kind is not None and parts and all(_fits(p, K) for p in parts) and all(_fits(d, H) for d in downs)
+          and all(p["weight"].shape[-2] == H for p in parts) and H % 8 == 0
+          and (experts is None or (experts.gate_proj.bits, experts.gate_proj.group_size)
+               == (experts.up_proj.bits, experts.up_proj.group_size))
+          and (shared is None or (shared.gate_proj.bits, shared.gate_proj.group_size)
+               == (shared.up_proj.bits, shared.up_proj.group_size)))
+    if not ok:
+        return moe_decode_reference(x, experts, inds, weights, shared, residual)
+    x = x.reshape(-1)
+    k = inds.size if experts is not None else 0
+    lead = experts if experts is not None else shared
+    side = shared if shared is not None else experts
+    inds = _as(inds, mx.uint32) if experts is not None else _dummy(mx.uint32)
+    g, u, sg, su = lead.gate_proj, lead.up_proj, side.gate_proj, side.up_proj
+    h = _run(kind, "glm_expert_up", [x, *_q(g), *_q(u), inds, *_q(sg), *_q(su)], H, k + (shared is not None),
+             [((k + (shared is not None), H), mx.float32)], K=K, N=H, GROUP=g.group_size, BITS=g.bits,
+             SGROUP=sg.group_size, SBITS=sg.bits, ROWS=k)[0]
+    d, sd = lead.down_proj, side.down_proj
+    D = d["weight"].shape[-2]
+    wts = _as(weights, mx.float32).reshape(-1) if experts is not None else _dummy(mx.float32)
+    res = residual.reshape(-1) if residual is not None else _dummy(mx.float32)
+    return _run(kind, "glm_expert_down", [h, *_q(d), inds, wts, *_q(sd), res], D, 1,
+                [((D,), residual.dtype if residual is not None else mx.float32)], K=H, N=D, GROUP=d.group_size,
+                BITS=d.bits, SGROUP=sd.group_size, SBITS=sd.bits, ROWS=k, SHARED=int(shared is not None),
+                RES=int(residual is not None))[0]
 
 
-def _ref_qmv(x, q, inds):
-    """x [1 or M, K] by quantized layer q's experts inds [M] -> [M, N] float32."""
-    return gather_qmv_reference(x, q.weight, q.scales, q.biases, inds, q.group_size, q.bits)
+def linear_decode(x: mx.array, layer, residual: mx.array | None = None) -> mx.array:
+    """residual + layer(x) for one token x [K] -> [N] (float32 without a residual), one launch on a GPU."""
+    kind, K = _gpu(x), x.shape[-1]
+    if kind is None or not _fits(layer, K) or "bias" in layer:
+        return linear_decode_reference(x, layer, residual)
+    N = layer["weight"].shape[-2]
+    res = residual.reshape(-1) if residual is not None else _dummy(mx.float32)
+    return _run(kind, "glm_expert_down", [x.reshape(-1), _dummy(mx.uint32), _dummy(mx.bfloat16),
+                                          _dummy(mx.bfloat16), _dummy(mx.uint32), _dummy(mx.float32),
+                                          *_q(layer), res], N, 1,
+                [((N,), residual.dtype if residual is not None else mx.float32)], K=K, N=N,
+                GROUP=layer.group_size, BITS=layer.bits, SGROUP=layer.group_size, SBITS=layer.bits, ROWS=0,
+                SHARED=1, RES=int(residual is not None))[0]
 
 
-def moe_decode_reference(x: mx.array, gate, up, down, inds: mx.array, weights: mx.array) -> mx.array:
-    """One token's routed experts, in plain MLX: sum_r weights[r] * down_r(silu(gate_r(x)) * up_r(x)).
-    x [K]; gate/up/down quantized switch layers; inds, weights [k] -> [D] float32."""
-    x = x.reshape(1, -1)
-    g, u = _ref_qmv(x, gate, inds), _ref_qmv(x, up, inds)
-    h = g * mx.sigmoid(g) * u  # float32, as the kernel hands it on
-    return (weights.astype(mx.float32)[:, None] * _ref_qmv(h, down, inds)).sum(0)
+def qkv_decode(x: mx.array, q, k, v, shapes: tuple) -> tuple[mx.array, mx.array, mx.array]:
+    """qkv_decode_reference's numbers in one launch on a GPU."""
+    kind, K = _gpu(x), x.shape[-1]
+    NQ, NK = q["weight"].shape[0], k["weight"].shape[0]
+    bias = ["bias" in p for p in (q, k, v)]
+    ok = (kind is not None and all(_fits(p, K) for p in (q, k, v)) and v["weight"].shape[0] == NK
+          and NQ % RPW == 0 and NK % RPW == 0 and len(set(bias)) == 1
+          and len({(p.bits, p.group_size) for p in (q, k, v)}) == 1)
+    if not ok:
+        return qkv_decode_reference(x, q, k, v, shapes)
+    b = [p["bias"] if bias[0] else _dummy(mx.float32) for p in (q, k, v)]
+    return tuple(_run(kind, "glm_qkv", [x.reshape(-1), *_q(q), b[0], *_q(k), b[1], *_q(v), b[2]], NQ + 2 * NK, 1,
+                      [(shape, x.dtype) for shape in shapes], K=K, NQ=NQ, NK=NK, GROUP=q.group_size, BITS=q.bits,
+                      BIAS=int(bias[0])))
 
 
-def moe_decode(x: mx.array, gate, up, down, inds: mx.array, weights: mx.array) -> mx.array:
-    """The same in two launches on a GPU (the reference elsewhere)."""
+def router_select(logits: mx.array, bias: mx.array, k: int, norm: bool, scale: float):
+    """router_select_reference's choice in one launch (one simdgroup) on a GPU."""
     kind = backend()
-    ok = all(supported(x, q.weight, q.scales, q.group_size, q.bits) for q in (gate, up))
-    ok = ok and down.bits in (4, 8) and down.scales.dtype == mx.bfloat16
-    if kind == "cpu" or not ok or (gate.bits, gate.group_size) != (up.bits, up.group_size):
-        return moe_decode_reference(x, gate, up, down, inds, weights)
-    x = x.reshape(1, -1)
-    k, K, H = inds.size, x.shape[-1], gate.weight.shape[-2]
-    inds = inds.astype(mx.uint32)
-    h = _launch(kind, "glm_gather_swiglu", [x, gate.weight, gate.scales, gate.biases, up.weight, up.scales,
-                                            up.biases, inds], K, H, k, gate.group_size, gate.bits, (k, H))
-    D = down.weight.shape[-2]
-    return _launch(kind, "glm_gather_down_sum", [h, down.weight, down.scales, down.biases, inds,
-                                                 weights.astype(mx.float32)], H, D, 1, down.group_size, down.bits,
-                   (D,), ROWS=k)
+    E = logits.size
+    if kind == "cpu" or E > 32 * 16 or logits.dtype != mx.float32 or bias.dtype != mx.float32:
+        return router_select_reference(logits, bias, k, norm, scale)
+    return tuple(_kernel(kind, "glm_router_select")(
+        inputs=[logits.reshape(-1), bias, _const(float(scale), mx.float32)],
+        template=[("E", E), ("TOPK", k), ("NORM", int(norm))], grid=(32, 1, 1), threadgroup=(32, 1, 1),
+        output_shapes=[(k,), (k,)], output_dtypes=[mx.uint32, mx.float32]))

@@ -17,7 +17,7 @@ import numpy as np
 from .cache import KVCache, attend, make_caches
 from .config import ModelArgs
 from .experts import QuantizedSwitchLinear, SwitchGLU
-from .kernels import backend, moe_decode
+from .kernels import backend, linear_decode, moe_decode, qkv_decode, router_select
 
 
 class Attention(nn.Module):
@@ -37,14 +37,20 @@ class Attention(nn.Module):
         self.use_qk_norm = args.use_qk_norm
         self.rope_dims, self.rope_theta = args.rope_dims, args.rope_theta
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache | None = None, residual: mx.array | None = None) -> mx.array:
+        """Attention output [B, T, D], plus `residual` when given (one token on a GPU: in the
+        same launch as o_proj, and q, k, v in one launch: glm_mlx/kernels.py)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
-        if self.use_qk_norm:
+        hd, fused = self.head_dim, B * T == 1 and decode_kernels(self.q_proj, self.k_proj, self.v_proj, self.o_proj)
+        if fused:
+            q, k, v = qkv_decode(x.reshape(-1), self.q_proj, self.k_proj, self.v_proj,
+                                 ((1, self.n_heads, 1, hd), (1, self.n_kv_heads, 1, hd), (1, self.n_kv_heads, 1, hd)))
+        else:
+            q = self.q_proj(x).reshape(B, T, self.n_heads, hd).transpose(0, 2, 1, 3)
+            k = self.k_proj(x).reshape(B, T, self.n_kv_heads, hd).transpose(0, 2, 1, 3)
+            v = self.v_proj(x).reshape(B, T, self.n_kv_heads, hd).transpose(0, 2, 1, 3)
+        if self.use_qk_norm:  # over head_dim, the last axis either way
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
         offset = cache.offset if cache is not None else 0
         # RoPE on the first rope_dims of each head, rotate-half form; the rest passes.
         rope = dict(dims=self.rope_dims, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
@@ -52,7 +58,11 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         o = attend(q, k, v, cache, self.scale, causal=T > 1)
-        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        if fused:
+            y = linear_decode(o.reshape(-1), self.o_proj, None if residual is None else residual.reshape(-1))
+            return y.astype(x.dtype).reshape(B, T, -1)
+        y = self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        return y if residual is None else residual + y
 
 
 class MLP(nn.Module):
@@ -62,8 +72,13 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+        """down(silu(gate(x)) * up(x)), plus `residual` when given (one token on a GPU: two launches)."""
+        if x.size == x.shape[-1] and decode_kernels(self.gate_proj, self.up_proj, self.down_proj):
+            y = moe_decode(x.reshape(-1), None, None, None, self, None if residual is None else residual.reshape(-1))
+            return y.astype(x.dtype).reshape(x.shape)
+        y = self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return y if residual is None else residual + y
 
 
 class Router(nn.Module):
@@ -77,7 +92,14 @@ class Router(nn.Module):
         self.norm_topk_prob, self.scaling = args.norm_topk_prob, args.routed_scaling_factor
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        scores = mx.sigmoid(x.astype(mx.float32) @ self.weight.astype(mx.float32).T)
+        f32 = mx.float32
+        if x.size == x.shape[-1] and FUSED_DECODE and backend() != "cpu" and self.topk_group >= self.n_group:
+            # one token on a GPU: everything after the logits in one launch (glm_mlx/kernels.py)
+            logits = x.reshape(1, -1).astype(f32) @ self.weight.astype(f32).T
+            inds, weights = router_select(logits.reshape(-1), self.e_score_correction_bias.astype(f32), self.top_k,
+                                          self.norm_topk_prob, self.scaling)
+            return inds.reshape(*x.shape[:-1], -1), weights.reshape(*x.shape[:-1], -1)
+        scores = mx.sigmoid(x.astype(f32) @ self.weight.astype(f32).T)
         choice = scores + self.e_score_correction_bias.astype(mx.float32)
         if self.topk_group < self.n_group:
             # Keep the topk_group groups whose two best experts score highest.
@@ -101,20 +123,23 @@ class MoE(nn.Module):
         self.experts = SwitchGLU(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts)
         self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+        """The routed experts' weighted sum and the shared expert's output, plus `residual` when given."""
         inds, weights = self.gate(x)
         if x.size == x.shape[-1] and fused_decode(self.experts):
-            # one token on a GPU: the routed experts in two kernel launches (glm_mlx/kernels.py)
-            glu = self.experts
-            if isinstance(glu, SwitchGLU):
-                y = moe_decode(x.reshape(-1), glu.gate_proj, glu.up_proj, glu.down_proj, inds.reshape(-1),
-                               weights.reshape(-1))
-            else:  # an offloaded bank: the same kernels on its slots
-                y = glu(x, inds, weights)
-            return y.astype(x.dtype).reshape(x.shape) + self.shared_experts(x)
+            # one token on a GPU: routed and shared experts and the residual in two launches
+            glu = getattr(self.experts, "fused_glu", self.experts)
+            slots = inds if glu is self.experts else self.experts.slots_for(x, inds)  # an offloaded bank's
+            if slots is not None:
+                shared = self.shared_experts
+                fuse = decode_kernels(shared.gate_proj, shared.up_proj, shared.down_proj)
+                y = moe_decode(x.reshape(-1), glu, slots.reshape(-1), weights.reshape(-1), shared if fuse else None,
+                               None if residual is None else residual.reshape(-1))
+                y = y.astype(x.dtype).reshape(x.shape)
+                return y if fuse else y + shared(x)
         y = self.experts(x, inds)  # [..., k, D]
-        y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
-        return y + self.shared_experts(x)
+        y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2) + self.shared_experts(x)
+        return y if residual is None else residual + y
 
 
 def fused_decode(experts) -> bool:
@@ -123,6 +148,12 @@ def fused_decode(experts) -> bool:
     glu = getattr(experts, "fused_glu", experts)  # an offloaded bank names the SwitchGLU it computes on
     return (FUSED_DECODE and type(glu) is SwitchGLU and backend() != "cpu"
             and all(type(getattr(glu, p)) is QuantizedSwitchLinear for p in ("gate_proj", "up_proj", "down_proj")))
+
+
+def decode_kernels(*layers) -> bool:
+    """Whether one token's projections through these layers take the decode kernels: plain
+    quantized layers (not LoRA-wrapped), on a GPU."""
+    return FUSED_DECODE and backend() != "cpu" and all(type(layer) is nn.QuantizedLinear for layer in layers)
 
 
 FUSED_DECODE = True
@@ -137,8 +168,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = self.self_attn(self.input_layernorm(x), cache, residual=x)
+        return self.mlp(self.post_attention_layernorm(h), residual=h)
 
 
 class SharedHead(nn.Module):

@@ -39,7 +39,6 @@ import mlx.nn as nn
 import numpy as np
 
 from .experts import QuantizedSwitchLinear, SwitchGLU
-from .kernels import moe_decode
 from .loading import MX_DTYPES, STORED_DTYPES, model_key, stored_array
 
 DECAY = 0.9
@@ -427,9 +426,9 @@ class OffloadedExperts(nn.Module):
         xe = mx.expand_dims(x, (-2, -3))
         return proj("down_proj", nn.silu(proj("gate_proj", xe)) * proj("up_proj", xe)).squeeze(-2)
 
-    def __call__(self, x: mx.array, inds: mx.array, weights: mx.array | None = None) -> mx.array:
-        """[..., k, D] like SwitchGLU; given the router's `weights` (one token on a GPU) the
-        weighted sum [D] through the same fused kernels as resident experts (glm_mlx.kernels)."""
+    def _begin(self, x: mx.array, inds: mx.array) -> tuple[np.ndarray, np.ndarray, object]:
+        """A step's bookkeeping: the router's choice on the host, the prefetches settled, the
+        experts' scores updated; (ids, needed experts, the next layer's prefetch or None)."""
         then = None
         if self.next is not None and x.size == x.shape[-1]:  # decode: guess the next layer's experts
             router, nxt = self.next
@@ -440,14 +439,27 @@ class OffloadedExperts(nn.Module):
         needed = np.unique(idx)
         self._settle(needed)
         self._use(needed)
-        glu = self.bank.glu
+        return idx, needed, then
+
+    def _resident(self, needed: np.ndarray, then) -> None:
+        self.ensure(needed, then)
+        self.recent[:] = False
+        self.recent[needed] = True
+
+    def slots_for(self, x: mx.array, inds: mx.array) -> mx.array | None:
+        """For one token's fused kernels: its experts made resident and their slots (shaped
+        like inds); None when they outnumber the slots (then call the bank, which groups them)."""
+        if np.unique(np.array(inds)).size > self.slots:
+            return None
+        idx, needed, then = self._begin(x, inds)
+        self._resident(needed, then)
+        return mx.array(self.slot_of[idx].astype(np.uint32))
+
+    def __call__(self, x: mx.array, inds: mx.array) -> mx.array:
+        """[..., k, D] like SwitchGLU."""
+        idx, needed, then = self._begin(x, inds)
         if needed.size <= self.slots:
-            self.ensure(needed, then)
-            self.recent[:] = False
-            self.recent[needed] = True
-            if weights is not None:
-                return moe_decode(x.reshape(-1), glu.gate_proj, glu.up_proj, glu.down_proj,
-                                  mx.array(self.slot_of[idx]).reshape(-1), weights.reshape(-1))
+            self._resident(needed, then)
             return self._glu(x, self.slot_of[idx], idx)
         y = None
         for g in range(0, needed.size, self.slots):
@@ -459,8 +471,6 @@ class OffloadedExperts(nn.Module):
             y = part if y is None else y + part
             mx.eval(y)  # the next group overwrites these slots
         self.recent[:] = False
-        if weights is not None:  # more experts than slots: summed here, not in the kernel's order
-            return (y * weights[..., None].astype(y.dtype)).sum(axis=-2).reshape(-1)
         return y
 
 

@@ -211,9 +211,12 @@ def run(folder: Path, budget_frac: float, kind: str, tokens: int, warm: int, var
     st = offload.offloaded_stats(model) or offload.Stats()
     misses, nbytes, hits = st.misses - before.misses, st.bytes - before.bytes, st.hits - before.hits
     used, ahead = st.prefetch_used - before.prefetch_used, st.prefetched - before.prefetched
+    waited = st.seconds - before.seconds
     return {"budget": budget_frac, "trace": kind, "variant": variant, "tokens_per_s": tokens / dt,
             "hit_rate": hits / max(hits + misses, 1), "read_gbps": nbytes / dt / 1e9,
-            "bytes_read_per_token": nbytes / tokens, "prefetch_used": used / max(ahead, 1) if ahead else None,
+            "bytes_read_per_token": nbytes / tokens, "wait_ms_per_token": waited / tokens * 1e3,
+            "other_ms_per_token": (dt - waited) / tokens * 1e3,
+            "prefetch_used": used / max(ahead, 1) if ahead else None,
             "peak_gb": mx.get_peak_memory() / 1e9, "logits": np.array(logits.astype(mx.float32)).ravel()}
 
 
@@ -247,8 +250,8 @@ def main():
           f"expert {manifest['experts']['0']['stride'] / 1e6:.2f} MB; {a.layers} MoE layers of GLM-4.5-Air's shapes")
     rows = []
     print("| routing | budget | policy | tokens/s | hit rate | prefetch used | read GB/s | MB read/token | "
-          "bound tokens/s | of bound | peak GB | logits vs resident |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "bound tokens/s | of bound | read wait ms/token | other ms/token | peak GB | logits vs resident |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     pieces = [int(float(p) * 2**20) for p in a.pieces.split(",") if p]
     for kind in a.traces.split(","):
         resident = run(a.dir, 1.0, kind, a.tokens, a.warm, "lfu")
@@ -266,6 +269,7 @@ def main():
             print(f"| {kind} | {frac:.0%} | {'(resident)' if frac == 1 else variant} | {r['tokens_per_s']:.2f} | "
                   f"{r['hit_rate']:.1%} | {used} | {r['read_gbps']:.2f} | {r['bytes_read_per_token'] / 1e6:.0f} | "
                   f"{bound:.2f} | {(r['tokens_per_s'] / bound if bound != float('inf') else float('nan')):.0%} | "
+                  f"{r['wait_ms_per_token']:.1f} | {r['other_ms_per_token']:.1f} | "
                   f"{r['peak_gb']:.2f} | {'equal' if diff == 0 else f'{diff:.1e}'} |", flush=True)
     print(json.dumps({"disk_gbps": bw, "rows": rows}))
 

@@ -12,7 +12,16 @@ import pytest
 
 import glm_mlx.model as model_mod
 from glm_mlx.experts import SwitchGLU
-from glm_mlx.kernels import KERNELS, gather_qmv_reference, moe_decode, moe_decode_reference
+from glm_mlx.model import MLP
+from glm_mlx.kernels import (
+    KERNELS,
+    gather_qmv_reference,
+    linear_decode_reference,
+    moe_decode,
+    moe_decode_reference,
+    qkv_decode_reference,
+    router_select_reference,
+)
 from glm_mlx.loading import load_model
 
 
@@ -31,21 +40,75 @@ def test_gather_qmv_reference_is_mlxs_gathered_quantized_matmul(bits, rows):
     assert rel_err(gather_qmv_reference(x, w, s, b, inds, 64, bits), want) < 1e-6
 
 
-def test_moe_decode_reference_is_the_switch_glu_and_weighted_sum():
-    mx.random.seed(1)
-    glu = SwitchGLU(128, 64, 8)
+def _quantized_glu(seed: int, D: int = 128, H: int = 64, E: int = 8, bits: int = 4):
+    mx.random.seed(seed)
+    glu = SwitchGLU(D, H, E)
     glu.update({p: {"weight": mx.random.normal(getattr(glu, p).weight.shape) * 0.1} for p in
                 ("gate_proj", "up_proj", "down_proj")})
-    nn.quantize(glu, 64, 4)
+    nn.quantize(glu, 64, bits)
+    return glu
+
+
+def _quantized_mlp(D: int = 128, H: int = 64, bits: int = 8):
+    mlp = MLP(D, H)
+    mlp.update({p: {"weight": mx.random.normal(getattr(mlp, p).weight.shape) * 0.1} for p in
+                ("gate_proj", "up_proj", "down_proj")})
+    nn.quantize(mlp, 64, bits)
+    return mlp
+
+
+def test_moe_decode_reference_is_the_switch_glu_shared_expert_and_residual():
+    glu, shared = _quantized_glu(1), _quantized_mlp()
     x, inds, w = mx.random.normal((128,)), mx.array([6, 0, 3], mx.uint32), mx.array([0.5, 0.3, 0.2])
-    want = (glu(x[None, None], inds[None, None]) * w[None, None, :, None]).sum(-2).reshape(-1)
-    got = moe_decode(x, glu.gate_proj, glu.up_proj, glu.down_proj, inds, w)  # on the CPU: the reference
-    assert rel_err(got, want) < 1e-5
-    assert rel_err(moe_decode_reference(x, glu.gate_proj, glu.up_proj, glu.down_proj, inds, w), want) < 1e-5
+    res = mx.random.normal((128,))
+    routed = (glu(x[None, None], inds[None, None]) * w[None, None, :, None]).sum(-2).reshape(-1)
+    assert rel_err(moe_decode(x, glu, inds, w), routed) < 1e-5  # on the CPU: the reference
+    assert rel_err(moe_decode_reference(x, glu, inds, w, shared, res), routed + shared(x) + res) < 1e-5
+    assert rel_err(moe_decode_reference(x, None, None, None, shared, res), shared(x) + res) < 1e-5
 
 
-def test_the_model_decodes_the_same_through_the_fused_path(converted, monkeypatch):
-    folder = converted("glm45-tiny", "mixed")
+def test_the_dense_references_are_the_layers():
+    mx.random.seed(2)
+    q, k, v, o = (nn.QuantizedLinear(128, n, bias=b, group_size=64, bits=4) for n, b in
+                  ((256, True), (64, True), (64, True), (128, False)))
+    for lin in (q, k, v):
+        lin.bias = mx.random.normal(lin.bias.shape)
+    x, res = mx.random.normal((128,)), mx.random.normal((128,))
+    shapes = ((1, 2, 1, 128), (1, 1, 1, 64), (1, 1, 1, 64))
+    for got, lin, shape in zip(qkv_decode_reference(x, q, k, v, shapes), (q, k, v), shapes):
+        assert got.shape == shape and rel_err(got.reshape(-1), lin(x)) < 1e-5
+    assert rel_err(linear_decode_reference(x, o, res), o(x) + res) < 1e-5
+
+
+@pytest.mark.parametrize("norm,scale", [(True, 2.5), (False, 1.0)])
+def test_router_select_reference_is_the_router(norm, scale):
+    from glm_mlx.config import ModelArgs
+    from glm_mlx.model import Router
+
+    args = ModelArgs(vocab_size=8, hidden_size=64, intermediate_size=8, moe_intermediate_size=8,
+                     num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, n_routed_experts=40,
+                     num_experts_per_tok=6, norm_topk_prob=norm, routed_scaling_factor=scale)
+    router = Router(args)
+    mx.random.seed(3)
+    router.weight = mx.random.normal(router.weight.shape)
+    router.e_score_correction_bias = mx.random.normal((40,)) * 0.1
+    x = mx.random.normal((1, 1, 64))
+    inds, w = router(x)
+    got_i, got_w = router_select_reference((x.reshape(1, -1) @ router.weight.T).reshape(-1),
+                                           router.e_score_correction_bias, 6, norm, scale)
+    want = dict(zip(np.array(inds).ravel().tolist(), np.array(w).ravel().tolist()))
+    assert sorted(want) == sorted(np.array(got_i).tolist())
+    np.testing.assert_allclose([want[i] for i in np.array(got_i).tolist()], np.array(got_w), rtol=1e-6)
+    choice = np.array(mx.sigmoid(x.reshape(1, -1) @ router.weight.T) + router.e_score_correction_bias).ravel()
+    assert list(np.array(got_i)) == list(np.argsort(-choice)[:6])  # best first
+
+
+@pytest.mark.parametrize("preset", ["air-tiny", "glm45-tiny"])
+def test_the_model_decodes_the_same_through_the_fused_path(converted, monkeypatch, preset):
+    """One token on a GPU: q|k|v, o_proj with the residual, the router's choice (not under grouped
+    routing: glm45-tiny's), and every MLP block, routed or dense, take the kernels (here their
+    references, on the CPU); the logits stay those of the plain path."""
+    folder = converted(preset, "mixed")
     model, _ = load_model(folder, "float32")
     toks = np.random.default_rng(0).integers(0, model.args.vocab_size, size=(1, 12))
 
@@ -56,15 +119,22 @@ def test_the_model_decodes_the_same_through_the_fused_path(converted, monkeypatc
 
     plain = decode()
     calls = []
-    monkeypatch.setattr(model_mod, "backend", lambda: "cuda")  # take the fused path (its reference, on the CPU)
-    monkeypatch.setattr(model_mod, "moe_decode", lambda *a: calls.append(1) or moe_decode(*a))
+    monkeypatch.setattr(model_mod, "backend", lambda: "cuda")  # take the fused path (its references, on the CPU)
+    for name in ("moe_decode", "qkv_decode", "linear_decode", "router_select"):
+        real = getattr(model_mod, name)
+        monkeypatch.setattr(model_mod, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     fused = decode()
-    assert calls and rel_err(fused, plain) < 1e-5
+    a = model.args
+    for name in ("qkv_decode", "linear_decode", "moe_decode"):  # every layer, each of 8 tokens
+        assert calls.count(name) == 8 * a.num_hidden_layers, name
+    moe_layers = a.num_hidden_layers - a.first_k_dense_replace
+    assert calls.count("router_select") == (8 * moe_layers if a.n_group == a.topk_group else 0)
+    assert rel_err(fused, plain) < 1e-5
 
 
 def test_every_kernel_body_uses_only_the_shared_names():
     """One body for Metal and CUDA: no backend-specific identifiers in a body."""
-    for name, (_, body) in KERNELS.items():
+    for name, (_, _, body) in KERNELS.items():
         for word in ("threadIdx", "blockIdx", "__shfl", "simd_sum", "thread_position", "threadgroup_position",
                      "__nv_bfloat16", "device "):
             assert word not in body, (name, word)
@@ -93,10 +163,12 @@ def test_offloaded_experts_take_the_same_fused_path(converted, monkeypatch):
     import glm_mlx.offload as offload
 
     banked = []
-    monkeypatch.setattr(offload, "moe_decode", lambda *a: banked.append(1) or real(*a))
+    slots_for = offload.OffloadedExperts.slots_for
+    monkeypatch.setattr(offload.OffloadedExperts, "slots_for",
+                        lambda self, *a: (lambda s: banked.append(s is not None) or s)(slots_for(self, *a)))
     for slots in (m.num_experts_per_tok + 1, m.n_routed_experts - 1):  # a token's experts fit the bank
         model, _ = load_model(folder, "float32", expert_memory=slots * stride)
         np.testing.assert_array_equal(decode(model), want)
-    assert banked  # the bank computed through the fused path
+    assert any(banked)  # the bank computed through the fused path
     model, _ = load_model(folder, "float32", expert_memory=2 * stride)  # they do not: summed in groups
     assert rel_err(decode(model), want) < 1e-5
