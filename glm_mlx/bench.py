@@ -432,8 +432,8 @@ def render(r: dict) -> str:
     lines.append("")
     for name, x in r["runtimes"].items():
         lines.append(f"prefill ({name}): {x['prefill_note']}, fresh cache, one run after a warm-up")
-    lines.append(f"decode: {r['steps']} greedy steps, pipelined (the next queued before this one is read), after a warm-up run; the KV cache "
-                 "filled with random keys and values to the context")
+    lines.append(f"decode: {r['steps']} greedy steps, pipelined (the next queued before this one is read), after a "
+                 "warm-up run; the KV cache filled with random keys and values to the context")
     if lg := r.get("logits"):
         lines.append(f"logits, ours vs mlx-lm on the same weights ({lg['positions']} positions, {lg['compute_dtype']}):"
                      f" relative difference {lg['rel_diff']:.2e}, argmax agreement {lg['argmax_agreement']:.3f}")
