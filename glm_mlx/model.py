@@ -242,6 +242,8 @@ class Model(nn.Module):
     def logits(self, hidden: mx.array) -> mx.array:
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(hidden)
+        if hidden.size == hidden.shape[-1] and decode_kernels(self.lm_head):  # one token on a GPU
+            return linear_decode(hidden.reshape(-1), self.lm_head).reshape(*hidden.shape[:-1], -1)
         return self.lm_head(hidden)
 
     def make_cache(self, kv_bits: int | None = None) -> list:

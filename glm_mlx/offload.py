@@ -140,6 +140,7 @@ def split(views: list[memoryview], size: int) -> list[list[memoryview]]:
 
 
 PIECE = 512 << 10  # an expert is read as pieces of this size in parallel: a disk serves several at once (BENCHMARKS.md)
+WORKERS = 32  # reads in flight at once (threads: each mostly waits on the disk)
 
 
 class ExpertFile:
@@ -535,7 +536,7 @@ def offload_experts(model, folder: Path, manifest: dict, budget: int, dtype, pre
     entries = manifest["experts"]
     stride = max(e["stride"] for e in entries.values())
     slots = max(1, min(min(e["num_experts"] for e in entries.values()), budget // (stride * len(entries))))
-    pool = ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 4)))
+    pool = ThreadPoolExecutor(max_workers=WORKERS)
     n = model.args.num_hidden_layers
     layers = []
     for i, entry in sorted(entries.items(), key=lambda kv: int(kv[0])):

@@ -128,6 +128,23 @@ def disk_bandwidth(folder: Path, entry: dict, experts: int = 64, threads: int = 
     return n / dt / 1e9
 
 
+def pattern_bandwidth(folder: Path, entry: dict, piece: int, workers: int, experts: int = 64) -> float:
+    """GB/s of the offloader's own reads (page cache dropped): `experts` experts, each in pieces of
+    `piece` bytes, `workers` pieces in flight."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    drop_cache(folder)
+    fd = os.open(folder / entry["file"], os.O_RDONLY)
+    stride, start = entry["stride"], entry["data_start"]
+    spans = [(start + e * stride + o, min(piece, stride - o)) for e in range(experts) for o in range(0, stride, piece)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        n = sum(len(b) for b in pool.map(lambda s: os.pread(fd, s[1], s[0]), spans))
+    dt = time.perf_counter() - t0
+    os.close(fd)
+    return n / dt / 1e9
+
+
 def trace(kind: str, tokens: int, layers: int, E: int, k: int, seed: int) -> np.ndarray:
     """Expert ids [tokens, layers, k]."""
     rng = np.random.default_rng(seed)
@@ -158,7 +175,7 @@ def guess(tr: np.ndarray, accuracy: float, E: int, seed: int) -> np.ndarray:
     return out
 
 
-DEFAULT_PIECE = None  # set from glm_mlx.offload in main
+DEFAULT_PIECE = DEFAULT_WORKERS = None  # set from glm_mlx.offload in main
 VARIANTS = {  # name: (eviction, pin, prefetch accuracy or None)
     "lru": ("lru", False, None),
     "lfu": ("lfu", False, None),
@@ -169,13 +186,14 @@ VARIANTS = {  # name: (eviction, pin, prefetch accuracy or None)
 
 
 def run(folder: Path, budget_frac: float, kind: str, tokens: int, warm: int, variant: str,
-        piece: int | None = None) -> dict:
+        piece: int | None = None, workers: int | None = None) -> dict:
     import glm_mlx.offload as offload
     from glm_mlx.loading import expert_bytes, load_model
 
     policy, pin, accuracy = VARIANTS[variant]
     offload.POLICY, offload.PIN, offload.PREFETCH = policy, pin, False
     offload.PIECE = piece or DEFAULT_PIECE
+    offload.WORKERS = workers or DEFAULT_WORKERS
     manifest = json.loads((folder / MANIFEST).read_text())
     total = expert_bytes(manifest)
     model, _ = load_model(folder, expert_memory=int(total * budget_frac) if budget_frac < 1 else None)
@@ -231,11 +249,13 @@ def main():
     ap.add_argument("--traces", default="uniform,skewed")
     ap.add_argument("--pieces", default="", help="MB per parallel piece of an expert's read, e.g. 1,2,4,16 "
                     "(instead of the policies: lfu+pin at each piece size)")
+    ap.add_argument("--workers", default="", help="reads in flight, e.g. 32,64 (with --pieces: each pair; "
+                    "the disk's bandwidth is also measured with that access pattern)")
     ap.add_argument("--small", action="store_true", help="shrink the widths (a quick run on the CPU)")
     a = ap.parse_args()
-    global DEFAULT_PIECE
+    global DEFAULT_PIECE, DEFAULT_WORKERS
     import glm_mlx.offload as offload
-    DEFAULT_PIECE = offload.PIECE
+    DEFAULT_PIECE, DEFAULT_WORKERS = offload.PIECE, offload.WORKERS
     cfg = dict(AIR, num_hidden_layers=a.layers)
     if a.small:
         cfg.update(hidden_size=256, moe_intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
@@ -248,19 +268,28 @@ def main():
     bw = disk_bandwidth(a.dir, manifest["experts"]["0"])
     print(f"{mx.default_device()}; disk: {bw:.2f} GB/s (parallel whole-expert preads, page cache dropped); "
           f"expert {manifest['experts']['0']['stride'] / 1e6:.2f} MB; {a.layers} MoE layers of GLM-4.5-Air's shapes")
+    pieces = [int(float(p) * 2**20) for p in a.pieces.split(",") if p]
+    workers = [int(w) for w in a.workers.split(",") if w]
+    if workers:
+        pieces = pieces or [DEFAULT_PIECE]
+        for p in pieces:
+            for w in workers:
+                gbps = pattern_bandwidth(a.dir, manifest["experts"]["0"], p, w)
+                print(f"disk with {p / 2**20:g} MB pieces, {w} in flight (the offloader's pattern, 64 experts): "
+                      f"{gbps:.2f} GB/s", flush=True)
     rows = []
     print("| routing | budget | policy | tokens/s | hit rate | prefetch used | read GB/s | MB read/token | "
           "bound tokens/s | of bound | read wait ms/token | other ms/token | peak GB | logits vs resident |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    pieces = [int(float(p) * 2**20) for p in a.pieces.split(",") if p]
+    grid = [(p, w) for p in pieces for w in (workers or [None])]
     for kind in a.traces.split(","):
         resident = run(a.dir, 1.0, kind, a.tokens, a.warm, "lfu")
-        runs = ([(float(f), "lfu+pin", p) for f in a.budgets.split(",") for p in pieces] if pieces else
-                [(float(f), v, None) for f in a.budgets.split(",") for v in a.variants.split(",")])
-        for frac, variant, piece in [(1.0, "lfu", None)] + runs:
-            r = resident if frac == 1.0 else run(a.dir, frac, kind, a.tokens, a.warm, variant, piece)
+        runs = ([(float(f), "lfu+pin", p, w) for f in a.budgets.split(",") for p, w in grid] if pieces else
+                [(float(f), v, None, None) for f in a.budgets.split(",") for v in a.variants.split(",")])
+        for frac, variant, piece, nw in [(1.0, "lfu", None, None)] + runs:
+            r = resident if frac == 1.0 else run(a.dir, frac, kind, a.tokens, a.warm, variant, piece, nw)
             if piece:
-                variant = f"{variant}, {piece / 2**20:g} MB pieces"
+                variant = f"{variant}, {piece / 2**20:g} MB pieces" + (f", {nw} in flight" if nw else "")
             bound = bw * 1e9 / r["bytes_read_per_token"] if r["bytes_read_per_token"] else float("inf")
             diff = float(np.abs(r["logits"] - resident["logits"]).max())
             r.update(bound=bound, max_logit_diff=diff)
