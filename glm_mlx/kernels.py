@@ -384,13 +384,17 @@ def moe_decode_reference(x: mx.array, experts, inds: mx.array | None, weights: m
         y = y + (weights.astype(mx.float32)[:, None] * _ref(h, experts.down_proj, inds)).sum(0)
     if shared is not None:
         y = y + _ref(_swiglu_ref(x, shared), shared.down_proj)[0]
+    return _plus(y, residual)
+
+
+def _plus(y: mx.array, residual: mx.array | None) -> mx.array:
+    """y [N] float32, or residual + y in the residual's dtype (summed in float32, rounded once)."""
     return y if residual is None else (y + residual.astype(mx.float32)).astype(residual.dtype)
 
 
 def linear_decode_reference(x: mx.array, layer, residual: mx.array | None = None) -> mx.array:
     """residual + layer(x) for one token x [K] -> [N] (float32 without a residual)."""
-    y = _ref(x.reshape(1, -1), layer)[0]
-    return y if residual is None else (y + residual.astype(mx.float32)).astype(residual.dtype)
+    return _plus(_ref(x.reshape(1, -1), layer)[0], residual)
 
 
 def qkv_decode_reference(x: mx.array, q, k, v, shapes: tuple) -> tuple[mx.array, mx.array, mx.array]:
@@ -435,16 +439,12 @@ def moe_decode(x: mx.array, experts, inds: mx.array | None, weights: mx.array | 
     """moe_decode_reference's numbers in two launches on a GPU: the routed experts' and the shared
     expert's SwiGLU halves in one, their down projections, weighted sum and the residual in the other."""
     kind, K = _gpu(x), x.shape[-1]
-    parts = ([experts.gate_proj, experts.up_proj] if experts is not None else []) + (
-        [shared.gate_proj, shared.up_proj] if shared is not None else [])
-    downs = ([experts.down_proj] if experts is not None else []) + ([shared.down_proj] if shared is not None else [])
-    H = parts[0]["weight"].shape[-2] if parts else 0
-    ok = (kind is not None and parts and all(_fits(p, K) for p in parts) and all(_fits(d, H) for d in downs)
-          and all(p["weight"].shape[-2] == H for p in parts) and H % 8 == 0
-          and (experts is None or (experts.gate_proj.bits, experts.gate_proj.group_size)
-               == (experts.up_proj.bits, experts.up_proj.group_size))
-          and (shared is None or (shared.gate_proj.bits, shared.gate_proj.group_size)
-               == (shared.up_proj.bits, shared.up_proj.group_size)))
+    glus = [m for m in (experts, shared) if m is not None]
+    H = glus[0].gate_proj["weight"].shape[-2] if glus else 0
+    ok = kind is not None and glus and H % 8 == 0 and all(
+        _fits(m.gate_proj, K) and _fits(m.up_proj, K) and _fits(m.down_proj, H)
+        and m.gate_proj["weight"].shape[-2] == m.up_proj["weight"].shape[-2] == H
+        and (m.gate_proj.bits, m.gate_proj.group_size) == (m.up_proj.bits, m.up_proj.group_size) for m in glus)
     if not ok:
         return moe_decode_reference(x, experts, inds, weights, shared, residual)
     x = x.reshape(-1)
@@ -459,11 +459,20 @@ def moe_decode(x: mx.array, experts, inds: mx.array | None, weights: mx.array | 
     d, sd = lead.down_proj, side.down_proj
     D = d["weight"].shape[-2]
     wts = _as(weights, mx.float32).reshape(-1) if experts is not None else _dummy(mx.float32)
-    res = residual.reshape(-1) if residual is not None else _dummy(mx.float32)
-    return _run(kind, "glm_expert_down", [h, *_q(d), inds, wts, *_q(sd), res], D, 1,
-                [((D,), residual.dtype if residual is not None else mx.float32)], K=H, N=D, GROUP=d.group_size,
+    return _run(kind, "glm_expert_down", [h, *_q(d), inds, wts, *_q(sd), _res(residual)], D, 1,
+                [_out(residual, D)], K=H, N=D, GROUP=d.group_size,
                 BITS=d.bits, SGROUP=sd.group_size, SBITS=sd.bits, ROWS=k, SHARED=int(shared is not None),
                 RES=int(residual is not None))[0]
+
+
+def _res(residual: mx.array | None) -> mx.array:
+    """A down kernel's residual input: flat, or a placeholder it does not read."""
+    return residual.reshape(-1) if residual is not None else _dummy(mx.float32)
+
+
+def _out(residual: mx.array | None, N: int) -> tuple:
+    """A down kernel's output: [N] in the residual's dtype, else float32."""
+    return (N,), residual.dtype if residual is not None else mx.float32
 
 
 def linear_decode(x: mx.array, layer, residual: mx.array | None = None) -> mx.array:
@@ -472,11 +481,10 @@ def linear_decode(x: mx.array, layer, residual: mx.array | None = None) -> mx.ar
     if kind is None or not _fits(layer, K) or "bias" in layer:
         return linear_decode_reference(x, layer, residual)
     N = layer["weight"].shape[-2]
-    res = residual.reshape(-1) if residual is not None else _dummy(mx.float32)
     return _run(kind, "glm_expert_down", [x.reshape(-1), _dummy(mx.uint32), _dummy(mx.bfloat16),
                                           _dummy(mx.bfloat16), _dummy(mx.uint32), _dummy(mx.float32),
-                                          *_q(layer), res], N, 1,
-                [((N,), residual.dtype if residual is not None else mx.float32)], K=K, N=N,
+                                          *_q(layer), _res(residual)], N, 1,
+                [_out(residual, N)], K=K, N=N,
                 GROUP=layer.group_size, BITS=layer.bits, SGROUP=layer.group_size, SBITS=layer.bits, ROWS=0,
                 SHARED=1, RES=int(residual is not None))[0]
 

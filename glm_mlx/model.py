@@ -74,11 +74,15 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
         """down(silu(gate(x)) * up(x)), plus `residual` when given (one token on a GPU: two launches)."""
-        if x.size == x.shape[-1] and decode_kernels(self.gate_proj, self.up_proj, self.down_proj):
+        if x.size == x.shape[-1] and self.decodes():
             y = moe_decode(x.reshape(-1), None, None, None, self, None if residual is None else residual.reshape(-1))
             return y.astype(x.dtype).reshape(x.shape)
         y = self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
         return y if residual is None else residual + y
+
+    def decodes(self) -> bool:
+        """Whether one token goes through the decode kernels (glm_mlx/kernels.py)."""
+        return decode_kernels(self.gate_proj, self.up_proj, self.down_proj)
 
 
 class Router(nn.Module):
@@ -93,13 +97,13 @@ class Router(nn.Module):
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
         f32 = mx.float32
-        if x.size == x.shape[-1] and FUSED_DECODE and backend() != "cpu" and self.topk_group >= self.n_group:
-            # one token on a GPU: everything after the logits in one launch (glm_mlx/kernels.py)
-            logits = x.reshape(1, -1).astype(f32) @ self.weight.astype(f32).T
+        fused = x.size == x.shape[-1] and decode_kernels() and self.topk_group >= self.n_group
+        logits = (x.reshape(1, -1) if fused else x).astype(f32) @ self.weight.astype(f32).T
+        if fused:  # one token on a GPU: everything after the logits in one launch (glm_mlx/kernels.py)
             inds, weights = router_select(logits.reshape(-1), self.e_score_correction_bias.astype(f32), self.top_k,
                                           self.norm_topk_prob, self.scaling)
             return inds.reshape(*x.shape[:-1], -1), weights.reshape(*x.shape[:-1], -1)
-        scores = mx.sigmoid(x.astype(f32) @ self.weight.astype(f32).T)
+        scores = mx.sigmoid(logits)
         choice = scores + self.e_score_correction_bias.astype(mx.float32)
         if self.topk_group < self.n_group:
             # Keep the topk_group groups whose two best experts score highest.
@@ -132,7 +136,7 @@ class MoE(nn.Module):
             slots = inds if glu is self.experts else self.experts.slots_for(x, inds)  # an offloaded bank's
             if slots is not None:
                 shared = self.shared_experts
-                fuse = decode_kernels(shared.gate_proj, shared.up_proj, shared.down_proj)
+                fuse = shared.decodes()
                 y = moe_decode(x.reshape(-1), glu, slots.reshape(-1), weights.reshape(-1), shared if fuse else None,
                                None if residual is None else residual.reshape(-1))
                 y = y.astype(x.dtype).reshape(x.shape)
@@ -146,13 +150,13 @@ def fused_decode(experts) -> bool:
     """Whether a token's routed experts go through the fused kernels: quantized
     stacked experts, resident or an offloaded bank (not LoRA-wrapped), on a GPU."""
     glu = getattr(experts, "fused_glu", experts)  # an offloaded bank names the SwitchGLU it computes on
-    return (FUSED_DECODE and type(glu) is SwitchGLU and backend() != "cpu"
+    return (type(glu) is SwitchGLU and decode_kernels()
             and all(type(getattr(glu, p)) is QuantizedSwitchLinear for p in ("gate_proj", "up_proj", "down_proj")))
 
 
 def decode_kernels(*layers) -> bool:
-    """Whether one token's projections through these layers take the decode kernels: plain
-    quantized layers (not LoRA-wrapped), on a GPU."""
+    """Whether one token takes the decode kernels here (on a GPU, FUSED_DECODE on), through these
+    layers: plain quantized layers (not LoRA-wrapped)."""
     return FUSED_DECODE and backend() != "cpu" and all(type(layer) is nn.QuantizedLinear for layer in layers)
 
 

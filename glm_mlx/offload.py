@@ -427,9 +427,8 @@ class OffloadedExperts(nn.Module):
         xe = mx.expand_dims(x, (-2, -3))
         return proj("down_proj", nn.silu(proj("gate_proj", xe)) * proj("up_proj", xe)).squeeze(-2)
 
-    def _begin(self, x: mx.array, inds: mx.array) -> tuple[np.ndarray, np.ndarray, object]:
-        """A step's bookkeeping: the router's choice on the host, the prefetches settled, the
-        experts' scores updated; (ids, needed experts, the next layer's prefetch or None)."""
+    def _route(self, x: mx.array, inds: mx.array) -> tuple[np.ndarray, np.ndarray, object]:
+        """The router's choice on the host: (ids, needed experts, the next layer's prefetch or None)."""
         then = None
         if self.next is not None and x.size == x.shape[-1]:  # decode: guess the next layer's experts
             router, nxt = self.next
@@ -437,12 +436,16 @@ class OffloadedExperts(nn.Module):
             mx.eval(inds, guess)  # one synchronisation for both
             then = lambda: nxt.prefetch(np.unique(np.array(guess)))  # noqa: E731
         idx = np.array(inds)  # the host must know which experts to read
-        needed = np.unique(idx)
+        return idx, np.unique(idx), then
+
+    def _begin(self, needed: np.ndarray) -> None:
+        """A step's bookkeeping: the previous layer's prefetches settled, the experts' scores updated."""
         self._settle(needed)
         self._use(needed)
-        return idx, needed, then
 
     def _resident(self, needed: np.ndarray, then) -> None:
+        """A step's experts, all of which fit the bank, made resident (the misses read)."""
+        self._begin(needed)
         self.ensure(needed, then)
         self.recent[:] = False
         self.recent[needed] = True
@@ -450,18 +453,19 @@ class OffloadedExperts(nn.Module):
     def slots_for(self, x: mx.array, inds: mx.array) -> mx.array | None:
         """For one token's fused kernels: its experts made resident and their slots (shaped
         like inds); None when they outnumber the slots (then call the bank, which groups them)."""
-        if np.unique(np.array(inds)).size > self.slots:
+        idx, needed, then = self._route(x, inds)
+        if needed.size > self.slots:
             return None
-        idx, needed, then = self._begin(x, inds)
         self._resident(needed, then)
         return mx.array(self.slot_of[idx].astype(np.uint32))
 
     def __call__(self, x: mx.array, inds: mx.array) -> mx.array:
         """[..., k, D] like SwitchGLU."""
-        idx, needed, then = self._begin(x, inds)
+        idx, needed, then = self._route(x, inds)
         if needed.size <= self.slots:
             self._resident(needed, then)
             return self._glu(x, self.slot_of[idx], idx)
+        self._begin(needed)
         y = None
         for g in range(0, needed.size, self.slots):
             group = needed[g : g + self.slots]

@@ -113,29 +113,17 @@ def drop_cache(folder: Path) -> None:
         os.close(fd)
 
 
-def disk_bandwidth(folder: Path, entry: dict, experts: int = 64, threads: int = 16) -> float:
-    """GB/s of parallel whole-expert preads from the disk (page cache dropped)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    drop_cache(folder)
-    fd = os.open(folder / entry["file"], os.O_RDONLY)
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        n = sum(len(b) for b in pool.map(lambda e: os.pread(fd, entry["stride"], entry["data_start"]
-                                                           + e * entry["stride"]), range(experts)))
-    dt = time.perf_counter() - t0
-    os.close(fd)
-    return n / dt / 1e9
-
-
-def pattern_bandwidth(folder: Path, entry: dict, piece: int, workers: int, experts: int = 64) -> float:
-    """GB/s of the offloader's own reads (page cache dropped): `experts` experts, each in pieces of
-    `piece` bytes, `workers` pieces in flight."""
+def disk_bandwidth(folder: Path, entry: dict, piece: int | None = None, workers: int = 16,
+                   experts: int = 64) -> float:
+    """GB/s of parallel preads from the disk (page cache dropped): `experts` experts, each whole
+    (piece None: the bound's measure) or in pieces of `piece` bytes (the offloader's own pattern),
+    `workers` reads in flight."""
     from concurrent.futures import ThreadPoolExecutor
 
     drop_cache(folder)
     fd = os.open(folder / entry["file"], os.O_RDONLY)
     stride, start = entry["stride"], entry["data_start"]
+    piece = piece or stride
     spans = [(start + e * stride + o, min(piece, stride - o)) for e in range(experts) for o in range(0, stride, piece)]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
@@ -274,7 +262,7 @@ def main():
         pieces = pieces or [DEFAULT_PIECE]
         for p in pieces:
             for w in workers:
-                gbps = pattern_bandwidth(a.dir, manifest["experts"]["0"], p, w)
+                gbps = disk_bandwidth(a.dir, manifest["experts"]["0"], p, w)
                 print(f"disk with {p / 2**20:g} MB pieces, {w} in flight (the offloader's pattern, 64 experts): "
                       f"{gbps:.2f} GB/s", flush=True)
     rows = []

@@ -40,25 +40,17 @@ def test_gather_qmv_reference_is_mlxs_gathered_quantized_matmul(bits, rows):
     assert rel_err(gather_qmv_reference(x, w, s, b, inds, 64, bits), want) < 1e-6
 
 
-def _quantized_glu(seed: int, D: int = 128, H: int = 64, E: int = 8, bits: int = 4):
-    mx.random.seed(seed)
-    glu = SwitchGLU(D, H, E)
-    glu.update({p: {"weight": mx.random.normal(getattr(glu, p).weight.shape) * 0.1} for p in
-                ("gate_proj", "up_proj", "down_proj")})
-    nn.quantize(glu, 64, bits)
-    return glu
-
-
-def _quantized_mlp(D: int = 128, H: int = 64, bits: int = 8):
-    mlp = MLP(D, H)
-    mlp.update({p: {"weight": mx.random.normal(getattr(mlp, p).weight.shape) * 0.1} for p in
-                ("gate_proj", "up_proj", "down_proj")})
-    nn.quantize(mlp, 64, bits)
-    return mlp
+def _quantized(module, bits: int):
+    """A SwiGLU (stacked experts or a plain MLP) with random weights, quantized."""
+    module.update({p: {"weight": mx.random.normal(getattr(module, p).weight.shape) * 0.1} for p in
+                   ("gate_proj", "up_proj", "down_proj")})
+    nn.quantize(module, 64, bits)
+    return module
 
 
 def test_moe_decode_reference_is_the_switch_glu_shared_expert_and_residual():
-    glu, shared = _quantized_glu(1), _quantized_mlp()
+    mx.random.seed(1)
+    glu, shared = _quantized(SwitchGLU(128, 64, 8), 4), _quantized(MLP(128, 64), 8)
     x, inds, w = mx.random.normal((128,)), mx.array([6, 0, 3], mx.uint32), mx.array([0.5, 0.3, 0.2])
     res = mx.random.normal((128,))
     routed = (glu(x[None, None], inds[None, None]) * w[None, None, :, None]).sum(-2).reshape(-1)
