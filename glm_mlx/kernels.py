@@ -17,14 +17,17 @@ once at close to the card's bandwidth:
 - `gather_qmv`: y[r] = W[inds[r]] @ x[r or 0], the building block, on its own.
 
 Weights are affine-quantized in MLX's layout (4 or 8 bits, groups along the
-input). One simdgroup (Metal) / warp (CUDA), 32 lanes, computes RPW outputs:
-its lanes stride over the rows 8 values at a time, load each x chunk once for
-all RPW rows, dequantize the words in registers and sum with the group's
-scale and bias; one reduction across the lanes per output.
+input). A threadgroup of WARPS simdgroups (Metal) / warps (CUDA) computes RPW
+outputs: its lanes stride over the rows 8 values at a time, load each x
+chunk once for all RPW rows, dequantize the words in registers and sum with
+the group's scale and bias; one reduction across the lanes and one across
+the simdgroups per output. All the simdgroups of a threadgroup share its rows
+so that a launch has thousands of threadgroups reading at once: read from the
+card's memory rather than its cache, fewer in flight leave it idle.
 
 The body is shared: each backend supplies the same few names (tid, lane,
 warp, bx, by, BF16(p, i), AS_FLOAT(u), SIMD_SUM/MAX/MIN(v), the
-address-space words DEV and LOC) in its prologue and header, so the body
+address-space words DEV, LOC, TGMEM and TG, BARRIER) in its prologue and header, so the body
 tested on the NVIDIA machine is the one a Mac runs. The dispatch picks the
 backend's kernel, or the reference where there is none (the CPU).
 """
@@ -34,13 +37,15 @@ from __future__ import annotations
 import mlx.core as mx
 
 WARPS = 8  # simdgroups (warps) per threadgroup of 256 threads
-RPW = 8  # output rows per simdgroup: x is loaded once for all of them (scripts/kernel_check.py --rpw)
+RPW = 8  # output rows per row set: x is loaded once for all of them (scripts/kernel_check.py --rpw)
+WARPS_IN_FLIGHT = 4096  # simdgroups a launch aims for (_split): 132 SMs x 32 on an H100
+SPLIT = None  # simdgroups per row set, None for _split's choice (scripts/kernel_check.py --split)
 
-# One lane's share of R consecutive quantized rows' dot products with
-# x[xbase : xbase + K]. The row is taken 8 values at a time (one 32-bit word at
-# 4 bits, two at 8), lane l taking chunks l, l + 32, ...: the simdgroup reads
-# each row's bytes contiguously, and each x chunk (one 16-byte load of bf16, or
-# two of float) serves all R rows. Dequantized in registers:
+# One lane's share of R consecutive quantized rows' dot products with x[xbase : xbase + K],
+# weighted by wt, for one chunk c of 8 values (one 32-bit word per row at 4 bits, two at 8).
+# The lanes of a row set take chunks sid, sid + 32 * SPLIT, ...: each row's bytes are read
+# contiguously by the whole set, and each x chunk (one 16-byte load of bf16, or two of
+# float) serves all R rows. Dequantized in registers:
 # sum_j (scale * q_j + bias) * x_j = scale * sum_j q_j x_j + bias * sum_j x_j.
 _DOT = """
 FN void ld8(const DEV float* p, ulong i, LOC float* v) {
@@ -59,117 +64,132 @@ FN float ld1(const DEV float* p, ulong i) { return p[i]; }
 FN float ld1(const DEV BF16_T* p, ulong i) { return BF16(p, i); }
 template <typename T> FN void put(DEV T* p, ulong i, float v) { p[i] = T(v); }
 template <int K, int GROUP, int BITS, int R, typename S, typename X>
-FN void dot_rows(const DEV uint* w, const DEV S* scales, const DEV S* biases, ulong row0, uint rows,
-                 const DEV X* x, ulong xbase, uint lane, LOC float* acc) {
+FN void dot_chunk(const DEV uint* w, const DEV S* scales, const DEV S* biases, ulong row0, uint rows,
+                  const DEV X* x, ulong xbase, uint c, float wt, LOC float* acc) {
     const uint wpr = K * BITS / 32;  // words per row
-    for (uint c = lane; c < K / 8; c += 32) {
-        float xv[8];
-        ld8(x, xbase + c * 8, xv);
-        float xs = ((xv[0] + xv[1]) + (xv[2] + xv[3])) + ((xv[4] + xv[5]) + (xv[6] + xv[7]));
-        for (int r = 0; r < R; r++) {
-            if ((uint)r < rows) {
-                ulong row = row0 + r;
-                ulong g = row * (K / GROUP) + (c * 8) / GROUP;
-                float dot = 0.0f;
-                if (BITS == 4) {
-                    uint word = w[row * wpr + c];
-                    for (int j = 0; j < 8; j++) dot += (float)((word >> (4 * j)) & 15u) * xv[j];
-                } else {
-                    uint2 word = ((const DEV uint2*)(w + row * wpr))[c];
-                    for (int j = 0; j < 4; j++) dot += (float)((word.x >> (8 * j)) & 255u) * xv[j];
-                    for (int j = 0; j < 4; j++) dot += (float)((word.y >> (8 * j)) & 255u) * xv[4 + j];
-                }
-                acc[r] += BF16(scales, g) * dot + BF16(biases, g) * xs;
+    float xv[8];
+    ld8(x, xbase + c * 8, xv);
+    float xs = ((xv[0] + xv[1]) + (xv[2] + xv[3])) + ((xv[4] + xv[5]) + (xv[6] + xv[7]));
+    for (int r = 0; r < R; r++) {
+        if ((uint)r < rows) {
+            ulong row = row0 + r;
+            ulong g = row * (K / GROUP) + (c * 8) / GROUP;
+            float dot = 0.0f;
+            if (BITS == 4) {
+                uint word = w[row * wpr + c];
+                for (int j = 0; j < 8; j++) dot += (float)((word >> (4 * j)) & 15u) * xv[j];
+            } else {
+                uint2 word = ((const DEV uint2*)(w + row * wpr))[c];
+                for (int j = 0; j < 4; j++) dot += (float)((word.x >> (8 * j)) & 255u) * xv[j];
+                for (int j = 0; j < 4; j++) dot += (float)((word.y >> (8 * j)) & 255u) * xv[4 + j];
             }
+            acc[r] += wt * (BF16(scales, g) * dot + BF16(biases, g) * xs);
         }
     }
 }
+// A row set's R rows' dot products with x[xbase : xbase + K]: this lane's chunks of them.
+template <int K, int GROUP, int BITS, int R, typename S, typename X>
+FN void dot_rows(const DEV uint* w, const DEV S* scales, const DEV S* biases, ulong row0, uint rows,
+                 const DEV X* x, ulong xbase, uint sid, uint threads, LOC float* acc) {
+    for (uint c = sid; c < K / 8; c += threads) dot_chunk<K, GROUP, BITS, R>(w, scales, biases, row0, rows, x, xbase,
+                                                                               c, 1.0f, acc);
+}
+// Each of R accumulators summed over the S simdgroups of a row set (across lanes, then across
+// the simdgroups through sh [WARPS * R]); the set's thread sid < R gets row sid's total.
+template <int R, int S>
+FN float set_sum(LOC float* acc, TG float* sh, uint lane, uint warp, uint sid) {
+    for (int i = 0; i < R; i++) {
+        float v = SIMD_SUM(acc[i]);
+        if (lane == 0) sh[warp * R + i] = v;
+    }
+    BARRIER;
+    float t = 0.0f;
+    if (sid < (uint)R) {  // the set's first simdgroup
+        for (int j = 0; j < S; j++) t += sh[(warp + j) * R + sid];
+    }
+    return t;
+}
 """
 
-# The outputs n0 .. n0 + rows of a simdgroup, and its accumulators zeroed.
+# A threadgroup's WARPS simdgroups make WARPS / SPLIT row sets of RPW rows, n0 .. n0 + RPW; the
+# SPLIT simdgroups of a set share its rows, each lane (sid in the set) taking a part of the
+# sums. More simdgroups on a row set keep more reads in flight where rows are few (dispatch:
+# _split), fewer waste less on the reductions where rows are many. The accumulators zeroed.
 _ROWS = """
-    uint n0 = (bx * WARPS + warp) * RPW;
+    const uint threads = 32 * SPLIT;
+    uint sid = tid % threads;
+    uint n0 = (bx * (WARPS / SPLIT) + warp / SPLIT) * RPW;
     float acc[RPW];
     for (int i = 0; i < RPW; i++) acc[i] = 0.0f;
+    TGMEM float sh[WARPS * RPW];
 """
 
 # y[r, n] = W[inds[r]][n] . x[r or 0]
 _QMV_BODY = _ROWS + """
     uint r = by;
-    if (n0 < N) {
-        uint rows = min((uint)RPW, N - n0);
-        dot_rows<K, GROUP, BITS, RPW>(w, scales, biases, (ulong)inds[r] * N + n0, rows, x,
-                                      (ulong)(XROWS == 1 ? 0 : r) * K, lane, acc);
-        for (int i = 0; i < RPW; i++) {
-            float v = SIMD_SUM(acc[i]);
-            if (lane == 0 && (uint)i < rows) y[(ulong)r * N + n0 + i] = v;
-        }
-    }
+    uint rows = n0 < N ? min((uint)RPW, N - n0) : 0;
+    dot_rows<K, GROUP, BITS, RPW>(w, scales, biases, (ulong)inds[r] * N + n0, rows, x,
+                                  (ulong)(XROWS == 1 ? 0 : r) * K, sid, threads, acc);
+    float v = set_sum<RPW, SPLIT>(acc, sh, lane, warp, sid);
+    if (sid < rows) y[(ulong)r * N + n0 + sid] = v;
 """
 
 # q|k|v = Wq x + bq | Wk x + bk | Wv x + bv: rows [0, NQ) of q, then NK of k, NK of v
-# (NQ and NK multiples of RPW: a simdgroup's rows lie in one projection).
+# (NQ and NK multiples of RPW: a threadgroup's rows lie in one projection).
 _QKV_BODY = _ROWS + """
-    if (n0 < NQ + 2 * NK) {
-        uint part = n0 < NQ ? 0 : (n0 < NQ + NK ? 1 : 2);
-        uint m0 = n0 - (part == 0 ? 0 : (part == 1 ? NQ : NQ + NK));
-        uint rows = min((uint)RPW, (part == 0 ? NQ : NK) - m0);
-        if (part == 0) dot_rows<K, GROUP, BITS, RPW>(qw, qs, qb, m0, rows, x, 0, lane, acc);
-        else if (part == 1) dot_rows<K, GROUP, BITS, RPW>(kw, ks, kb, m0, rows, x, 0, lane, acc);
-        else dot_rows<K, GROUP, BITS, RPW>(vw, vs, vb, m0, rows, x, 0, lane, acc);
-        for (int i = 0; i < RPW; i++) {
-            float v = SIMD_SUM(acc[i]);
-            if (lane == 0 && (uint)i < rows) {
-                ulong m = m0 + i;
-                if (part == 0) put(yq, m, v + (BIAS ? ld1(qbias, m) : 0.0f));
-                else if (part == 1) put(yk, m, v + (BIAS ? ld1(kbias, m) : 0.0f));
-                else put(yv, m, v + (BIAS ? ld1(vbias, m) : 0.0f));
-            }
-        }
+    uint part = n0 < NQ ? 0 : (n0 < NQ + NK ? 1 : 2);
+    uint m0 = n0 - (part == 0 ? 0 : (part == 1 ? NQ : NQ + NK));
+    uint rows = n0 < NQ + 2 * NK ? min((uint)RPW, (part == 0 ? NQ : NK) - m0) : 0;
+    if (part == 0) dot_rows<K, GROUP, BITS, RPW>(qw, qs, qb, m0, rows, x, 0, sid, threads, acc);
+    else if (part == 1) dot_rows<K, GROUP, BITS, RPW>(kw, ks, kb, m0, rows, x, 0, sid, threads, acc);
+    else dot_rows<K, GROUP, BITS, RPW>(vw, vs, vb, m0, rows, x, 0, sid, threads, acc);
+    float v = set_sum<RPW, SPLIT>(acc, sh, lane, warp, sid);
+    if (sid < rows) {
+        ulong m = m0 + sid;
+        if (part == 0) put(yq, m, v + (BIAS ? ld1(qbias, m) : 0.0f));
+        else if (part == 1) put(yk, m, v + (BIAS ? ld1(kbias, m) : 0.0f));
+        else put(yv, m, v + (BIAS ? ld1(vbias, m) : 0.0f));
     }
 """
 
 # h[r, n] = silu(G_r[n] . x) * (U_r[n] . x): rows r < ROWS are routed experts inds[r]
 # (gw.. [E, N, K]), row ROWS the shared expert (sgw.. [N, K]) when SHARED: one launch.
 _UP_BODY = _ROWS + """
+    TGMEM float sh2[WARPS * RPW];
     uint r = by;
-    if (n0 < N) {
-        uint rows = min((uint)RPW, N - n0);
-        float u[RPW];
-        for (int i = 0; i < RPW; i++) u[i] = 0.0f;
-        if (r < ROWS) {
-            ulong row0 = (ulong)inds[r] * N + n0;
-            dot_rows<K, GROUP, BITS, RPW>(gw, gs, gb, row0, rows, x, 0, lane, acc);
-            dot_rows<K, GROUP, BITS, RPW>(uw, us, ub, row0, rows, x, 0, lane, u);
-        } else {
-            dot_rows<K, SGROUP, SBITS, RPW>(sgw, sgs, sgb, n0, rows, x, 0, lane, acc);
-            dot_rows<K, SGROUP, SBITS, RPW>(suw, sus, sub, n0, rows, x, 0, lane, u);
+    uint rows = n0 < N ? min((uint)RPW, N - n0) : 0;
+    float u[RPW];
+    for (int i = 0; i < RPW; i++) u[i] = 0.0f;
+    if (r < ROWS) {
+        ulong row0 = (ulong)inds[r] * N + n0;
+        for (uint c = sid; c < K / 8; c += threads) {
+            dot_chunk<K, GROUP, BITS, RPW>(gw, gs, gb, row0, rows, x, 0, c, 1.0f, acc);
+            dot_chunk<K, GROUP, BITS, RPW>(uw, us, ub, row0, rows, x, 0, c, 1.0f, u);
         }
-        for (int i = 0; i < RPW; i++) {
-            float g = SIMD_SUM(acc[i]), v = SIMD_SUM(u[i]);
-            if (lane == 0 && (uint)i < rows) y[(ulong)r * N + n0 + i] = g / (1.0f + exp(-g)) * v;
+    } else {
+        for (uint c = sid; c < K / 8; c += threads) {
+            dot_chunk<K, SGROUP, SBITS, RPW>(sgw, sgs, sgb, n0, rows, x, 0, c, 1.0f, acc);
+            dot_chunk<K, SGROUP, SBITS, RPW>(suw, sus, sub, n0, rows, x, 0, c, 1.0f, u);
         }
     }
+    float g = set_sum<RPW, SPLIT>(acc, sh, lane, warp, sid);
+    float v = set_sum<RPW, SPLIT>(u, sh2, lane, warp, sid);
+    if (sid < rows) y[(ulong)r * N + n0 + sid] = g / (1.0f + exp(-g)) * v;
 """
 
 # y[n] = res[n] + sum_{r < ROWS} weights[r] * (D_r[n] . h[r]) + (S[n] . h[ROWS]): the routed experts'
 # down projections and weighted sum, the shared expert's (or any one projection's) and the residual.
+# The threadgroup's lanes take the (expert, chunk) pairs in turn.
 _DOWN_BODY = _ROWS + """
-    if (n0 < N) {
-        uint rows = min((uint)RPW, N - n0);
-        for (uint r = 0; r < ROWS; r++) {
-            float part[RPW];
-            for (int i = 0; i < RPW; i++) part[i] = 0.0f;
-            dot_rows<K, GROUP, BITS, RPW>(w, scales, biases, (ulong)inds[r] * N + n0, rows, h, (ulong)r * K,
-                                          lane, part);
-            for (int i = 0; i < RPW; i++) acc[i] += weights[r] * part[i];
-        }
-        if (SHARED) dot_rows<K, SGROUP, SBITS, RPW>(sw, ss, sb, n0, rows, h, (ulong)ROWS * K, lane, acc);
-        for (int i = 0; i < RPW; i++) {
-            float v = SIMD_SUM(acc[i]);  // the sums are linear: reduce the lanes once
-            if (lane == 0 && (uint)i < rows) put(y, n0 + i, v + (RES ? ld1(res, n0 + i) : 0.0f));
-        }
+    uint rows = n0 < N ? min((uint)RPW, N - n0) : 0;
+    for (uint i = sid; i < ROWS * (K / 8); i += threads) {
+        uint r = i / (K / 8);
+        dot_chunk<K, GROUP, BITS, RPW>(w, scales, biases, (ulong)inds[r] * N + n0, rows, h, (ulong)r * K,
+                                       i - r * (K / 8), weights[r], acc);
     }
+    if (SHARED) dot_rows<K, SGROUP, SBITS, RPW>(sw, ss, sb, n0, rows, h, (ulong)ROWS * K, sid, threads, acc);
+    float v = set_sum<RPW, SPLIT>(acc, sh, lane, warp, sid);
+    if (sid < rows) put(y, n0 + sid, v + (RES ? ld1(res, n0 + sid) : 0.0f));
 """
 
 # The router's choice from its logits [E] (float32): scores = sigmoid(logits); the TOPK
@@ -232,6 +252,9 @@ FN uint glm_simd_min(uint v) {
 #define SIMD_MAX(v) glm_simd_max(v)
 #define SIMD_MIN(v) glm_simd_min(v)
 #define NEG_INF __int_as_float(0xff800000)
+#define TGMEM __shared__
+#define TG
+#define BARRIER __syncthreads()
 """
 _CUDA_PROLOGUE = """
     uint tid = threadIdx.x, lane = tid % 32, warp = tid / 32, bx = blockIdx.x, by = blockIdx.y;
@@ -247,9 +270,13 @@ _METAL_HEADER = """
 #define SIMD_MAX(v) simd_max(v)
 #define SIMD_MIN(v) simd_min(v)
 #define NEG_INF (-INFINITY)
+#define TGMEM threadgroup
+#define TG threadgroup
+#define BARRIER threadgroup_barrier(mem_flags::mem_threadgroup)
 """
 _METAL_PROLOGUE = """
     uint lane = thread_index_in_simdgroup, warp = simdgroup_index_in_threadgroup;
+    uint tid = thread_index_in_threadgroup;
     uint bx = threadgroup_position_in_grid.x, by = threadgroup_position_in_grid.y;
 """
 
@@ -297,12 +324,23 @@ def _kernel(kind: str, name: str):
     return _kernels[kind, name]
 
 
-def _run(kind: str, name: str, inputs: list, rows: int, M: int, outputs: list, **template):
-    """RPW of `rows` outputs per simdgroup (x M), over threadgroups of WARPS simdgroups."""
-    per = WARPS * RPW
+def _split(sets: int, chunks: int) -> int:
+    """Simdgroups per row set (SPLIT, a power of two up to WARPS), for `sets` row sets each summing
+    `chunks` chunks of 8 values: doubled while fewer than WARPS_IN_FLIGHT simdgroups would run
+    and each lane still gets two chunks or more."""
+    s = 1
+    while s < WARPS and sets * s < WARPS_IN_FLIGHT and chunks >= 64 * s:
+        s *= 2
+    return SPLIT or s
+
+
+def _run(kind: str, name: str, inputs: list, rows: int, M: int, outputs: list, terms: int = 1, **template):
+    """`rows` outputs (x M) in row sets of RPW, each summing `terms` dot products of length K."""
+    sets = -(-rows // RPW)
+    split = _split(sets * M, terms * template["K"] // 8)
     return _kernel(kind, name)(
-        inputs=inputs, template=list({**template, "WARPS": WARPS, "RPW": RPW}.items()),
-        grid=(-(-rows // per) * 32 * WARPS, M, 1), threadgroup=(32 * WARPS, 1, 1),
+        inputs=inputs, template=list({**template, "WARPS": WARPS, "RPW": RPW, "SPLIT": split}.items()),
+        grid=(-(-sets * split // WARPS) * 32 * WARPS, M, 1), threadgroup=(32 * WARPS, 1, 1),
         output_shapes=[shape for shape, _ in outputs], output_dtypes=[dt for _, dt in outputs])
 
 
@@ -460,7 +498,7 @@ def moe_decode(x: mx.array, experts, inds: mx.array | None, weights: mx.array | 
     D = d["weight"].shape[-2]
     wts = _as(weights, mx.float32).reshape(-1) if experts is not None else _dummy(mx.float32)
     return _run(kind, "glm_expert_down", [h, *_q(d), inds, wts, *_q(sd), _res(residual)], D, 1,
-                [_out(residual, D)], K=H, N=D, GROUP=d.group_size,
+                [_out(residual, D)], terms=k + (shared is not None), K=H, N=D, GROUP=d.group_size,
                 BITS=d.bits, SGROUP=sd.group_size, SBITS=sd.bits, ROWS=k, SHARED=int(shared is not None),
                 RES=int(residual is not None))[0]
 

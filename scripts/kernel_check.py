@@ -3,10 +3,14 @@
     python3 scripts/kernel_check.py
 
 Prints, per shape, the worst relative error against the reference (the
-tolerance is stated; every rows-per-simdgroup setting checked) and
+tolerance is stated; every rows-per-threadgroup setting checked) and
 microseconds per call (50 calls in one evaluation, run one after another as
 a step's kernels are) for the kernel at each `--rpw` setting and for MLX's
-gather_qmm / SwitchGLU on the same operands.
+gather_qmm / SwitchGLU on the same operands. The calls cycle through copies
+of the weights (other experts, or other copies of a dense layer) that
+together are several times the card's cache, as a model's layers are: a
+kernel timed on weights read a moment ago reads them from the cache, faster
+than a decode step ever does.
 """
 
 from __future__ import annotations
@@ -36,41 +40,54 @@ from glm_mlx.kernels import (
 )
 from glm_mlx.model import MLP
 
-RPWS = [kernels.RPW]
+RPWS, SPLITS = [kernels.RPW], [None]
 TOL = 1e-4  # float32 sums in another order than the reference's (both dequantize in float32)
 TOL_BF16 = 2**-8  # outputs rounded to bf16 by both: sums in another order may round one step apart
 
 
+CACHE_BYTES = 256e6  # the copies of a layer's weights a timing cycles through, together (H100's L2: 50 MB)
+
+
+def copies(gb: float) -> int:
+    """How many copies of `gb` gigabytes of weights exceed CACHE_BYTES."""
+    return max(2, -int(-CACHE_BYTES // (gb * 1e9)))
+
+
 def per_call(fn, reps=50, rounds=5):
-    """Microseconds per call of fn() -> array: `reps` independent calls in one evaluation
-    (run one after another on the stream, as a step's kernels are), best of `rounds`."""
-    mx.eval([fn() for _ in range(reps)])
+    """Microseconds per call of fn(i) -> array for i = 0 .. reps - 1 (fn cycles through copies of its
+    weights): `reps` independent calls in one evaluation (run one after another on the stream, as a
+    step's kernels are), best of `rounds`."""
+    mx.eval([fn(i) for i in range(reps)])
     best = float("inf")
     for _ in range(rounds):
-        outs = [fn() for _ in range(reps)]
+        outs = [fn(i) for i in range(reps)]
         t0 = time.perf_counter()
         mx.eval(outs)
         best = min(best, time.perf_counter() - t0)
     return best / reps * 1e6
 
 
-def sweep(fn) -> dict[int, float]:
-    """fn's time at each rows-per-simdgroup setting, kernels.RPW left at its default."""
-    default, out = kernels.RPW, {}
-    for r in RPWS:
-        kernels.RPW = r
-        out[r] = per_call(fn)
-    kernels.RPW = default
+def settings():
+    """(label, RPW, SPLIT) for each setting swept: rows per row set, simdgroups per row set (None: the
+    dispatch's choice)."""
+    return [(f"r{r}s{s or 'auto'}", r, s) for r in RPWS for s in SPLITS]
+
+
+def sweep(fn) -> dict[str, float]:
+    """fn's time at each setting, the module's defaults restored after."""
+    default, out = (kernels.RPW, kernels.SPLIT), {}
+    for label, kernels.RPW, kernels.SPLIT in settings():
+        out[label] = per_call(fn)
+    kernels.RPW, kernels.SPLIT = default
     return out
 
 
 def worst(fn, want) -> float:
-    """The worst relative error of fn() against `want` over every rows-per-simdgroup setting."""
-    default, errs = kernels.RPW, []
-    for r in RPWS:
-        kernels.RPW = r
-        errs.append((mx.abs(fn() - want).max() / mx.abs(want).max()).item())
-    kernels.RPW = default
+    """The worst relative error of fn() against `want` over every setting."""
+    default, errs = (kernels.RPW, kernels.SPLIT), []
+    for _, kernels.RPW, kernels.SPLIT in settings():
+        errs.append((mx.abs(fn(0) - want).max() / mx.abs(want).max()).item())
+    kernels.RPW, kernels.SPLIT = default
     return max(errs)
 
 
@@ -90,17 +107,20 @@ def report(rows: list, name: str, err: float, ours: dict[int, float], mlx: float
            tol: float = TOL):
     best = min(ours, key=ours.get)
     rows.append(dict(name=name, worst_rel_err=err, tol=tol, ok=err < tol, ours_us=ours, mlx_us=mlx, weight_gb=gb))
-    times = " ".join(f"rpw{r} {t:6.1f}" for r, t in ours.items())
+    times = " ".join(f"{r} {t:5.1f}" for r, t in ours.items())
     print(f"{name:42s} worst rel err {err:.1e} ({'ok' if err < tol else 'FAIL'} < {tol:.1e}) | ours us: {times} "
           f"(best {gb / ours[best] * 1e6:5.0f} GB/s) | {mlx_name} {mlx:6.1f} us ({gb / mlx * 1e6:5.0f} GB/s)",
           flush=True)
 
 
 def main():
-    global RPWS
+    global RPWS, SPLITS
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rpw", default="1,2,4,8", help="rows per simdgroup to time")
-    RPWS = [int(r) for r in ap.parse_args().rpw.split(",")]
+    ap.add_argument("--rpw", default=str(kernels.RPW), help="rows per row set to time, e.g. 4,8")
+    ap.add_argument("--split", default="auto", help="simdgroups per row set to time, e.g. auto,1,2,4,8")
+    a = ap.parse_args()
+    RPWS = [int(r) for r in a.rpw.split(",")]
+    SPLITS = [None if s == "auto" else int(s) for s in a.split.split(",")]
     mx.random.seed(0)
     print(mx.default_device(), "kernel backend:", backend())
     rows = []
@@ -111,64 +131,75 @@ def main():
                                        ("Air o_proj dense, 12288 -> 4096", 1, 4096, 12288, 1, 1, 4),
                                        ("Air shared gate, 8-bit, 4096 -> 1408", 1, 1408, 4096, 1, 1, 8),
                                        ("GLM-4.5 gate: 8 of 160, 5120 -> 1536", 160, 1536, 5120, 1, 8, 4)):
+        gb = (M * N * K * bits / 8 + 2 * M * N * K / 64 * 2) / 1e9
+        E = E if E > 1 else copies(gb)  # a dense layer: copies of it stacked as "experts"
         W = (mx.random.normal((E, N, K)) * K**-0.5).astype(mx.bfloat16)
         w, s, b = mx.quantize(W, 64, bits)
         del W
         x = mx.random.normal((xr, K)).astype(mx.bfloat16)
-        inds = mx.array(sorted(mx.random.permutation(E)[:M].tolist()) if E > 1 else [0], mx.uint32)
-        mx.eval(w, s, b, x, inds)
-        want = gather_qmv_reference(x, w, s, b, inds, 64, bits)
-        err = worst(lambda: gather_qmv(x, w, s, b, inds, 64, bits), want)
-        ours = sweep(lambda: gather_qmv(x, w, s, b, inds, 64, bits))
+        perm = mx.random.permutation(E).tolist()
+        sets = [mx.array(sorted(perm[j * M:(j + 1) * M]), mx.uint32) for j in range(min(copies(gb), E // M))]
+        mx.eval(w, s, b, x, sets)
+        want = gather_qmv_reference(x, w, s, b, sets[0], 64, bits)
+        err = worst(lambda i: gather_qmv(x, w, s, b, sets[i % len(sets)], 64, bits), want)
+        ours = sweep(lambda i: gather_qmv(x, w, s, b, sets[i % len(sets)], 64, bits))
         xe = x[:, None, :] if xr == M else mx.broadcast_to(x, (M, K))[:, None, :]
-        mlx = per_call(lambda: mx.gather_qmm(xe, w, s, b, rhs_indices=inds, transpose=True, group_size=64,
-                                             bits=bits))
-        gb = (M * N * K * bits / 8 + 2 * M * N * K / 64 * 2) / 1e9
+        mlx = per_call(lambda i: mx.gather_qmm(xe, w, s, b, rhs_indices=sets[i % len(sets)], transpose=True,
+                                               group_size=64, bits=bits))
         report(rows, name, err, ours, mlx, "mlx gather_qmm", gb)
     # A token's MLP block: routed experts, shared expert and residual in two launches, against MLX's path
     # (SwitchGLU's gather_qmm x3 and swiglu, the weighted sum, the shared MLP's three qmm, the adds)
     for name, E, H, D in (("Air MoE block: 8 of 128 + shared + residual", 128, 1408, 4096),
                           ("GLM-4.5 MoE block: 8 of 160 + shared + residual", 160, 1536, 5120)):
-        glu, shared = SwitchGLU(D, H, E), MLP(D, H)
+        glu = SwitchGLU(D, H, E)
         for p in ("gate_proj", "up_proj", "down_proj"):
             lin = getattr(glu, p)
             q = QuantizedSwitchLinear(E, lin.weight.shape[-1], lin.weight.shape[-2], 64, 4)
             q.weight, q.scales, q.biases = mx.quantize(rand(lin.weight.shape), 64, 4)
             setattr(glu, p, q)
-            setattr(shared, p, quantized_linear(getattr(shared, p).weight.shape))
-        mx.eval(glu.parameters(), shared.parameters())
-        x, res = rand((D,), 1.0), rand((D,), 1.0)
-        inds = mx.array(sorted(mx.random.permutation(E)[:8].tolist()), mx.uint32)
-        wts = mx.softmax(mx.random.normal((8,)))
-        want = moe_decode_reference(x, glu, inds, wts, shared, res).astype(mx.float32)
-        err = worst(lambda: moe_decode(x, glu, inds, wts, shared, res).astype(mx.float32), want)
-
-        def mlx_block():
-            out = glu(x[None, None], inds[None, None])
-            return res + (out * wts[None, None, :, None].astype(out.dtype)).sum(-2).reshape(-1) + shared(x)
-        ours = sweep(lambda: moe_decode(x, glu, inds, wts, shared, res))
         gb = (sum(q.weight.nbytes + q.scales.nbytes + q.biases.nbytes for q in (glu.gate_proj, glu.up_proj,
-                                                                               glu.down_proj)) * 8 / E
-              + sum(v.nbytes for _, v in tree_flatten(shared.parameters()))) / 1e9
+                                                                               glu.down_proj)) * 9 / E) / 1e9
+        n = min(copies(gb), E // 8)
+        shared = [MLP(D, H) for _ in range(n)]
+        for m in shared:
+            for p in ("gate_proj", "up_proj", "down_proj"):
+                setattr(m, p, quantized_linear(getattr(m, p).weight.shape))
+        perm = mx.random.permutation(E).tolist()
+        sets = [mx.array(sorted(perm[j * 8:(j + 1) * 8]), mx.uint32) for j in range(n)]
+        mx.eval(glu.parameters(), [m.parameters() for m in shared], sets)
+        x, res = rand((D,), 1.0), rand((D,), 1.0)
+        wts = mx.softmax(mx.random.normal((8,)))
+        want = moe_decode_reference(x, glu, sets[0], wts, shared[0], res).astype(mx.float32)
+        err = worst(lambda i: moe_decode(x, glu, sets[0], wts, shared[0], res).astype(mx.float32), want)
+
+        def mlx_block(i):
+            out = glu(x[None, None], sets[i % n][None, None])
+            return res + (out * wts[None, None, :, None].astype(out.dtype)).sum(-2).reshape(-1) + shared[i % n](x)
+        ours = sweep(lambda i: moe_decode(x, glu, sets[i % n], wts, shared[i % n], res))
         report(rows, name, err, ours, per_call(mlx_block), "MLX ops", gb, TOL_BF16)
     # The Air's attention projections: q|k|v with biases in one launch; o_proj with the residual in one
     D, NQ, NK = 4096, 12288, 1024
-    q, k, v = (quantized_linear((n, D), bias=True) for n in (NQ, NK, NK))
-    o = quantized_linear((D, NQ))
+    n = copies((NQ + 2 * NK) * D * 0.5625 / 1e9)
+    qkv = [tuple(quantized_linear((m, D), bias=True) for m in (NQ, NK, NK)) for _ in range(n)]
+    os_ = [quantized_linear((D, NQ)) for _ in range(copies(NQ * D * 0.5625 / 1e9))]
     x, a, res = rand((D,), 1.0), rand((NQ,), 1.0), rand((D,), 1.0)
-    mx.eval(q.parameters(), k.parameters(), v.parameters(), o.parameters(), x, a, res)
+    mx.eval([[m.parameters() for m in t] for t in qkv], [o.parameters() for o in os_], x, a, res)
     shapes = ((1, 96, 1, 128), (1, 8, 1, 128), (1, 8, 1, 128))
+    q, k, v = qkv[0]
     want = mx.concatenate([t.reshape(-1) for t in qkv_decode_reference(x, q, k, v, shapes)]).astype(mx.float32)
-    err = worst(lambda: mx.concatenate([t.reshape(-1) for t in qkv_decode(x, q, k, v, shapes)]).astype(mx.float32),
+    err = worst(lambda i: mx.concatenate([t.reshape(-1) for t in qkv_decode(x, q, k, v, shapes)]).astype(mx.float32),
                 want)
     gb = sum(val.nbytes for m in (q, k, v) for _, val in tree_flatten(m.parameters())) / 1e9
-    report(rows, "Air q|k|v + biases, 4096 -> 12288|1024|1024", err, sweep(lambda: qkv_decode(x, q, k, v, shapes)),
-           per_call(lambda: [q(x[None]), k(x[None]), v(x[None])]), "3 QuantizedLinear", gb, TOL_BF16)
+    report(rows, "Air q|k|v + biases, 4096 -> 12288|1024|1024", err,
+           sweep(lambda i: qkv_decode(x, *qkv[i % n], shapes)),
+           per_call(lambda i: [m(x[None]) for m in qkv[i % n]]), "3 QuantizedLinear", gb, TOL_BF16)
+    o = os_[0]
     want = linear_decode_reference(a, o, res).astype(mx.float32)
-    err = worst(lambda: linear_decode(a, o, res).astype(mx.float32), want)
+    err = worst(lambda i: linear_decode(a, o, res).astype(mx.float32), want)
     gb = sum(val.nbytes for _, val in tree_flatten(o.parameters())) / 1e9
-    report(rows, "Air o_proj + residual, 12288 -> 4096", err, sweep(lambda: linear_decode(a, o, res)),
-           per_call(lambda: res + o(a[None])[0]), "QuantizedLinear + add", gb, TOL_BF16)
+    report(rows, "Air o_proj + residual, 12288 -> 4096", err,
+           sweep(lambda i: linear_decode(a, os_[i % len(os_)], res)),
+           per_call(lambda i: res + os_[i % len(os_)](a[None])[0]), "QuantizedLinear + add", gb, TOL_BF16)
     # The router's choice after its logits, one simdgroup
     for name, E, topk, scale in (("Air router select, 8 of 128", 128, 8, 1.0), ("GLM-4.5 router select, 8 of 160",
                                                                                160, 8, 2.5)):
@@ -183,8 +214,8 @@ def main():
             i = mx.argpartition(-(scores + bias), topk - 1)[:topk]
             w = scores[i]
             return i, w / (w.sum() + 1e-20) * scale
-        ours = per_call(lambda: router_select(logits, bias, topk, True, scale)[1])
-        report(rows, name, err, {kernels.RPW: ours}, per_call(lambda: mlx_router()[1]), "MLX ops", 0.0)
+        ours = per_call(lambda i: router_select(logits, bias, topk, True, scale)[1])
+        report(rows, name, err, {kernels.RPW: ours}, per_call(lambda i: mlx_router()[1]), "MLX ops", 0.0)
     # The model's decode through all of them, against its plain MLX path, on the same weights
     import glm_mlx.model as model_mod
     from glm_mlx.bench import bench_config, build_ours, random_weights
