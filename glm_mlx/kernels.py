@@ -379,9 +379,10 @@ def _fits(layer, K: int) -> bool:
 
 
 def _gpu(x: mx.array) -> str | None:
-    """The backend whose kernels take input x, or None (the CPU, or x not bf16 or not a multiple of 8 wide)."""
+    """The backend whose kernels take one token's input x, or None (the CPU, or x not bf16 or not a
+    multiple of 8 wide)."""
     kind = backend()
-    return kind if kind != "cpu" and x.dtype == mx.bfloat16 and x.shape[-1] % 8 == 0 else None
+    return kind if kind != "cpu" and x.dtype == mx.bfloat16 and x.size % 8 == 0 else None
 
 
 # --- references (plain MLX, float32 sums) ---------------------------------------
@@ -414,29 +415,37 @@ def moe_decode_reference(x: mx.array, experts, inds: mx.array | None, weights: m
                          residual: mx.array | None = None) -> mx.array:
     """One token's MLP block in plain MLX: sum_r weights[r] * down_r(silu(gate_r(x)) * up_r(x)) over the
     routed `experts` inds (a stacked SwiGLU, or None), plus the `shared` SwiGLU's output (or None), plus
-    `residual`. x [K] -> [D]: float32, or the residual's dtype."""
-    x = x.reshape(1, -1)
+    `residual`. x [..., K] (one token) -> [..., D]: float32, or shaped and typed like the residual."""
+    flat = x.reshape(1, -1)
     y = mx.zeros((1,), mx.float32)
     if experts is not None:
-        h = _swiglu_ref(x, experts, inds)
-        y = y + (weights.astype(mx.float32)[:, None] * _ref(h, experts.down_proj, inds)).sum(0)
+        h = _swiglu_ref(flat, experts, inds.reshape(-1))
+        y = y + (weights.reshape(-1, 1).astype(mx.float32) * _ref(h, experts.down_proj, inds.reshape(-1))).sum(0)
     if shared is not None:
-        y = y + _ref(_swiglu_ref(x, shared), shared.down_proj)[0]
-    return _plus(y, residual)
+        y = y + _ref(_swiglu_ref(flat, shared), shared.down_proj)[0]
+    return _plus(y, x, residual)
 
 
-def _plus(y: mx.array, residual: mx.array | None) -> mx.array:
-    """y [N] float32, or residual + y in the residual's dtype (summed in float32, rounded once)."""
-    return y if residual is None else (y + residual.astype(mx.float32)).astype(residual.dtype)
+def _plus(y: mx.array, x: mx.array, residual: mx.array | None) -> mx.array:
+    """One token's y [N] float32 shaped _shape(x, residual, N): residual + y in the residual's dtype
+    (summed in float32, rounded once), or y."""
+    if residual is None:
+        return y.reshape(_shape(x, None, y.size))
+    return (y + residual.astype(mx.float32)).astype(residual.dtype)
+
+
+def _shape(x: mx.array, residual: mx.array | None, N: int) -> tuple:
+    """A block's output shape for one token x [..., K]: the residual's, else x's with N last."""
+    return residual.shape if residual is not None else (*x.shape[:-1], N)
 
 
 def linear_decode_reference(x: mx.array, layer, residual: mx.array | None = None) -> mx.array:
-    """residual + layer(x) for one token x [K] -> [N] (float32 without a residual)."""
-    return _plus(_ref(x.reshape(1, -1), layer)[0], residual)
+    """residual + layer(x) for one token x [..., K] -> [..., N] (float32 without a residual)."""
+    return _plus(_ref(x.reshape(1, -1), layer)[0], x, residual)
 
 
 def qkv_decode_reference(x: mx.array, q, k, v, shapes: tuple) -> tuple[mx.array, mx.array, mx.array]:
-    """q, k, v projections (with their biases, if any) of one token x [K], in x's dtype, shaped `shapes`."""
+    """q, k, v projections (with their biases, if any) of one token x [..., K], in x's dtype, shaped `shapes`."""
     out = []
     for layer, shape in zip((q, k, v), shapes):
         y = _ref(x.reshape(1, -1), layer)[0]
@@ -446,15 +455,17 @@ def qkv_decode_reference(x: mx.array, q, k, v, shapes: tuple) -> tuple[mx.array,
     return tuple(out)
 
 
-def router_select_reference(logits: mx.array, bias: mx.array, k: int, norm: bool, scale: float):
-    """The router's choice from its float32 logits [E]: (expert ids [k] uint32, best first; their
-    sigmoid scores, normalised to sum 1 when `norm`, times `scale`, float32)."""
-    scores = mx.sigmoid(logits.astype(mx.float32))
+def router_select_reference(logits: mx.array, bias: mx.array, k: int, norm: bool, scale: float,
+                            lead: tuple = ()):
+    """The router's choice from one token's float32 logits (E of them, any shape): (expert ids
+    [*lead, k] uint32, best first; their sigmoid scores, normalised to sum 1 when `norm`, times
+    `scale`, float32)."""
+    scores = mx.sigmoid(logits.reshape(-1).astype(mx.float32))
     inds = mx.argsort(-(scores + bias.astype(mx.float32)))[:k].astype(mx.uint32)
     w = scores[inds]
     if norm:
         w = w / (w.sum() + 1e-20)
-    return inds, w * scale
+    return inds.reshape(*lead, k), (w * scale).reshape(*lead, k)
 
 
 # --- the dispatch: the backend's kernel, else the reference ----------------------
@@ -475,8 +486,9 @@ def gather_qmv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, ind
 def moe_decode(x: mx.array, experts, inds: mx.array | None, weights: mx.array | None, shared=None,
                residual: mx.array | None = None) -> mx.array:
     """moe_decode_reference's numbers in two launches on a GPU: the routed experts' and the shared
-    expert's SwiGLU halves in one, their down projections, weighted sum and the residual in the other."""
-    kind, K = _gpu(x), x.shape[-1]
+    expert's SwiGLU halves in one, their down projections, weighted sum and the residual in the other.
+    The operands go in as they are (the kernels read them flat): a reshape is an op to build and encode."""
+    kind, K = _gpu(x), x.size
     glus = [m for m in (experts, shared) if m is not None]
     H = glus[0].gate_proj["weight"].shape[-2] if glus else 0
     ok = kind is not None and glus and H % 8 == 0 and all(
@@ -485,7 +497,6 @@ def moe_decode(x: mx.array, experts, inds: mx.array | None, weights: mx.array | 
         and (m.gate_proj.bits, m.gate_proj.group_size) == (m.up_proj.bits, m.up_proj.group_size) for m in glus)
     if not ok:
         return moe_decode_reference(x, experts, inds, weights, shared, residual)
-    x = x.reshape(-1)
     k = inds.size if experts is not None else 0
     lead = experts if experts is not None else shared
     side = shared if shared is not None else experts
@@ -496,40 +507,41 @@ def moe_decode(x: mx.array, experts, inds: mx.array | None, weights: mx.array | 
              SGROUP=sg.group_size, SBITS=sg.bits, ROWS=k)[0]
     d, sd = lead.down_proj, side.down_proj
     D = d["weight"].shape[-2]
-    wts = _as(weights, mx.float32).reshape(-1) if experts is not None else _dummy(mx.float32)
+    wts = _as(weights, mx.float32) if experts is not None else _dummy(mx.float32)
     return _run(kind, "glm_expert_down", [h, *_q(d), inds, wts, *_q(sd), _res(residual)], D, 1,
-                [_out(residual, D)], terms=k + (shared is not None), K=H, N=D, GROUP=d.group_size,
+                [_out(x, residual, D)], terms=k + (shared is not None), K=H, N=D, GROUP=d.group_size,
                 BITS=d.bits, SGROUP=sd.group_size, SBITS=sd.bits, ROWS=k, SHARED=int(shared is not None),
                 RES=int(residual is not None))[0]
 
 
 def _res(residual: mx.array | None) -> mx.array:
-    """A down kernel's residual input: flat, or a placeholder it does not read."""
-    return residual.reshape(-1) if residual is not None else _dummy(mx.float32)
+    """A down kernel's residual input, or a placeholder it does not read."""
+    return residual if residual is not None else _dummy(mx.float32)
 
 
-def _out(residual: mx.array | None, N: int) -> tuple:
-    """A down kernel's output: [N] in the residual's dtype, else float32."""
-    return (N,), residual.dtype if residual is not None else mx.float32
+def _out(x: mx.array, residual: mx.array | None, N: int) -> tuple:
+    """A down kernel's output: shaped _shape(x, residual, N), in the residual's dtype, else float32."""
+    return _shape(x, residual, N), residual.dtype if residual is not None else mx.float32
 
 
 def linear_decode(x: mx.array, layer, residual: mx.array | None = None) -> mx.array:
-    """residual + layer(x) for one token x [K] -> [N] (float32 without a residual), one launch on a GPU."""
-    kind, K = _gpu(x), x.shape[-1]
+    """residual + layer(x) for one token x [..., K] -> [..., N] (float32 without a residual; else shaped
+    and typed like the residual), one launch on a GPU."""
+    kind, K = _gpu(x), x.size
     if kind is None or not _fits(layer, K) or "bias" in layer:
         return linear_decode_reference(x, layer, residual)
     N = layer["weight"].shape[-2]
-    return _run(kind, "glm_expert_down", [x.reshape(-1), _dummy(mx.uint32), _dummy(mx.bfloat16),
+    return _run(kind, "glm_expert_down", [x, _dummy(mx.uint32), _dummy(mx.bfloat16),
                                           _dummy(mx.bfloat16), _dummy(mx.uint32), _dummy(mx.float32),
                                           *_q(layer), _res(residual)], N, 1,
-                [_out(residual, N)], K=K, N=N,
+                [_out(x, residual, N)], K=K, N=N,
                 GROUP=layer.group_size, BITS=layer.bits, SGROUP=layer.group_size, SBITS=layer.bits, ROWS=0,
                 SHARED=1, RES=int(residual is not None))[0]
 
 
 def qkv_decode(x: mx.array, q, k, v, shapes: tuple) -> tuple[mx.array, mx.array, mx.array]:
     """qkv_decode_reference's numbers in one launch on a GPU."""
-    kind, K = _gpu(x), x.shape[-1]
+    kind, K = _gpu(x), x.size
     NQ, NK = q["weight"].shape[0], k["weight"].shape[0]
     bias = ["bias" in p for p in (q, k, v)]
     ok = (kind is not None and all(_fits(p, K) for p in (q, k, v)) and v["weight"].shape[0] == NK
@@ -538,18 +550,18 @@ def qkv_decode(x: mx.array, q, k, v, shapes: tuple) -> tuple[mx.array, mx.array,
     if not ok:
         return qkv_decode_reference(x, q, k, v, shapes)
     b = [p["bias"] if bias[0] else _dummy(mx.float32) for p in (q, k, v)]
-    return tuple(_run(kind, "glm_qkv", [x.reshape(-1), *_q(q), b[0], *_q(k), b[1], *_q(v), b[2]], NQ + 2 * NK, 1,
+    return tuple(_run(kind, "glm_qkv", [x, *_q(q), b[0], *_q(k), b[1], *_q(v), b[2]], NQ + 2 * NK, 1,
                       [(shape, x.dtype) for shape in shapes], K=K, NQ=NQ, NK=NK, GROUP=q.group_size, BITS=q.bits,
                       BIAS=int(bias[0])))
 
 
-def router_select(logits: mx.array, bias: mx.array, k: int, norm: bool, scale: float):
+def router_select(logits: mx.array, bias: mx.array, k: int, norm: bool, scale: float, lead: tuple = ()):
     """router_select_reference's choice in one launch (one simdgroup) on a GPU."""
     kind = backend()
     E = logits.size
     if kind == "cpu" or E > 32 * 16 or logits.dtype != mx.float32 or bias.dtype != mx.float32:
-        return router_select_reference(logits, bias, k, norm, scale)
+        return router_select_reference(logits, bias, k, norm, scale, lead)
     return tuple(_kernel(kind, "glm_router_select")(
-        inputs=[logits.reshape(-1), bias, _const(float(scale), mx.float32)],
+        inputs=[logits, bias, _const(float(scale), mx.float32)],
         template=[("E", E), ("TOPK", k), ("NORM", int(norm))], grid=(32, 1, 1), threadgroup=(32, 1, 1),
-        output_shapes=[(k,), (k,)], output_dtypes=[mx.uint32, mx.float32]))
+        output_shapes=[(*lead, k)] * 2, output_dtypes=[mx.uint32, mx.float32]))

@@ -20,7 +20,7 @@ import numpy as np
 from convert.safetensors_io import sha256_file as _sha256
 
 from .config import ModelArgs
-from .model import Model
+from .model import Model, Router
 
 MANIFEST = "glm_mlx.json"
 VERIFIED = ".glm_mlx_verified.json"
@@ -123,6 +123,16 @@ def expert_bytes(manifest: dict) -> int:
     return sum(e["stride"] * e["num_experts"] for e in manifest["experts"].values())
 
 
+def prepare_model(model: Model) -> None:
+    """Load-time preparation: each router's weight and correction bias in float32, the dtype it
+    computes in (as transformers' does, casting on every call): cast once here rather than on every
+    token (an op per layer per token; 4 bytes instead of 2 a weight, 1 MB a layer for the Air)."""
+    for _, m in model.named_modules():
+        if isinstance(m, Router):
+            m.weight = m.weight.astype(mx.float32)
+            m.e_score_correction_bias = m.e_score_correction_bias.astype(mx.float32)
+
+
 def load_model(path: str | Path, dtype: str | None = None,
                expert_memory: str | int | None = None) -> tuple[Model, dict]:
     """(model, manifest). `expert_memory` (bytes, "24GB", "auto"): routed experts
@@ -165,6 +175,7 @@ def load_model(path: str | Path, dtype: str | None = None,
         model.load_weights(weights, strict=True)
     except ValueError as e:
         raise ModelFolderError(f"{folder}: weights do not match the config ({e})") from None
+    prepare_model(model)
     model.eval()
     mx.eval(model.parameters())
     return model, manifest

@@ -43,7 +43,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         hd, fused = self.head_dim, B * T == 1 and decode_kernels(self.q_proj, self.k_proj, self.v_proj, self.o_proj)
         if fused:
-            q, k, v = qkv_decode(x.reshape(-1), self.q_proj, self.k_proj, self.v_proj,
+            q, k, v = qkv_decode(x, self.q_proj, self.k_proj, self.v_proj,
                                  ((1, self.n_heads, 1, hd), (1, self.n_kv_heads, 1, hd), (1, self.n_kv_heads, 1, hd)))
         else:
             q = self.q_proj(x).reshape(B, T, self.n_heads, hd).transpose(0, 2, 1, 3)
@@ -58,9 +58,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         o = attend(q, k, v, cache, self.scale, causal=T > 1)
-        if fused:
-            y = linear_decode(o.reshape(-1), self.o_proj, None if residual is None else residual.reshape(-1))
-            return y.astype(x.dtype).reshape(B, T, -1)
+        if fused:  # o [1, H, 1, hd] goes in as it is: the kernel reads it flat
+            if residual is None:
+                return linear_decode(o.reshape(B, T, -1), self.o_proj).astype(x.dtype)
+            return linear_decode(o, self.o_proj, residual).astype(x.dtype)
         y = self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
         return y if residual is None else residual + y
 
@@ -75,8 +76,7 @@ class MLP(nn.Module):
     def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
         """down(silu(gate(x)) * up(x)), plus `residual` when given (one token on a GPU: two launches)."""
         if x.size == x.shape[-1] and self.decodes():
-            y = moe_decode(x.reshape(-1), None, None, None, self, None if residual is None else residual.reshape(-1))
-            return y.astype(x.dtype).reshape(x.shape)
+            return moe_decode(x, None, None, None, self, residual).astype(x.dtype)
         y = self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
         return y if residual is None else residual + y
 
@@ -97,12 +97,13 @@ class Router(nn.Module):
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
         f32 = mx.float32
-        fused = x.size == x.shape[-1] and decode_kernels() and self.topk_group >= self.n_group
-        logits = (x.reshape(1, -1) if fused else x).astype(f32) @ self.weight.astype(f32).T
-        if fused:  # one token on a GPU: everything after the logits in one launch (glm_mlx/kernels.py)
-            inds, weights = router_select(logits.reshape(-1), self.e_score_correction_bias.astype(f32), self.top_k,
-                                          self.norm_topk_prob, self.scaling)
-            return inds.reshape(*x.shape[:-1], -1), weights.reshape(*x.shape[:-1], -1)
+        if x.size == x.shape[-1] and decode_kernels() and self.topk_group >= self.n_group:
+            # one token on a GPU: W x as a matrix-vector product (no transpose), then everything after
+            # the logits in one launch (glm_mlx/kernels.py)
+            logits = self.weight.astype(f32) @ x.reshape(-1, 1).astype(f32)
+            return router_select(logits, self.e_score_correction_bias.astype(f32), self.top_k, self.norm_topk_prob,
+                                 self.scaling, x.shape[:-1])
+        logits = x.astype(f32) @ self.weight.astype(f32).T
         scores = mx.sigmoid(logits)
         choice = scores + self.e_score_correction_bias.astype(mx.float32)
         if self.topk_group < self.n_group:
@@ -137,9 +138,7 @@ class MoE(nn.Module):
             if slots is not None:
                 shared = self.shared_experts
                 fuse = shared.decodes()
-                y = moe_decode(x.reshape(-1), glu, slots.reshape(-1), weights.reshape(-1), shared if fuse else None,
-                               None if residual is None else residual.reshape(-1))
-                y = y.astype(x.dtype).reshape(x.shape)
+                y = moe_decode(x, glu, slots, weights, shared if fuse else None, residual).astype(x.dtype)
                 return y if fuse else y + shared(x)
         y = self.experts(x, inds)  # [..., k, D]
         y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2) + self.shared_experts(x)
@@ -247,7 +246,7 @@ class Model(nn.Module):
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(hidden)
         if hidden.size == hidden.shape[-1] and decode_kernels(self.lm_head):  # one token on a GPU
-            return linear_decode(hidden.reshape(-1), self.lm_head).reshape(*hidden.shape[:-1], -1)
+            return linear_decode(hidden, self.lm_head)
         return self.lm_head(hidden)
 
     def make_cache(self, kv_bits: int | None = None) -> list:

@@ -117,6 +117,22 @@ def test_bf16_compute_is_close_to_float32(converted):
     assert rel_err(b, a) < 0.1
 
 
+def test_routers_load_in_float32_and_compute_as_when_cast_per_call(converted, monkeypatch):
+    # uniform4 stores the routers in bf16; the model casts them once at load, the numbers unchanged
+    from glm_mlx import loading
+    from glm_mlx.model import Router
+
+    folder = converted("air-tiny", "uniform4")
+    model, _ = glm_mlx.load(folder)
+    routers = [m for _, m in model.named_modules() if isinstance(m, Router)]
+    assert routers and all(r.weight.dtype == r.e_score_correction_bias.dtype == mx.float32 for r in routers)
+    monkeypatch.setattr(loading, "prepare_model", lambda model: None)
+    stored, _ = glm_mlx.load(folder)
+    assert any(m.weight.dtype == mx.bfloat16 for _, m in stored.named_modules() if isinstance(m, Router))
+    toks = tokens(model.args.vocab_size)
+    assert mx.array_equal(model(toks), stored(toks)).item()
+
+
 @pytest.mark.parametrize("fmt", ["bf16", "fp8"])
 def test_mtp_layer_survives_conversion(fmt, checkpoint, converted):
     from convert.checkpoint import Checkpoint
