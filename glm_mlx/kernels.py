@@ -490,22 +490,23 @@ def moe_decode(x: mx.array, experts, inds: mx.array | None, weights: mx.array | 
     The operands go in as they are (the kernels read them flat): a reshape is an op to build and encode."""
     kind, K = _gpu(x), x.size
     glus = [m for m in (experts, shared) if m is not None]
-    H = glus[0].gate_proj["weight"].shape[-2] if glus else 0
-    ok = kind is not None and glus and H % 8 == 0 and all(
-        _fits(m.gate_proj, K) and _fits(m.up_proj, K) and _fits(m.down_proj, H)
-        and m.gate_proj["weight"].shape[-2] == m.up_proj["weight"].shape[-2] == H
-        and (m.gate_proj.bits, m.gate_proj.group_size) == (m.up_proj.bits, m.up_proj.group_size) for m in glus)
+    H = glus[0]["gate_proj"]["weight"].shape[-2] if glus else 0
+    ok = kind is not None and glus and H % 8 == 0
+    for m in glus if ok else ():
+        g, u, d = m["gate_proj"], m["up_proj"], m["down_proj"]
+        ok = ok and (_fits(g, K) and _fits(u, K) and _fits(d, H) and g["weight"].shape[-2] == u["weight"].shape[-2] == H
+                     and (g.bits, g.group_size) == (u.bits, u.group_size))
     if not ok:
         return moe_decode_reference(x, experts, inds, weights, shared, residual)
     k = inds.size if experts is not None else 0
     lead = experts if experts is not None else shared
     side = shared if shared is not None else experts
     inds = _as(inds, mx.uint32) if experts is not None else _dummy(mx.uint32)
-    g, u, sg, su = lead.gate_proj, lead.up_proj, side.gate_proj, side.up_proj
+    g, u, sg, su = lead["gate_proj"], lead["up_proj"], side["gate_proj"], side["up_proj"]
     h = _run(kind, "glm_expert_up", [x, *_q(g), *_q(u), inds, *_q(sg), *_q(su)], H, k + (shared is not None),
              [((k + (shared is not None), H), mx.float32)], K=K, N=H, GROUP=g.group_size, BITS=g.bits,
              SGROUP=sg.group_size, SBITS=sg.bits, ROWS=k)[0]
-    d, sd = lead.down_proj, side.down_proj
+    d, sd = lead["down_proj"], side["down_proj"]
     D = d["weight"].shape[-2]
     wts = _as(weights, mx.float32) if experts is not None else _dummy(mx.float32)
     return _run(kind, "glm_expert_down", [h, *_q(d), inds, wts, *_q(sd), _res(residual)], D, 1,

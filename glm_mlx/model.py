@@ -40,29 +40,39 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, cache: KVCache | None = None, residual: mx.array | None = None) -> mx.array:
         """Attention output [B, T, D], plus `residual` when given (one token on a GPU: in the
         same launch as o_proj, and q, k, v in one launch: glm_mlx/kernels.py)."""
-        B, T, _ = x.shape
-        hd, fused = self.head_dim, B * T == 1 and decode_kernels(self.q_proj, self.k_proj, self.v_proj, self.o_proj)
-        if fused:
-            q, k, v = qkv_decode(x, self.q_proj, self.k_proj, self.v_proj,
-                                 ((1, self.n_heads, 1, hd), (1, self.n_kv_heads, 1, hd), (1, self.n_kv_heads, 1, hd)))
-        else:
-            q = self.q_proj(x).reshape(B, T, self.n_heads, hd).transpose(0, 2, 1, 3)
-            k = self.k_proj(x).reshape(B, T, self.n_kv_heads, hd).transpose(0, 2, 1, 3)
-            v = self.v_proj(x).reshape(B, T, self.n_kv_heads, hd).transpose(0, 2, 1, 3)
-        if self.use_qk_norm:  # over head_dim, the last axis either way
-            q, k = self.q_norm(q), self.k_norm(k)
-        offset = cache.offset if cache is not None else 0
-        # RoPE on the first rope_dims of each head, rotate-half form; the rest passes.
-        rope = dict(dims=self.rope_dims, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
-        q, k = mx.fast.rope(q, **rope), mx.fast.rope(k, **rope)
+        q, k, v = self.project(x, cache.offset if cache is not None else 0)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        o = attend(q, k, v, cache, self.scale, causal=T > 1)
-        if fused:  # o [1, H, 1, hd] goes in as it is: the kernel reads it flat
+        return self.output(attend(q, k, v, cache, self.scale, causal=x.shape[1] > 1), residual)
+
+    def project(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """q, k, v [B, heads, T, head_dim] of x [B, T, D], RoPE'd from position `offset` (an int, or an
+        int array: a compiled step's input)."""
+        B, T, _ = x.shape
+        qp, kp, vp = self.q_proj, self.k_proj, self.v_proj
+        hd = self.head_dim
+        if B * T == 1 and decode_kernels(qp, kp, vp):
+            q, k, v = qkv_decode(x, qp, kp, vp,
+                                 ((1, self.n_heads, 1, hd), (1, self.n_kv_heads, 1, hd), (1, self.n_kv_heads, 1, hd)))
+        else:
+            q = qp(x).reshape(B, T, self.n_heads, hd).transpose(0, 2, 1, 3)
+            k = kp(x).reshape(B, T, self.n_kv_heads, hd).transpose(0, 2, 1, 3)
+            v = vp(x).reshape(B, T, self.n_kv_heads, hd).transpose(0, 2, 1, 3)
+        if self.use_qk_norm:  # over head_dim, the last axis either way
+            q, k = self.q_norm(q), self.k_norm(k)
+        # RoPE on the first rope_dims of each head, rotate-half form; the rest passes.
+        rope = dict(dims=self.rope_dims, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
+        return mx.fast.rope(q, **rope), mx.fast.rope(k, **rope), v
+
+    def output(self, o: mx.array, residual: mx.array | None = None) -> mx.array:
+        """o_proj of the heads' outputs o [B, heads, T, head_dim] -> [B, T, D], plus `residual` when given."""
+        B, _, T, _ = o.shape
+        op = self.o_proj
+        if B * T == 1 and decode_kernels(op):  # o goes in as it is: the kernel reads it flat
             if residual is None:
-                return linear_decode(o.reshape(B, T, -1), self.o_proj).astype(x.dtype)
-            return linear_decode(o, self.o_proj, residual).astype(x.dtype)
-        y = self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
+                return linear_decode(o.reshape(B, T, -1), op).astype(o.dtype)
+            return linear_decode(o, op, residual)
+        y = op(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
         return y if residual is None else residual + y
 
 
@@ -101,8 +111,8 @@ class Router(nn.Module):
             # one token on a GPU: W x as a matrix-vector product (no transpose), then everything after
             # the logits in one launch (glm_mlx/kernels.py)
             logits = self.weight.astype(f32) @ x.reshape(-1, 1).astype(f32)
-            return router_select(logits, self.e_score_correction_bias.astype(f32), self.top_k, self.norm_topk_prob,
-                                 self.scaling, x.shape[:-1])
+            return router_select(logits, self.e_score_correction_bias.astype(f32), self.top_k,
+                                 self.norm_topk_prob, self.scaling, x.shape[:-1])
         logits = x.astype(f32) @ self.weight.astype(f32).T
         scores = mx.sigmoid(logits)
         choice = scores + self.e_score_correction_bias.astype(mx.float32)
@@ -131,10 +141,11 @@ class MoE(nn.Module):
     def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
         """The routed experts' weighted sum and the shared expert's output, plus `residual` when given."""
         inds, weights = self.gate(x)
-        if x.size == x.shape[-1] and fused_decode(self.experts):
+        experts = self.experts
+        if x.size == x.shape[-1] and fused_decode(experts):
             # one token on a GPU: routed and shared experts and the residual in two launches
-            glu = getattr(self.experts, "fused_glu", self.experts)
-            slots = inds if glu is self.experts else self.experts.slots_for(x, inds)  # an offloaded bank's
+            glu = _fused_glu(experts)
+            slots = inds if glu is experts else experts.slots_for(x, inds)  # an offloaded bank's
             if slots is not None:
                 shared = self.shared_experts
                 fuse = shared.decodes()
@@ -148,9 +159,14 @@ class MoE(nn.Module):
 def fused_decode(experts) -> bool:
     """Whether a token's routed experts go through the fused kernels: quantized
     stacked experts, resident or an offloaded bank (not LoRA-wrapped), on a GPU."""
-    glu = getattr(experts, "fused_glu", experts)  # an offloaded bank names the SwitchGLU it computes on
+    glu = _fused_glu(experts)
     return (type(glu) is SwitchGLU and decode_kernels()
-            and all(type(getattr(glu, p)) is QuantizedSwitchLinear for p in ("gate_proj", "up_proj", "down_proj")))
+            and all(type(glu[p]) is QuantizedSwitchLinear for p in ("gate_proj", "up_proj", "down_proj")))
+
+
+def _fused_glu(experts):
+    """The SwitchGLU a token's routed experts compute on: theirs, or the one an offloaded bank names."""
+    return experts if type(experts) is SwitchGLU else getattr(experts, "fused_glu", experts)
 
 
 def decode_kernels(*layers) -> bool:
@@ -171,8 +187,61 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+        if (x.size == x.shape[-1] and cache is not None and COMPILED_DECODE and decode_kernels()
+                and not _host_side(self.mlp)):  # one token on a GPU
+            project, finish = self._decode_plan()
+            q, k, v = project(x, mx.array(cache.offset, mx.int32))
+            k, v = cache.update_and_fetch(k, v)
+            return finish(attend(q, k, v, cache, self.self_attn.scale, causal=False), x)
         h = self.self_attn(self.input_layernorm(x), cache, residual=x)
+        return self._mlp_half(h)
+
+    def _project(self, x: mx.array, offset: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        return self.self_attn.project(self.input_layernorm(x), offset)
+
+    def _finish(self, o: mx.array, x: mx.array) -> mx.array:
+        return self._mlp_half(self.self_attn.output(o, residual=x))
+
+    def _mlp_half(self, h: mx.array) -> mx.array:
         return self.mlp(self.post_attention_layernorm(h), residual=h)
+
+    def _decode_plan(self):
+        """One token's layer as two compiled halves around the KV cache: (norm, q|k|v, RoPE) and
+        (o_proj + residual, norm, MLP + residual). Their ops are rebuilt from a trace in C++ rather
+        than by Python on every token: a decode step is bound by the host (scripts/compile_probe.py).
+        A trace holds the weights it saw, so both are traced again whenever any module or array of
+        the layer is another one (weights loaded, an adapter applied or fused, a dtype set) or
+        FUSED_DECODE changes."""
+        key = (FUSED_DECODE, _identity(self))
+        plan = self.__dict__.get("_plan")
+        if plan is None or plan[0] != key:
+            plan = (key, (mx.compile(self._project), mx.compile(self._finish)))
+            object.__setattr__(self, "_plan", plan)  # a plain attribute, not a parameter
+        return plan[1]
+
+
+COMPILED_DECODE = True
+
+
+def _host_side(mlp) -> bool:
+    """Whether an MLP's computation needs the host mid-step (an offloaded bank reads experts),
+    which a compiled trace cannot hold."""
+    return hasattr(type(mlp.get("experts")), "slots_for")
+
+
+def _identity(tree) -> tuple:
+    """The ids of a module's submodules and arrays, in order: equal only while it holds the same ones
+    (a traced computation holds those it saw; each is kept alive by it, so no id is reused meanwhile)."""
+    out, stack = [], [tree]
+    while stack:
+        t = stack.pop()
+        out.append(id(t))
+        for v in t.values() if isinstance(t, dict) else t:
+            if isinstance(v, mx.array):
+                out.append(id(v))
+            elif isinstance(v, (dict, list, tuple)):
+                stack.append(v)
+    return tuple(out)
 
 
 class SharedHead(nn.Module):

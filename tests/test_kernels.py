@@ -112,6 +112,7 @@ def test_the_model_decodes_the_same_through_the_fused_path(converted, monkeypatc
     plain = decode()
     calls = []
     monkeypatch.setattr(model_mod, "backend", lambda: "cuda")  # take the fused path (its references, on the CPU)
+    monkeypatch.setattr(model_mod, "COMPILED_DECODE", False)  # count every call (a compiled trace replays them)
     for name in ("moe_decode", "qkv_decode", "linear_decode", "router_select"):
         real = getattr(model_mod, name)
         monkeypatch.setattr(model_mod, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
@@ -123,6 +124,34 @@ def test_the_model_decodes_the_same_through_the_fused_path(converted, monkeypatc
     moe_layers = a.num_hidden_layers - a.first_k_dense_replace
     assert calls.count("router_select") == (8 * moe_layers if a.n_group == a.topk_group else 0)
     assert rel_err(fused, plain) < 1e-5
+
+
+def test_compiled_decode_equals_the_plain_path_and_follows_new_weights(converted, monkeypatch):
+    """One token on a GPU runs each layer's MLP half through mx.compile (here over the kernels'
+    references, on the CPU): the logits stay those of the uncompiled path, and a trace is redone
+    when the weights under it change (it holds the ones it saw)."""
+    model, _ = load_model(converted("air-tiny", "mixed"), "float32")
+    monkeypatch.setattr(model_mod, "backend", lambda: "cuda")
+    toks = np.random.default_rng(2).integers(0, model.args.vocab_size, size=(1, 9))
+
+    def decode(compiled: bool):
+        monkeypatch.setattr(model_mod, "COMPILED_DECODE", compiled)
+        cache = model.make_cache()
+        mx.eval(model(toks[:, :3], cache))
+        return np.concatenate([np.array(model(toks[:, t : t + 1], cache)) for t in range(3, 9)], axis=1)
+
+    plain, compiled = decode(False), decode(True)
+    layers = model.model.layers
+    assert all("_plan" in layer.__dict__ for layer in layers)  # the compiled path was taken
+    assert rel_err(compiled, plain) < 1e-6
+    traces = [layer.__dict__["_plan"][1] for layer in layers]
+    norm = layers[-1].post_attention_layernorm
+    norm.weight = norm.weight * 3  # another array under the last layer's MLP half
+    plain2, compiled2 = decode(False), decode(True)
+    assert rel_err(plain2, plain) > 1e-3  # the change matters...
+    assert rel_err(compiled2, plain2) < 1e-6  # ...and the compiled path follows it
+    assert [layer.__dict__["_plan"][1] is t for layer, t in zip(layers, traces)] == \
+        [True] * (len(layers) - 1) + [False]  # only that layer traced again
 
 
 def test_every_kernel_body_uses_only_the_shared_names():
