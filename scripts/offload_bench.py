@@ -28,6 +28,7 @@ import numpy as np
 
 from convert.convert import FORMAT_VERSION, MANIFEST, experts_entry, write_json_atomic
 from convert.safetensors_io import SafetensorsWriter, bf16_bits, write_safetensors
+import glm_mlx.model as model_mod
 from glm_mlx.bench import bench_config
 from glm_mlx.loading import write_verified_stamp
 
@@ -189,7 +190,10 @@ def run(folder: Path, budget_frac: float, kind: str, tokens: int, warm: int, var
     tr = trace(kind, warm + tokens, a.num_hidden_layers, a.n_routed_experts, a.num_experts_per_tok, seed=1)
     step = [0]
     k = a.num_experts_per_tok
-    for i, layer in enumerate(model.model.layers):  # the trace stands in for the router
+    # The trace stands in for the router. It is read on the host each token, which a compiled
+    # decode trace would freeze at its first token: the resident model runs its layers uncompiled.
+    model_mod.COMPILED_DECODE = False
+    for i, layer in enumerate(model.model.layers):
         layer.mlp.gate = lambda x, i=i: (mx.array(tr[step[0], i][None, None]), mx.full((1, 1, k), 1.0 / k))
     banks = offload.offloaded_banks(model)  # in layer order
     if accuracy is not None:
