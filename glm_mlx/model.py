@@ -230,8 +230,9 @@ def _host_side(mlp) -> bool:
 
 
 def _identity(tree) -> tuple:
-    """The ids of a module's submodules and arrays, in order: equal only while it holds the same ones
-    (a traced computation holds those it saw; each is kept alive by it, so no id is reused meanwhile)."""
+    """The ids of a module's submodules and arrays, in order: equal only while it holds the same ones.
+    A trace keeps the arrays it saw alive, so their ids are not reused while it is in use; a module
+    replaced by another brings other arrays with it."""
     out, stack = [], [tree]
     while stack:
         t = stack.pop()
