@@ -4,6 +4,7 @@ checked against these by scripts/kernel_check.py on the GPU machine)."""
 from __future__ import annotations
 
 import json
+import os
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -194,3 +195,14 @@ def test_offloaded_experts_take_the_same_fused_path(converted, monkeypatch):
     assert any(banked)  # the bank computed through the fused path
     model, _ = load_model(folder, "float32", expert_memory=2 * stride)  # they do not: summed in groups
     assert rel_err(decode(model), want) < 1e-5
+
+
+def test_compiled_decode_turns_off_from_the_environment():
+    import subprocess
+    import sys
+
+    code = "import glm_mlx.model as m; print(m.COMPILED_DECODE)"
+    for value, want in (("0", "False"), ("1", "True")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "GLM_MLX_COMPILED_DECODE": value})
+        assert out.stdout.strip() == want
