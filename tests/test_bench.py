@@ -106,3 +106,22 @@ def test_bytes_per_step_is_the_arrays_a_token_reads():
     cache = fill_cache(model.make_cache(), a, 64, 2, mx.float32, 0)
     assert cache[0].offset == 64 and cache[0].keys.shape[2] == 256  # room for the steps, in the caches' steps
     assert kv_bytes_per_position(cache) == a.num_hidden_layers * 2 * hkv * s
+
+
+def test_decode_trace_counts_a_steps_ops_for_both_runtimes(capsys, monkeypatch):
+    # scripts/decode_trace.py on the small shape, without the device trace (no CUDA here)
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        import decode_trace
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(sys, "argv", ["decode_trace", "--shape", "small", "--layers", "1", "--context", "32",
+                                      "--steps", "2", "--no-trace"])
+    decode_trace.main()
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["report"]
+    assert set(report) == {"ours", "mlx-lm"}
+    for r in report.values():
+        assert r["ops_per_step"] == sum(r["ops"].values()) > 0
+        assert len(r["wall_us_per_step"]) == 3 and min(r["wall_us_per_step"]) > 0 and r["device"] is None
