@@ -175,7 +175,7 @@ def build_mlx_lm(cfg: dict, weights, recipe: str) -> nn.Module:
 def build_ours(cfg: dict, weights_by_layer_fn, recipe: str) -> Model:
     """Our Model from checkpoint-named weights (experts stacked), quantized per `recipe`, the
     unquantized tensors at the recipe's dtype as convert writes them (mixed: the router in
-    float32), then through loading's load-time preparation where there is one."""
+    float32), then through loading's load-time preparation."""
     args = ModelArgs.from_dict(cfg)
     model = Model(args)
     nn.quantize(model, class_predicate=_quant_predicate(recipe))
@@ -185,9 +185,7 @@ def build_ours(cfg: dict, weights_by_layer_fn, recipe: str) -> Model:
         return k, v.astype(getattr(mx, p.dtype)) if not p.bits and p.dtype != "source" else v
 
     _load_parts(model, args, weights_by_layer_fn, convert)
-    if (prepare := getattr(loading, "prepare_model", None)) is not None:
-        prepared = prepare(model)
-        model = model if prepared is None else prepared
+    loading.prepare_model(model)
     model.eval()
     mx.eval(model.parameters())
     return model
@@ -251,6 +249,22 @@ def copy_bandwidth(nbytes: int, repeats: int = 5) -> float:
 
 
 # ---- the runtimes ----------------------------------------------------------------------------
+
+def decode_seconds(step: Callable[[mx.array, list], mx.array], cache: list, steps: int) -> float:
+    """Seconds for `steps` greedy decode steps from token 1, as mlx_lm.generate_step and
+    glm_mlx.generate run them: step n + 1 is built and queued before step n's token is read, so
+    the host works while the device does."""
+    t0 = time.perf_counter()
+    y = mx.argmax(step(mx.array([[1]]), cache)[:, -1:], axis=-1)
+    mx.async_eval(y)
+    for _ in range(steps - 1):
+        nxt = mx.argmax(step(y, cache)[:, -1:], axis=-1)
+        mx.async_eval(nxt)
+        y.item()
+        y = nxt
+    y.item()
+    return time.perf_counter() - t0
+
 
 class Runtime(NamedTuple):
     model: nn.Module
@@ -318,18 +332,7 @@ def measure(name: str, cfg: dict, recipe: str, prompts: list[int], contexts: lis
             mx.clear_cache()  # what prefill left in MLX's buffer cache (MLX's CUDA memory is managed:
             # with the 60 GB model on an 80 GB card, that cache pushes pages out to the host)
             cache = fill_cache(rt.make_cache(), args, ctx, steps, dtype, seed)
-            t0 = time.perf_counter()
-            # as mlx_lm.generate_step and glm_mlx.generate run it: step n + 1 is built and
-            # queued before step n's token is read, so the host works while the device does
-            y = mx.argmax(rt.step(mx.array([[1]]), cache)[:, -1:], axis=-1)
-            mx.async_eval(y)
-            for _ in range(steps - 1):
-                nxt = mx.argmax(rt.step(y, cache)[:, -1:], axis=-1)
-                mx.async_eval(nxt)
-                y.item()
-                y = nxt
-            y.item()
-            dt = time.perf_counter() - t0
+            dt = decode_seconds(rt.step, cache, steps)
             del cache
         rec["decode_tps"][str(ctx)] = steps / dt
         rec["decode_bytes_per_step"][str(ctx)] = rec["weight_bytes_per_step"] + kv * mean_context(ctx, steps)

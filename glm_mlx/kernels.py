@@ -499,18 +499,19 @@ def moe_decode(x: mx.array, experts, inds: mx.array | None, weights: mx.array | 
     if not ok:
         return moe_decode_reference(x, experts, inds, weights, shared, residual)
     k = inds.size if experts is not None else 0
+    rows = k + (shared is not None)  # h's rows: the routed experts', then the shared expert's
     lead = experts if experts is not None else shared
     side = shared if shared is not None else experts
     inds = _as(inds, mx.uint32) if experts is not None else _dummy(mx.uint32)
     g, u, sg, su = lead["gate_proj"], lead["up_proj"], side["gate_proj"], side["up_proj"]
-    h = _run(kind, "glm_expert_up", [x, *_q(g), *_q(u), inds, *_q(sg), *_q(su)], H, k + (shared is not None),
-             [((k + (shared is not None), H), mx.float32)], K=K, N=H, GROUP=g.group_size, BITS=g.bits,
+    h = _run(kind, "glm_expert_up", [x, *_q(g), *_q(u), inds, *_q(sg), *_q(su)], H, rows, [((rows, H), mx.float32)],
+             K=K, N=H, GROUP=g.group_size, BITS=g.bits,
              SGROUP=sg.group_size, SBITS=sg.bits, ROWS=k)[0]
     d, sd = lead["down_proj"], side["down_proj"]
     D = d["weight"].shape[-2]
     wts = _as(weights, mx.float32) if experts is not None else _dummy(mx.float32)
     return _run(kind, "glm_expert_down", [h, *_q(d), inds, wts, *_q(sd), _res(residual)], D, 1,
-                [_out(x, residual, D)], terms=k + (shared is not None), K=H, N=D, GROUP=d.group_size,
+                [_out(x, residual, D)], terms=rows, K=H, N=D, GROUP=d.group_size,
                 BITS=d.bits, SGROUP=sd.group_size, SBITS=sd.bits, ROWS=k, SHARED=int(shared is not None),
                 RES=int(residual is not None))[0]
 

@@ -228,9 +228,11 @@ COMPILED_DECODE = os.environ.get("GLM_MLX_COMPILED_DECODE", "1") != "0"
 
 
 def _host_side(mlp) -> bool:
-    """Whether an MLP's computation needs the host mid-step (an offloaded bank reads experts),
-    which a compiled trace cannot hold."""
-    return hasattr(type(mlp.get("experts")), "slots_for")
+    """Whether an MLP's computation needs the host mid-step, which a compiled trace cannot hold:
+    its routed experts are an offloaded bank (it reads experts from disk), told apart as MoE's
+    fused path tells them (_fused_glu)."""
+    experts = mlp.get("experts")
+    return experts is not None and _fused_glu(experts) is not experts
 
 
 def _identity(tree) -> tuple:

@@ -22,11 +22,10 @@ import json
 import os
 import re
 import tempfile
-import time
 
 import mlx.core as mx
 
-from glm_mlx.bench import bench_config, fill_cache, make_runtime, random_weights
+from glm_mlx.bench import bench_config, decode_seconds, fill_cache, make_runtime, random_weights
 from glm_mlx.config import ModelArgs
 
 
@@ -38,19 +37,8 @@ def op_counts(out: mx.array) -> collections.Counter:
 
 
 def pipelined(step, cache, steps: int) -> float:
-    """Seconds per greedy step, the next step queued before this one's token is read."""
-    y = mx.array([[1]], mx.uint32)
-    logits = step(y, cache)
-    tok = mx.argmax(logits[:, -1], axis=-1, keepdims=True).astype(mx.uint32)
-    mx.async_eval(tok)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        nxt = mx.argmax(step(tok, cache)[:, -1], axis=-1, keepdims=True).astype(mx.uint32)
-        mx.async_eval(nxt)
-        tok.item()
-        tok = nxt
-    tok.item()
-    return (time.perf_counter() - t0) / steps
+    """Seconds per greedy step, decoded as the bench does (bench.decode_seconds)."""
+    return decode_seconds(step, cache, steps) / steps
 
 
 def trace(step, cache, steps: int) -> dict | None:

@@ -53,6 +53,12 @@ def copies(gb: float) -> int:
     return max(2, -int(-CACHE_BYTES // (gb * 1e9)))
 
 
+def expert_sets(E: int, M: int, n: int) -> list[mx.array]:
+    """n disjoint sets of M of E expert ids, each sorted: calls cycling through them read other experts."""
+    perm = mx.random.permutation(E).tolist()
+    return [mx.array(sorted(perm[j * M:(j + 1) * M]), mx.uint32) for j in range(n)]
+
+
 def per_call(fn, reps=50, rounds=5):
     """Microseconds per call of fn(i) -> array for i = 0 .. reps - 1 (fn cycles through copies of its
     weights): `reps` independent calls in one evaluation (run one after another on the stream, as a
@@ -137,8 +143,7 @@ def main():
         w, s, b = mx.quantize(W, 64, bits)
         del W
         x = mx.random.normal((xr, K)).astype(mx.bfloat16)
-        perm = mx.random.permutation(E).tolist()
-        sets = [mx.array(sorted(perm[j * M:(j + 1) * M]), mx.uint32) for j in range(min(copies(gb), E // M))]
+        sets = expert_sets(E, M, min(copies(gb), E // M))
         mx.eval(w, s, b, x, sets)
         want = gather_qmv_reference(x, w, s, b, sets[0], 64, bits)
         err = worst(lambda i: gather_qmv(x, w, s, b, sets[i % len(sets)], 64, bits), want)
@@ -164,8 +169,7 @@ def main():
         for m in shared:
             for p in ("gate_proj", "up_proj", "down_proj"):
                 setattr(m, p, quantized_linear(getattr(m, p).weight.shape))
-        perm = mx.random.permutation(E).tolist()
-        sets = [mx.array(sorted(perm[j * 8:(j + 1) * 8]), mx.uint32) for j in range(n)]
+        sets = expert_sets(E, 8, n)
         mx.eval(glu.parameters(), [m.parameters() for m in shared], sets)
         x, res = rand((D,), 1.0), rand((D,), 1.0)
         wts = mx.softmax(mx.random.normal((8,)))
