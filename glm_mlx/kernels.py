@@ -6,14 +6,16 @@ quantized matmul reads at half the card's bandwidth (scripts/kernel_check.py).
 So a decoder layer here is a handful of launches, each reading its weights
 once at close to the card's bandwidth:
 
-- `qkv_decode`: the q, k and v projections and their biases, one launch;
+- `qkv_decode`: the input RMSNorm, the q, k and v projections, their biases
+  and RoPE, one launch;
 - `linear_decode`: a projection plus the residual (o_proj), one launch;
-- `router_select`: the router's sigmoid, correction bias, top-k, normalisation
-  and scaling over its logits, one launch of one simdgroup;
-- `moe_decode`: the routed experts' gate, up and SwiGLU for the chosen experts
-  and the shared expert in one launch, their down projections, the router's
-  weighted sum, the shared expert's and the residual in a second (a dense MLP
-  is the same with no routed experts);
+- `router_logits`: the post-attention RMSNorm and the router's logits, one
+  launch; `router_select`: the router's sigmoid, correction bias, top-k,
+  normalisation and scaling over them, one launch of one simdgroup;
+- `moe_decode`: the norm, the routed experts' gate, up and SwiGLU for the
+  chosen experts and the shared expert in one launch, their down projections,
+  the router's weighted sum, the shared expert's and the residual in a second
+  (a dense MLP is the same with no routed experts);
 - `gather_qmv`: y[r] = W[inds[r]] @ x[r or 0], the building block, on its own.
 
 Weights are affine-quantized in MLX's layout (4 or 8 bits, groups along the
@@ -34,6 +36,8 @@ backend's kernel, or the reference where there is none (the CPU).
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 
 WARPS = 8  # simdgroups (warps) per threadgroup of 256 threads
@@ -41,8 +45,8 @@ RPW = 8  # output rows per row set: x is loaded once for all of them (scripts/ke
 WARPS_IN_FLIGHT = 4096  # simdgroups a launch aims for (_split): 132 SMs x 32 on an H100
 SPLIT = None  # simdgroups per row set, None for _split's choice (scripts/kernel_check.py --split)
 
-# One lane's share of R consecutive quantized rows' dot products with x[xbase : xbase + K],
-# weighted by wt, for one chunk c of 8 values (one 32-bit word per row at 4 bits, two at 8).
+# One lane's share of R quantized rows' dot products with x[xbase : xbase + K], weighted by
+# wt, for one chunk c of 8 values (one 32-bit word per row at 4 bits, two at 8).
 # The lanes of a row set take chunks sid, sid + 32 * SPLIT, ...: each row's bytes are read
 # contiguously by the whole set, and each x chunk (one 16-byte load of bf16, or two of
 # float) serves all R rows. Dequantized in registers:
@@ -63,16 +67,38 @@ FN void ld8(const DEV BF16_T* p, ulong i, LOC float* v) {
 FN float ld1(const DEV float* p, ulong i) { return p[i]; }
 FN float ld1(const DEV BF16_T* p, ulong i) { return BF16(p, i); }
 template <typename T> FN void put(DEV T* p, ulong i, float v) { p[i] = T(v); }
-template <int K, int GROUP, int BITS, int R, typename S, typename X>
-FN void dot_chunk(const DEV uint* w, const DEV S* scales, const DEV S* biases, ulong row0, uint rows,
-                  const DEV X* x, ulong xbase, uint c, float wt, LOC float* acc) {
+// 8 bf16 values packed in a 16-byte word of threadgroup memory.
+FN void ld8(const TG uint4* p, ulong i, LOC float* v) {
+    uint4 a = p[i];
+    uint u[4] = {a.x, a.y, a.z, a.w};
+    for (int j = 0; j < 4; j++) {
+        v[2 * j] = AS_FLOAT(u[j] << 16);
+        v[2 * j + 1] = AS_FLOAT(u[j] & 0xffff0000u);
+    }
+}
+// Two floats rounded to bf16 (to nearest, ties to even), packed in a word: a low, b high.
+FN uint bf16x2(float a, float b) {
+    uint u = AS_UINT(a), v = AS_UINT(b);
+    return ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16) | ((v + 0x7fffu + ((v >> 16) & 1u)) & 0xffff0000u);
+}
+// x's chunk c (8 values from xbase + 8 c) as floats in v: from the threadgroup's normalised copy
+// xn when NORM, else from x. Returns their sum.
+template <bool NORM, typename X>
+FN float ld_x(const DEV X* x, ulong xbase, uint c, const TG uint4* xn, LOC float* v) {
+    if (NORM) ld8(xn, c, v);
+    else ld8(x, xbase + c * 8, v);
+    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+// One lane's share of R quantized rows' dot products with x, for one chunk c of 8 values xv
+// (summing to xs), weighted by wt. Rows row0, row0 + 1, ..., the second half of them `gap`
+// further on (a RoPE pair's second row: 0 elsewhere).
+template <int K, int GROUP, int BITS, int R, typename S>
+FN void dot_chunk(const DEV uint* w, const DEV S* scales, const DEV S* biases, ulong row0, uint gap, uint rows,
+                  uint c, LOC const float* xv, float xs, float wt, LOC float* acc) {
     const uint wpr = K * BITS / 32;  // words per row
-    float xv[8];
-    ld8(x, xbase + c * 8, xv);
-    float xs = ((xv[0] + xv[1]) + (xv[2] + xv[3])) + ((xv[4] + xv[5]) + (xv[6] + xv[7]));
     for (int r = 0; r < R; r++) {
         if ((uint)r < rows) {
-            ulong row = row0 + r;
+            ulong row = row0 + r + (r >= R / 2 ? gap : 0);
             ulong g = row * (K / GROUP) + (c * 8) / GROUP;
             float dot = 0.0f;
             if (BITS == 4) {
@@ -87,12 +113,58 @@ FN void dot_chunk(const DEV uint* w, const DEV S* scales, const DEV S* biases, u
         }
     }
 }
-// A row set's R rows' dot products with x[xbase : xbase + K]: this lane's chunks of them.
-template <int K, int GROUP, int BITS, int R, typename S, typename X>
-FN void dot_rows(const DEV uint* w, const DEV S* scales, const DEV S* biases, ulong row0, uint rows,
-                 const DEV X* x, ulong xbase, uint sid, uint threads, LOC float* acc) {
-    for (uint c = sid; c < K / 8; c += threads) dot_chunk<K, GROUP, BITS, R>(w, scales, biases, row0, rows, x, xbase,
-                                                                               c, 1.0f, acc);
+// A row set's R rows' dot products with x[xbase : xbase + K] (the normalised copy xn when NORM):
+// this lane's chunks of them.
+template <int K, int GROUP, int BITS, int R, bool NORM, typename S, typename X>
+FN void dot_rows(const DEV uint* w, const DEV S* scales, const DEV S* biases, ulong row0, uint gap, uint rows,
+                 const DEV X* x, ulong xbase, const TG uint4* xn, uint sid, uint threads, LOC float* acc) {
+    for (uint c = sid; c < K / 8; c += threads) {
+        float xv[8];
+        float xs = ld_x<NORM>(x, xbase, c, xn, xv);
+        dot_chunk<K, GROUP, BITS, R>(w, scales, biases, row0, gap, rows, c, xv, xs, 1.0f, acc);
+    }
+}
+// v summed over the S simdgroups of a row set (through sh [WARPS]), for every thread of the set.
+template <int S>
+FN float set_total(float v, TG float* sh, uint lane, uint warp) {
+    v = SIMD_SUM(v);
+    if (lane == 0) sh[warp] = v;
+    BARRIER;
+    float t = 0.0f;
+    for (uint j = warp - warp % S; j < warp - warp % S + S; j++) t += sh[j];
+    return t;
+}
+// x [K] through RMSNorm (weights nw, eps[0]) into xn [K / 8] as bf16 (as a bf16 model's norm hands
+// it on, rounded once), by the whole threadgroup of W simdgroups in one read of x (sums through sh [W]).
+template <int K, int W, typename NW>
+FN void stage_norm(const DEV BF16_T* x, const DEV NW* nw, const DEV float* eps, TG uint4* xn, TG float* sh,
+                   uint tid, uint lane, uint warp) {
+    const uint T = 32 * W, C = (K / 8 + T - 1) / T;  // chunks per thread
+    float v[C * 8], n[C * 8], s = 0.0f;
+    for (uint i = 0; i < C; i++) {  // x and the weights read at once, before the sum's barrier
+        if (tid + i * T < K / 8) {
+            ld8(x, (tid + i * T) * 8, v + i * 8);
+            ld8(nw, (tid + i * T) * 8, n + i * 8);
+        }
+    }
+    for (uint i = 0; i < C; i++) {
+        if (tid + i * T < K / 8) {
+            for (int j = 0; j < 8; j++) s += v[i * 8 + j] * v[i * 8 + j];
+        }
+    }
+    float f = RSQRT(set_total<W>(s, sh, lane, warp) / K + eps[0]);
+    for (uint i = 0; i < C; i++) {
+        uint c = tid + i * T;
+        if (c < K / 8) {
+            LOC float* a = v + i * 8;
+            LOC float* b = n + i * 8;
+            xn[c].x = bf16x2(a[0] * f * b[0], a[1] * f * b[1]);
+            xn[c].y = bf16x2(a[2] * f * b[2], a[3] * f * b[3]);
+            xn[c].z = bf16x2(a[4] * f * b[4], a[5] * f * b[5]);
+            xn[c].w = bf16x2(a[6] * f * b[6], a[7] * f * b[7]);
+        }
+    }
+    BARRIER;
 }
 // Each of R accumulators summed over the S simdgroups of a row set (across lanes, then across
 // the simdgroups through sh [WARPS * R]); the set's thread sid < R gets row sid's total.
@@ -122,54 +194,85 @@ _ROWS = """
     float acc[RPW];
     for (int i = 0; i < RPW; i++) acc[i] = 0.0f;
     TGMEM float sh[WARPS * RPW];
+    TGMEM uint4 sh_none[1];  // no normalised copy of x (ld_x's NORM off)
+"""
+
+# x [K] normalised (RMSNorm: weights nw, eps[0]) into threadgroup memory when NORM: read from there.
+_NORM_X = """
+    TGMEM float shn[WARPS];
+    TGMEM uint4 xn[NORM ? K / 8 : 1];
+    if (NORM) stage_norm<K, WARPS>(x, nw, eps, xn, shn, tid, lane, warp);
 """
 
 # y[r, n] = W[inds[r]][n] . x[r or 0]
 _QMV_BODY = _ROWS + """
     uint r = by;
     uint rows = n0 < N ? min((uint)RPW, N - n0) : 0;
-    dot_rows<K, GROUP, BITS, RPW>(w, scales, biases, (ulong)inds[r] * N + n0, rows, x,
-                                  (ulong)(XROWS == 1 ? 0 : r) * K, sid, threads, acc);
+    dot_rows<K, GROUP, BITS, RPW, false>(w, scales, biases, (ulong)inds[r] * N + n0, 0, rows, x,
+                                             (ulong)(XROWS == 1 ? 0 : r) * K, sh_none, sid, threads, acc);
     float v = set_sum<RPW, SPLIT>(acc, sh, lane, warp, sid);
     if (sid < rows) y[(ulong)r * N + n0 + sid] = v;
 """
 
-# q|k|v = Wq x + bq | Wk x + bk | Wv x + bv: rows [0, NQ) of q, then NK of k, NK of v
-# (NQ and NK multiples of RPW: a threadgroup's rows lie in one projection).
-_QKV_BODY = _ROWS + """
+# q|k|v = Wq x' + bq | Wk x' + bk | Wv x' + bv, x' = x normalised (RMSNorm, weights nw) when NORM:
+# rows [0, NQ) of q, then NK of k, NK of v (NQ and NK multiples of RPW: a threadgroup's rows lie
+# in one projection). With ROPE > 0, q and k leave RoPE'd at position pos[0] (rotate-half over
+# the first ROPE of each head's HD rows, base 2^lbase[0]): row d pairs with d + ROPE / 2, so a
+# row set there takes RPW / 2 rows of each half (gap: from the first to the second) and a pair
+# meets in one simdgroup.
+_QKV_BODY = _ROWS + _NORM_X + """
     uint part = n0 < NQ ? 0 : (n0 < NQ + NK ? 1 : 2);
     uint m0 = n0 - (part == 0 ? 0 : (part == 1 ? NQ : NQ + NK));
     uint rows = n0 < NQ + 2 * NK ? min((uint)RPW, (part == 0 ? NQ : NK) - m0) : 0;
-    if (part == 0) dot_rows<K, GROUP, BITS, RPW>(qw, qs, qb, m0, rows, x, 0, sid, threads, acc);
-    else if (part == 1) dot_rows<K, GROUP, BITS, RPW>(kw, ks, kb, m0, rows, x, 0, sid, threads, acc);
-    else dot_rows<K, GROUP, BITS, RPW>(vw, vs, vb, m0, rows, x, 0, sid, threads, acc);
+    uint hm = m0 % HD, gap = 0;
+    bool rot = ROPE > 0 && part < 2 && hm < ROPE;
+    if (rot) {
+        m0 += (hm / RPW) * (RPW / 2) - hm;
+        gap = ROPE / 2 - RPW / 2;
+    }
+    if (part == 0) dot_rows<K, GROUP, BITS, RPW, NORM>(qw, qs, qb, m0, gap, rows, x, 0, xn, sid, threads, acc);
+    else if (part == 1) dot_rows<K, GROUP, BITS, RPW, NORM>(kw, ks, kb, m0, gap, rows, x, 0, xn, sid, threads, acc);
+    else dot_rows<K, GROUP, BITS, RPW, NORM>(vw, vs, vb, m0, gap, rows, x, 0, xn, sid, threads, acc);
     float v = set_sum<RPW, SPLIT>(acc, sh, lane, warp, sid);
+    ulong m = m0 + sid + (sid >= RPW / 2 ? gap : 0);
+    if (BIAS && sid < rows) v += ld1(part == 0 ? qbias : (part == 1 ? kbias : vbias), m);
+    float o = SIMD_SHUFFLE_XOR(v, RPW / 2);  // the pair's other row (lanes sid and sid ^ RPW / 2)
+    if (rot && sid < rows) {
+        float d = (float)((m % HD) % (ROPE / 2));
+        float th = (float)pos[0] * EXP2(-d / (float)(ROPE / 2) * lbase[0]);
+        float c = cos(th), s = sin(th);
+        v = sid < RPW / 2 ? v * c - o * s : v * c + o * s;
+    }
     if (sid < rows) {
-        ulong m = m0 + sid;
-        if (part == 0) put(yq, m, v + (BIAS ? ld1(qbias, m) : 0.0f));
-        else if (part == 1) put(yk, m, v + (BIAS ? ld1(kbias, m) : 0.0f));
-        else put(yv, m, v + (BIAS ? ld1(vbias, m) : 0.0f));
+        if (part == 0) put(yq, m, v);
+        else if (part == 1) put(yk, m, v);
+        else put(yv, m, v);
     }
 """
 
-# h[r, n] = silu(G_r[n] . x) * (U_r[n] . x): rows r < ROWS are routed experts inds[r]
-# (gw.. [E, N, K]), row ROWS the shared expert (sgw.. [N, K]) when SHARED: one launch.
-_UP_BODY = _ROWS + """
+# h[r, n] = silu(G_r[n] . x') * (U_r[n] . x'), x' = x normalised when NORM (as in q|k|v): rows
+# r < ROWS are routed experts inds[r] (gw.. [E, N, K]), row ROWS the shared expert (sgw.. [N, K])
+# when SHARED: one launch.
+_UP_BODY = _ROWS + _NORM_X + """
     TGMEM float sh2[WARPS * RPW];
     uint r = by;
     uint rows = n0 < N ? min((uint)RPW, N - n0) : 0;
     float u[RPW];
     for (int i = 0; i < RPW; i++) u[i] = 0.0f;
-    if (r < ROWS) {
+    if (r < ROWS) {  // a loop for each: one with both kinds of projection in it ran slower
         ulong row0 = (ulong)inds[r] * N + n0;
         for (uint c = sid; c < K / 8; c += threads) {
-            dot_chunk<K, GROUP, BITS, RPW>(gw, gs, gb, row0, rows, x, 0, c, 1.0f, acc);
-            dot_chunk<K, GROUP, BITS, RPW>(uw, us, ub, row0, rows, x, 0, c, 1.0f, u);
+            float xv[8];
+            float xs = ld_x<NORM>(x, 0, c, xn, xv);
+            dot_chunk<K, GROUP, BITS, RPW>(gw, gs, gb, row0, 0, rows, c, xv, xs, 1.0f, acc);
+            dot_chunk<K, GROUP, BITS, RPW>(uw, us, ub, row0, 0, rows, c, xv, xs, 1.0f, u);
         }
     } else {
         for (uint c = sid; c < K / 8; c += threads) {
-            dot_chunk<K, SGROUP, SBITS, RPW>(sgw, sgs, sgb, n0, rows, x, 0, c, 1.0f, acc);
-            dot_chunk<K, SGROUP, SBITS, RPW>(suw, sus, sub, n0, rows, x, 0, c, 1.0f, u);
+            float xv[8];
+            float xs = ld_x<NORM>(x, 0, c, xn, xv);
+            dot_chunk<K, SGROUP, SBITS, RPW>(sgw, sgs, sgb, n0, 0, rows, c, xv, xs, 1.0f, acc);
+            dot_chunk<K, SGROUP, SBITS, RPW>(suw, sus, sub, n0, 0, rows, c, xv, xs, 1.0f, u);
         }
     }
     float g = set_sum<RPW, SPLIT>(acc, sh, lane, warp, sid);
@@ -183,13 +286,36 @@ _UP_BODY = _ROWS + """
 _DOWN_BODY = _ROWS + """
     uint rows = n0 < N ? min((uint)RPW, N - n0) : 0;
     for (uint i = sid; i < ROWS * (K / 8); i += threads) {
-        uint r = i / (K / 8);
-        dot_chunk<K, GROUP, BITS, RPW>(w, scales, biases, (ulong)inds[r] * N + n0, rows, h, (ulong)r * K,
-                                       i - r * (K / 8), weights[r], acc);
+        uint r = i / (K / 8), c = i - r * (K / 8);
+        float xv[8];
+        float xs = ld_x<false>(h, (ulong)r * K, c, sh_none, xv);
+        dot_chunk<K, GROUP, BITS, RPW>(w, scales, biases, (ulong)inds[r] * N + n0, 0, rows, c, xv, xs,
+                                           weights[r], acc);
     }
-    if (SHARED) dot_rows<K, SGROUP, SBITS, RPW>(sw, ss, sb, n0, rows, h, (ulong)ROWS * K, sid, threads, acc);
+    if (SHARED) dot_rows<K, SGROUP, SBITS, RPW, false>(sw, ss, sb, n0, 0, rows, h, (ulong)ROWS * K, sh_none, sid,
+                                                           threads, acc);
     float v = set_sum<RPW, SPLIT>(acc, sh, lane, warp, sid);
     if (sid < rows) put(y, n0 + sid, v + (RES ? ld1(res, n0 + sid) : 0.0f));
+"""
+
+# logits[n] = W[n] . x', x' = x normalised when NORM (as in q|k|v): the router's, its weights
+# [E, K] float32.
+_LOGITS_BODY = _ROWS + _NORM_X + """
+    uint rows = n0 < N ? min((uint)RPW, N - n0) : 0;
+    for (uint c = sid; c < K / 8; c += threads) {
+        float xv[8], wv[8];
+        ld_x<NORM>(x, 0, c, xn, xv);
+        for (int i = 0; i < RPW; i++) {
+            if ((uint)i < rows) {
+                ld8(w, (ulong)(n0 + i) * K + c * 8, wv);
+                float d = 0.0f;
+                for (int j = 0; j < 8; j++) d += wv[j] * xv[j];
+                acc[i] += d;
+            }
+        }
+    }
+    float v = set_sum<RPW, SPLIT>(acc, sh, lane, warp, sid);
+    if (sid < rows) y[n0 + sid] = v;
 """
 
 # The router's choice from its logits [E] (float32): scores = sigmoid(logits); the TOPK
@@ -235,6 +361,7 @@ typedef unsigned long long ulong;
 #define LOC
 #define BF16_T __nv_bfloat16
 #define AS_FLOAT(u) __uint_as_float(u)
+#define AS_UINT(f) __float_as_uint(f)
 #define BF16(p, i) __uint_as_float(((unsigned int)reinterpret_cast<const unsigned short*>(p)[i]) << 16)
 FN float glm_simd_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -255,6 +382,9 @@ FN uint glm_simd_min(uint v) {
 #define TGMEM __shared__
 #define TG
 #define BARRIER __syncthreads()
+#define SIMD_SHUFFLE_XOR(v, m) __shfl_xor_sync(0xffffffffu, v, m)
+#define RSQRT(v) rsqrtf(v)
+#define EXP2(v) exp2f(v)
 """
 _CUDA_PROLOGUE = """
     uint tid = threadIdx.x, lane = tid % 32, warp = tid / 32, bx = blockIdx.x, by = blockIdx.y;
@@ -265,6 +395,7 @@ _METAL_HEADER = """
 #define LOC thread
 #define BF16_T bfloat16_t
 #define AS_FLOAT(u) as_type<float>(u)
+#define AS_UINT(f) as_type<uint>(f)
 #define BF16(p, i) as_type<float>(((uint)((const device ushort*)(p))[i]) << 16)
 #define SIMD_SUM(v) simd_sum(v)
 #define SIMD_MAX(v) simd_max(v)
@@ -273,6 +404,9 @@ _METAL_HEADER = """
 #define TGMEM threadgroup
 #define TG threadgroup
 #define BARRIER threadgroup_barrier(mem_flags::mem_threadgroup)
+#define SIMD_SHUFFLE_XOR(v, m) simd_shuffle_xor(v, m)
+#define RSQRT(v) rsqrt(v)
+#define EXP2(v) exp2(v)
 """
 _METAL_PROLOGUE = """
     uint lane = thread_index_in_simdgroup, warp = simdgroup_index_in_threadgroup;
@@ -300,10 +434,11 @@ def backend() -> str:
 
 KERNELS = {  # name: (inputs, outputs, body)
     "glm_gather_qmv": (["x", "w", "scales", "biases", "inds"], ["y"], _QMV_BODY),
-    "glm_qkv": (["x", "qw", "qs", "qb", "qbias", "kw", "ks", "kb", "kbias", "vw", "vs", "vb", "vbias"],
-                ["yq", "yk", "yv"], _QKV_BODY),
-    "glm_expert_up": (["x", "gw", "gs", "gb", "uw", "us", "ub", "inds", "sgw", "sgs", "sgb", "suw", "sus", "sub"],
-                      ["y"], _UP_BODY),
+    "glm_qkv": (["x", "qw", "qs", "qb", "qbias", "kw", "ks", "kb", "kbias", "vw", "vs", "vb", "vbias", "nw", "eps",
+                 "pos", "lbase"], ["yq", "yk", "yv"], _QKV_BODY),
+    "glm_expert_up": (["x", "gw", "gs", "gb", "uw", "us", "ub", "inds", "sgw", "sgs", "sgb", "suw", "sus", "sub", "nw",
+                       "eps"], ["y"], _UP_BODY),
+    "glm_router_logits": (["x", "w", "nw", "eps"], ["y"], _LOGITS_BODY),
     "glm_expert_down": (["h", "w", "scales", "biases", "inds", "weights", "sw", "ss", "sb", "res"], ["y"],
                         _DOWN_BODY),
     "glm_router_select": (["logits", "bias", "scale"], ["inds", "weights"], _SELECT_BODY),
@@ -412,11 +547,12 @@ def _swiglu_ref(x: mx.array, glu, inds: mx.array | None = None) -> mx.array:
 
 
 def moe_decode_reference(x: mx.array, experts, inds: mx.array | None, weights: mx.array | None, shared=None,
-                         residual: mx.array | None = None) -> mx.array:
+                         residual: mx.array | None = None, norm=None) -> mx.array:
     """One token's MLP block in plain MLX: sum_r weights[r] * down_r(silu(gate_r(x)) * up_r(x)) over the
     routed `experts` inds (a stacked SwiGLU, or None), plus the `shared` SwiGLU's output (or None), plus
-    `residual`. x [..., K] (one token) -> [..., D]: float32, or shaped and typed like the residual."""
-    flat = x.reshape(1, -1)
+    `residual`; x normalised first by the RMSNorm `norm` when given. x [..., K] (one token) -> [..., D]:
+    float32, or shaped and typed like the residual."""
+    flat = _normed(x.reshape(1, -1), norm)
     y = mx.zeros((1,), mx.float32)
     if experts is not None:
         h = _swiglu_ref(flat, experts, inds.reshape(-1))
@@ -444,15 +580,37 @@ def linear_decode_reference(x: mx.array, layer, residual: mx.array | None = None
     return _plus(_ref(x.reshape(1, -1), layer)[0], x, residual)
 
 
-def qkv_decode_reference(x: mx.array, q, k, v, shapes: tuple) -> tuple[mx.array, mx.array, mx.array]:
-    """q, k, v projections (with their biases, if any) of one token x [..., K], in x's dtype, shaped `shapes`."""
+def qkv_decode_reference(x: mx.array, q, k, v, shapes: tuple, norm=None,
+                         rope: tuple | None = None) -> tuple[mx.array, mx.array, mx.array]:
+    """q, k, v projections (with their biases, if any) of one token x [..., K], normalised first by the
+    RMSNorm `norm` when given, in x's dtype, shaped `shapes` ([1, heads, 1, head_dim]); q and k RoPE'd
+    when `rope` is (dims, base, offset: an int or an int array), rotate-half. Summed and rotated in
+    float32, rounded once."""
+    xf = _normed(x.reshape(1, -1), norm)
     out = []
     for layer, shape in zip((q, k, v), shapes):
-        y = _ref(x.reshape(1, -1), layer)[0]
+        y = _ref(xf, layer)[0]
         if "bias" in layer:
             y = y + layer.bias.astype(mx.float32)
-        out.append(y.astype(x.dtype).reshape(shape))
-    return tuple(out)
+        out.append(y.reshape(shape))
+    if rope is not None:
+        dims, base, offset = rope
+        out[:2] = [mx.fast.rope(t, dims, traditional=False, base=base, scale=1.0, offset=offset) for t in out[:2]]
+    return tuple(t.astype(x.dtype) for t in out)
+
+
+def router_logits_reference(x: mx.array, weight: mx.array, norm=None) -> mx.array:
+    """The router's logits [E] (float32) for one token x [..., K], normalised first by `norm` when given."""
+    return weight.astype(mx.float32) @ _normed(x.reshape(-1), norm)
+
+
+def _normed(x: mx.array, norm) -> mx.array:
+    """x through the RMSNorm `norm` when given (in float32, then rounded once to x's dtype, as the
+    kernels hand it on), as float32."""
+    if norm is None:
+        return x.astype(mx.float32)
+    y = mx.fast.rms_norm(x.astype(mx.float32), norm["weight"].astype(mx.float32), norm.eps)
+    return y.astype(x.dtype).astype(mx.float32)
 
 
 def router_select_reference(logits: mx.array, bias: mx.array, k: int, norm: bool, scale: float,
@@ -484,7 +642,7 @@ def gather_qmv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, ind
 
 
 def moe_decode(x: mx.array, experts, inds: mx.array | None, weights: mx.array | None, shared=None,
-               residual: mx.array | None = None) -> mx.array:
+               residual: mx.array | None = None, norm=None) -> mx.array:
     """moe_decode_reference's numbers in two launches on a GPU: the routed experts' and the shared
     expert's SwiGLU halves in one, their down projections, weighted sum and the residual in the other.
     The operands go in as they are (the kernels read them flat): a reshape is an op to build and encode."""
@@ -496,17 +654,18 @@ def moe_decode(x: mx.array, experts, inds: mx.array | None, weights: mx.array | 
         g, u, d = m["gate_proj"], m["up_proj"], m["down_proj"]
         ok = ok and (_fits(g, K) and _fits(u, K) and _fits(d, H) and g["weight"].shape[-2] == u["weight"].shape[-2] == H
                      and (g.bits, g.group_size) == (u.bits, u.group_size))
-    if not ok:
-        return moe_decode_reference(x, experts, inds, weights, shared, residual)
+    nw = _norm_inputs(norm, K)
+    if not ok or nw is None:
+        return moe_decode_reference(x, experts, inds, weights, shared, residual, norm)
     k = inds.size if experts is not None else 0
     rows = k + (shared is not None)  # h's rows: the routed experts', then the shared expert's
     lead = experts if experts is not None else shared
     side = shared if shared is not None else experts
     inds = _as(inds, mx.uint32) if experts is not None else _dummy(mx.uint32)
     g, u, sg, su = lead["gate_proj"], lead["up_proj"], side["gate_proj"], side["up_proj"]
-    h = _run(kind, "glm_expert_up", [x, *_q(g), *_q(u), inds, *_q(sg), *_q(su)], H, rows, [((rows, H), mx.float32)],
-             K=K, N=H, GROUP=g.group_size, BITS=g.bits,
-             SGROUP=sg.group_size, SBITS=sg.bits, ROWS=k)[0]
+    h = _run(kind, "glm_expert_up", [x, *_q(g), *_q(u), inds, *_q(sg), *_q(su), *nw], H, rows,
+             [((rows, H), mx.float32)], K=K, N=H, GROUP=g.group_size, BITS=g.bits,
+             SGROUP=sg.group_size, SBITS=sg.bits, ROWS=k, NORM=int(norm is not None))[0]
     d, sd = lead["down_proj"], side["down_proj"]
     D = d["weight"].shape[-2]
     wts = _as(weights, mx.float32) if experts is not None else _dummy(mx.float32)
@@ -541,20 +700,49 @@ def linear_decode(x: mx.array, layer, residual: mx.array | None = None) -> mx.ar
                 SHARED=1, RES=int(residual is not None))[0]
 
 
-def qkv_decode(x: mx.array, q, k, v, shapes: tuple) -> tuple[mx.array, mx.array, mx.array]:
-    """qkv_decode_reference's numbers in one launch on a GPU."""
+def qkv_decode(x: mx.array, q, k, v, shapes: tuple, norm=None,
+               rope: tuple | None = None) -> tuple[mx.array, mx.array, mx.array]:
+    """qkv_decode_reference's numbers in one launch on a GPU, the norm and RoPE included."""
     kind, K = _gpu(x), x.size
-    NQ, NK = q["weight"].shape[0], k["weight"].shape[0]
+    NQ, NK, HD = q["weight"].shape[0], k["weight"].shape[0], shapes[0][-1]
     bias = ["bias" in p for p in (q, k, v)]
-    ok = (kind is not None and all(_fits(p, K) for p in (q, k, v)) and v["weight"].shape[0] == NK
+    nw = _norm_inputs(norm, K)
+    ok = (kind is not None and nw is not None and all(_fits(p, K) for p in (q, k, v)) and v["weight"].shape[0] == NK
           and NQ % RPW == 0 and NK % RPW == 0 and len(set(bias)) == 1
           and len({(p.bits, p.group_size) for p in (q, k, v)}) == 1)
+    if rope is not None:  # a row set takes RPW / 2 rows of each half of a head's rotated part
+        ok = ok and rope[0] % RPW == 0 and rope[0] <= HD and HD % RPW == 0 and NQ % HD == 0 and NK % HD == 0
     if not ok:
-        return qkv_decode_reference(x, q, k, v, shapes)
+        return qkv_decode_reference(x, q, k, v, shapes, norm, rope)
     b = [p["bias"] if bias[0] else _dummy(mx.float32) for p in (q, k, v)]
-    return tuple(_run(kind, "glm_qkv", [x, *_q(q), b[0], *_q(k), b[1], *_q(v), b[2]], NQ + 2 * NK, 1,
+    dims, base, offset = rope if rope is not None else (0, 1.0, 0)
+    pos = offset.astype(mx.int32) if isinstance(offset, mx.array) else mx.array([offset], mx.int32)
+    return tuple(_run(kind, "glm_qkv", [x, *_q(q), b[0], *_q(k), b[1], *_q(v), b[2], *nw, pos,
+                                        _const(math.log2(base), mx.float32)], NQ + 2 * NK, 1,
                       [(shape, x.dtype) for shape in shapes], K=K, NQ=NQ, NK=NK, GROUP=q.group_size, BITS=q.bits,
-                      BIAS=int(bias[0])))
+                      BIAS=int(bias[0]), NORM=int(norm is not None), ROPE=dims, HD=HD))
+
+
+def router_logits(x: mx.array, weight: mx.array, norm=None) -> mx.array:
+    """router_logits_reference's numbers in one launch on a GPU, the norm included."""
+    kind, K = _gpu(x), x.size
+    nw = _norm_inputs(norm, K)
+    if kind is None or nw is None or weight.dtype != mx.float32 or weight.shape[-1] != K:
+        return router_logits_reference(x, weight, norm)
+    E = weight.shape[0]
+    return _run(kind, "glm_router_logits", [x, weight, *nw], E, 1, [((E,), mx.float32)], K=K, N=E,
+                NORM=int(norm is not None))[0]
+
+
+def _norm_inputs(norm, K: int) -> list | None:
+    """A kernel's RMSNorm inputs (weights, eps), placeholders without a norm; None for a norm the
+    kernels do not take."""
+    if norm is None:
+        return [_dummy(mx.float32), _dummy(mx.float32)]
+    w = norm["weight"]
+    if w.size != K or w.dtype not in (mx.bfloat16, mx.float32):
+        return None
+    return [w, _const(float(norm.eps), mx.float32)]
 
 
 def router_select(logits: mx.array, bias: mx.array, k: int, norm: bool, scale: float, lead: tuple = ()):

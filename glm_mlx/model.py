@@ -19,7 +19,7 @@ import numpy as np
 from .cache import KVCache, attend, make_caches
 from .config import ModelArgs
 from .experts import QuantizedSwitchLinear, SwitchGLU
-from .kernels import backend, linear_decode, moe_decode, qkv_decode, router_select
+from .kernels import backend, linear_decode, moe_decode, qkv_decode, router_logits, router_select
 
 
 class Attention(nn.Module):
@@ -39,31 +39,40 @@ class Attention(nn.Module):
         self.use_qk_norm = args.use_qk_norm
         self.rope_dims, self.rope_theta = args.rope_dims, args.rope_theta
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None, residual: mx.array | None = None) -> mx.array:
-        """Attention output [B, T, D], plus `residual` when given (one token on a GPU: in the
-        same launch as o_proj, and q, k, v in one launch: glm_mlx/kernels.py)."""
-        q, k, v = self.project(x, cache.offset if cache is not None else 0)
+    def __call__(self, x: mx.array, cache: KVCache | None = None, residual: mx.array | None = None,
+                 norm: nn.RMSNorm | None = None) -> mx.array:
+        """Attention output [B, T, D] of x normalised by `norm` (when given), plus `residual` when
+        given (one token on a GPU: in the same launch as o_proj, and q, k, v in one launch with the
+        norm and RoPE: glm_mlx/kernels.py)."""
+        q, k, v = self.project(x, cache.offset if cache is not None else 0, norm)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         return self.output(attend(q, k, v, cache, self.scale, causal=x.shape[1] > 1), residual)
 
-    def project(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """q, k, v [B, heads, T, head_dim] of x [B, T, D], RoPE'd from position `offset` (an int, or an
-        int array: a compiled step's input)."""
+    def project(self, x: mx.array, offset: int | mx.array,
+                norm: nn.RMSNorm | None = None) -> tuple[mx.array, mx.array, mx.array]:
+        """q, k, v [B, heads, T, head_dim] of x [B, T, D] normalised by `norm` (when given), RoPE'd from
+        position `offset` (an int, or an int array: a compiled step's input)."""
         B, T, _ = x.shape
         qp, kp, vp = self.q_proj, self.k_proj, self.v_proj
         hd = self.head_dim
+        rope = dict(dims=self.rope_dims, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
         if B * T == 1 and decode_kernels(qp, kp, vp):
+            # one launch; RoPE in it too unless q and k are normalised per head first
+            fused_rope = None if self.use_qk_norm else (self.rope_dims, self.rope_theta, offset)
             q, k, v = qkv_decode(x, qp, kp, vp,
-                                 ((1, self.n_heads, 1, hd), (1, self.n_kv_heads, 1, hd), (1, self.n_kv_heads, 1, hd)))
+                                 ((1, self.n_heads, 1, hd), (1, self.n_kv_heads, 1, hd), (1, self.n_kv_heads, 1, hd)),
+                                 norm, fused_rope)
+            if fused_rope is not None:
+                return q, k, v
         else:
+            x = x if norm is None else norm(x)
             q = qp(x).reshape(B, T, self.n_heads, hd).transpose(0, 2, 1, 3)
             k = kp(x).reshape(B, T, self.n_kv_heads, hd).transpose(0, 2, 1, 3)
             v = vp(x).reshape(B, T, self.n_kv_heads, hd).transpose(0, 2, 1, 3)
         if self.use_qk_norm:  # over head_dim, the last axis either way
             q, k = self.q_norm(q), self.k_norm(k)
         # RoPE on the first rope_dims of each head, rotate-half form; the rest passes.
-        rope = dict(dims=self.rope_dims, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
         return mx.fast.rope(q, **rope), mx.fast.rope(k, **rope), v
 
     def output(self, o: mx.array, residual: mx.array | None = None) -> mx.array:
@@ -85,10 +94,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
-    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
-        """down(silu(gate(x)) * up(x)), plus `residual` when given (one token on a GPU: two launches)."""
+    def __call__(self, x: mx.array, residual: mx.array | None = None, norm: nn.RMSNorm | None = None) -> mx.array:
+        """down(silu(gate(x)) * up(x)) of x normalised by `norm` (when given), plus `residual` when given
+        (one token on a GPU: two launches, the norm in the first)."""
         if x.size == x.shape[-1] and self.decodes():
-            return moe_decode(x, None, None, None, self, residual).astype(x.dtype)
+            return moe_decode(x, None, None, None, self, residual, norm).astype(x.dtype)
+        x = x if norm is None else norm(x)
         y = self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
         return y if residual is None else residual + y
 
@@ -107,14 +118,15 @@ class Router(nn.Module):
         self.top_k, self.n_group, self.topk_group = args.num_experts_per_tok, args.n_group, args.topk_group
         self.norm_topk_prob, self.scaling = args.norm_topk_prob, args.routed_scaling_factor
 
-    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
+    def __call__(self, x: mx.array, norm: nn.RMSNorm | None = None) -> tuple[mx.array, mx.array]:
+        """(expert ids, weights) [..., top_k] for x normalised by `norm` (when given)."""
         f32 = mx.float32
         if x.size == x.shape[-1] and decode_kernels() and self.topk_group >= self.n_group:
-            # one token on a GPU: W x as a matrix-vector product (no transpose), then everything after
-            # the logits in one launch (glm_mlx/kernels.py)
-            logits = self.weight.astype(f32) @ x.reshape(-1, 1).astype(f32)
-            return router_select(logits, self.e_score_correction_bias.astype(f32), self.top_k,
-                                 self.norm_topk_prob, self.scaling, x.shape[:-1])
+            # one token on a GPU: the logits (the norm included), then everything after them, one
+            # launch each (glm_mlx/kernels.py)
+            return router_select(router_logits(x, self.weight, norm), self.e_score_correction_bias.astype(f32),
+                                 self.top_k, self.norm_topk_prob, self.scaling, x.shape[:-1])
+        x = x if norm is None else norm(x)
         logits = x.astype(f32) @ self.weight.astype(f32).T
         scores = mx.sigmoid(logits)
         choice = scores + self.e_score_correction_bias.astype(mx.float32)
@@ -140,22 +152,29 @@ class MoE(nn.Module):
         self.experts = SwitchGLU(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts)
         self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
 
-    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
-        """The routed experts' weighted sum and the shared expert's output, plus `residual` when given."""
-        inds, weights = self.gate(x)
-        experts = self.experts
-        if x.size == x.shape[-1] and fused_decode(experts):
-            # one token on a GPU: routed and shared experts and the residual in two launches
+    def __call__(self, x: mx.array, residual: mx.array | None = None, norm: nn.RMSNorm | None = None) -> mx.array:
+        """The routed experts' weighted sum and the shared expert's output for x normalised by `norm`
+        (when given), plus `residual` when given."""
+        experts, shared = self.experts, self.shared_experts
+        if x.size == x.shape[-1] and fused_decode(experts) and shared.decodes():
+            # one token on a GPU: the router in two launches, then routed and shared experts, the norm
+            # and the residual in two more
+            inds, weights = self.gate(x, norm)
             glu = _fused_glu(experts)
-            slots = inds if glu is experts else experts.slots_for(x, inds)  # an offloaded bank's
+            slots = inds if glu is experts else experts.slots_for(_normed(x, norm), inds)  # an offloaded bank's
             if slots is not None:
-                shared = self.shared_experts
-                fuse = shared.decodes()
-                y = moe_decode(x, glu, slots, weights, shared if fuse else None, residual).astype(x.dtype)
-                return y if fuse else y + shared(x)
+                return moe_decode(x, glu, slots, weights, shared, residual, norm).astype(x.dtype)
+            x = _normed(x, norm)  # more experts than the bank has slots: it sums them in groups
+        else:
+            x = _normed(x, norm)
+            inds, weights = self.gate(x)
         y = self.experts(x, inds)  # [..., k, D]
-        y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2) + self.shared_experts(x)
+        y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2) + shared(x)
         return y if residual is None else residual + y
+
+
+def _normed(x: mx.array, norm: nn.RMSNorm | None) -> mx.array:
+    return x if norm is None else norm(x)
 
 
 def fused_decode(experts) -> bool:
@@ -195,17 +214,18 @@ class DecoderLayer(nn.Module):
             q, k, v = project(x, mx.array(cache.offset, mx.int32))
             k, v = cache.update_and_fetch(k, v)
             return finish(attend(q, k, v, cache, self.self_attn.scale, causal=False), x)
-        h = self.self_attn(self.input_layernorm(x), cache, residual=x)
+        h = self.self_attn(x, cache, residual=x, norm=self.input_layernorm)
         return self._mlp_half(h)
 
+    # The norms go in with their inputs: one token's kernels apply them as they read x.
     def _project(self, x: mx.array, offset: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        return self.self_attn.project(self.input_layernorm(x), offset)
+        return self.self_attn.project(x, offset, self.input_layernorm)
 
     def _finish(self, o: mx.array, x: mx.array) -> mx.array:
         return self._mlp_half(self.self_attn.output(o, residual=x))
 
     def _mlp_half(self, h: mx.array) -> mx.array:
-        return self.mlp(self.post_attention_layernorm(h), residual=h)
+        return self.mlp(h, residual=h, norm=self.post_attention_layernorm)
 
     def _decode_plan(self):
         """One token's layer as two compiled halves around the KV cache: (norm, q|k|v, RoPE) and

@@ -74,7 +74,7 @@ def trace(step, cache, steps: int) -> dict | None:
         if e.get("cat") in ("cuda_runtime", "cuda_driver"):
             api[e["name"]][0] += 1
             api[e["name"]][1] += e["dur"]
-    top = sorted(by_kernel.items(), key=lambda kv: -kv[1][1])[:12]
+    top = sorted(by_kernel.items(), key=lambda kv: -kv[1][1])[:24]
     return {"kernels_per_step": len(kernels) / (steps + 1), "busy_us_per_step": busy / (steps + 1),
             "span_us_per_step": span / (steps + 1),
             "top_kernels": [(n, c / (steps + 1), t / (steps + 1)) for n, (c, t) in top],

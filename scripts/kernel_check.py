@@ -35,6 +35,8 @@ from glm_mlx.kernels import (
     moe_decode_reference,
     qkv_decode,
     qkv_decode_reference,
+    router_logits,
+    router_logits_reference,
     router_select,
     router_select_reference,
 )
@@ -109,6 +111,32 @@ def quantized_linear(shape, bias=False, bits=4) -> nn.QuantizedLinear:
     return lin
 
 
+def quantized_experts(E: int, H: int, D: int) -> SwitchGLU:
+    """E SwiGLU experts D -> H -> D, random, 4-bit."""
+    glu = SwitchGLU(D, H, E)
+    for p in ("gate_proj", "up_proj", "down_proj"):
+        lin = getattr(glu, p)
+        q = QuantizedSwitchLinear(E, lin.weight.shape[-1], lin.weight.shape[-2], 64, 4)
+        q.weight, q.scales, q.biases = mx.quantize(rand(lin.weight.shape), 64, 4)
+        setattr(glu, p, q)
+    return glu
+
+
+def quantized_mlps(n: int, H: int, D: int) -> list[MLP]:
+    """n copies of a shared expert D -> H -> D, random, 4-bit."""
+    mlps = [MLP(D, H) for _ in range(n)]
+    for m in mlps:
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            setattr(m, p, quantized_linear(getattr(m, p).weight.shape))
+    return mlps
+
+
+def rms_norm(D: int) -> nn.RMSNorm:
+    norm = nn.RMSNorm(D, eps=1e-5)
+    norm.weight = (1 + 0.1 * mx.random.normal((D,))).astype(mx.bfloat16)
+    return norm
+
+
 def report(rows: list, name: str, err: float, ours: dict[int, float], mlx: float, mlx_name: str, gb: float,
            tol: float = TOL):
     best = min(ours, key=ours.get)
@@ -156,32 +184,25 @@ def main():
     # (SwitchGLU's gather_qmm x3 and swiglu, the weighted sum, the shared MLP's three qmm, the adds)
     for name, E, H, D in (("Air MoE block: 8 of 128 + shared + residual", 128, 1408, 4096),
                           ("GLM-4.5 MoE block: 8 of 160 + shared + residual", 160, 1536, 5120)):
-        glu = SwitchGLU(D, H, E)
-        for p in ("gate_proj", "up_proj", "down_proj"):
-            lin = getattr(glu, p)
-            q = QuantizedSwitchLinear(E, lin.weight.shape[-1], lin.weight.shape[-2], 64, 4)
-            q.weight, q.scales, q.biases = mx.quantize(rand(lin.weight.shape), 64, 4)
-            setattr(glu, p, q)
+        glu = quantized_experts(E, H, D)
         gb = (sum(q.weight.nbytes + q.scales.nbytes + q.biases.nbytes for q in (glu.gate_proj, glu.up_proj,
                                                                                glu.down_proj)) * 9 / E) / 1e9
         n = min(copies(gb), E // 8)
-        shared = [MLP(D, H) for _ in range(n)]
-        for m in shared:
-            for p in ("gate_proj", "up_proj", "down_proj"):
-                setattr(m, p, quantized_linear(getattr(m, p).weight.shape))
-        sets = expert_sets(E, 8, n)
+        shared, sets = quantized_mlps(n, H, D), expert_sets(E, 8, n)
         mx.eval(glu.parameters(), [m.parameters() for m in shared], sets)
-        x, res = rand((D,), 1.0), rand((D,), 1.0)
+        x, res, norm = rand((D,), 1.0), rand((D,), 1.0), rms_norm(D)
         wts = mx.softmax(mx.random.normal((8,)))
-        want = moe_decode_reference(x, glu, sets[0], wts, shared[0], res).astype(mx.float32)
-        err = worst(lambda i: moe_decode(x, glu, sets[0], wts, shared[0], res).astype(mx.float32), want)
+        want = moe_decode_reference(x, glu, sets[0], wts, shared[0], res, norm).astype(mx.float32)
+        err = worst(lambda i: moe_decode(x, glu, sets[0], wts, shared[0], res, norm).astype(mx.float32), want)
 
         def mlx_block(i):
-            out = glu(x[None, None], sets[i % n][None, None])
-            return res + (out * wts[None, None, :, None].astype(out.dtype)).sum(-2).reshape(-1) + shared[i % n](x)
-        ours = sweep(lambda i: moe_decode(x, glu, sets[i % n], wts, shared[i % n], res))
-        report(rows, name, err, ours, per_call(mlx_block), "MLX ops", gb, TOL_BF16)
-    # The Air's attention projections: q|k|v with biases in one launch; o_proj with the residual in one
+            xn = norm(x)
+            out = glu(xn[None, None], sets[i % n][None, None])
+            return res + (out * wts[None, None, :, None].astype(out.dtype)).sum(-2).reshape(-1) + shared[i % n](xn)
+        ours = sweep(lambda i: moe_decode(x, glu, sets[i % n], wts, shared[i % n], res, norm))
+        report(rows, name + " + norm", err, ours, per_call(mlx_block), "MLX ops", gb, TOL_BF16)
+    # The Air's attention projections: q|k|v with biases, the input norm and RoPE in one launch; o_proj
+    # with the residual in one
     D, NQ, NK = 4096, 12288, 1024
     n = copies((NQ + 2 * NK) * D * 0.5625 / 1e9)
     qkv = [tuple(quantized_linear((m, D), bias=True) for m in (NQ, NK, NK)) for _ in range(n)]
@@ -190,13 +211,29 @@ def main():
     mx.eval([[m.parameters() for m in t] for t in qkv], [o.parameters() for o in os_], x, a, res)
     shapes = ((1, 96, 1, 128), (1, 8, 1, 128), (1, 8, 1, 128))
     q, k, v = qkv[0]
-    want = mx.concatenate([t.reshape(-1) for t in qkv_decode_reference(x, q, k, v, shapes)]).astype(mx.float32)
-    err = worst(lambda i: mx.concatenate([t.reshape(-1) for t in qkv_decode(x, q, k, v, shapes)]).astype(mx.float32),
-                want)
+    norm = rms_norm(D)
+
+    def flat(ts):
+        return mx.concatenate([t.reshape(-1) for t in ts]).astype(mx.float32)
     gb = sum(val.nbytes for m in (q, k, v) for _, val in tree_flatten(m.parameters())) / 1e9
-    report(rows, "Air q|k|v + biases, 4096 -> 12288|1024|1024", err,
-           sweep(lambda i: qkv_decode(x, *qkv[i % n], shapes)),
-           per_call(lambda i: [m(x[None]) for m in qkv[i % n]]), "3 QuantizedLinear", gb, TOL_BF16)
+    # RoPE as the Air's (64 of 128 dims, base 1e6) at a short and a long position; without RoPE and the
+    # norm (GLM-4.5 normalises q and k per head first, so RoPE stays outside)
+    for label, nm, rope in (("norm, RoPE at 1000", norm, (64, 1e6, 1000)),
+                            ("norm, RoPE at 120000", norm, (64, 1e6, mx.array(120000, mx.int32))),
+                            ("norm, no RoPE", norm, None), ("no norm, no RoPE", None, None)):
+        want = flat(qkv_decode_reference(x, q, k, v, shapes, nm, rope))
+        err = worst(lambda i: flat(qkv_decode(x, q, k, v, shapes, nm, rope)), want)
+
+        def mlx_qkv(i, nm=nm, rope=rope):
+            xn = x[None] if nm is None else nm(x[None])
+            out = [m(xn).reshape(shape) for m, shape in zip(qkv[i % n], shapes)]
+            if rope is not None:
+                out[:2] = [mx.fast.rope(t, rope[0], traditional=False, base=rope[1], scale=1.0, offset=rope[2])
+                           for t in out[:2]]
+            return out
+        report(rows, f"Air q|k|v + biases, {label}", err,
+               sweep(lambda i, nm=nm, rope=rope: qkv_decode(x, *qkv[i % n], shapes, nm, rope)),
+               per_call(mlx_qkv), "MLX ops", gb, TOL_BF16)
     o = os_[0]
     want = linear_decode_reference(a, o, res).astype(mx.float32)
     err = worst(lambda i: linear_decode(a, o, res).astype(mx.float32), want)
@@ -204,6 +241,16 @@ def main():
     report(rows, "Air o_proj + residual, 12288 -> 4096", err,
            sweep(lambda i: linear_decode(a, os_[i % len(os_)], res)),
            per_call(lambda i: res + os_[i % len(os_)](a[None])[0]), "QuantizedLinear + add", gb, TOL_BF16)
+    # The router's logits with the norm, float32 weights
+    for name, E, D in (("Air router logits + norm, 128 x 4096", 128, 4096), ("GLM-4.5 router logits + norm, 160 x 5120",
+                                                                           160, 5120)):
+        ws = [mx.random.normal((E, D)) * D**-0.5 for _ in range(copies(E * D * 4 / 1e9))]
+        x, norm = rand((D,), 1.0), rms_norm(D)
+        mx.eval(ws, x)
+        want = router_logits_reference(x, ws[0], norm)
+        err = worst(lambda i: router_logits(x, ws[0], norm), want)
+        report(rows, name, err, sweep(lambda i: router_logits(x, ws[i % len(ws)], norm)),
+               per_call(lambda i: ws[i % len(ws)] @ norm(x).astype(mx.float32)), "MLX ops", E * D * 4 / 1e9)
     # The router's choice after its logits, one simdgroup
     for name, E, topk, scale in (("Air router select, 8 of 128", 128, 8, 1.0), ("GLM-4.5 router select, 8 of 160",
                                                                                160, 8, 2.5)):

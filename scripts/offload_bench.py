@@ -194,7 +194,7 @@ def run(folder: Path, budget_frac: float, kind: str, tokens: int, warm: int, var
     # decode trace would freeze at its first token: the resident model runs its layers uncompiled.
     model_mod.COMPILED_DECODE = False
     for i, layer in enumerate(model.model.layers):
-        layer.mlp.gate = lambda x, i=i: (mx.array(tr[step[0], i][None, None]), mx.full((1, 1, k), 1.0 / k))
+        layer.mlp.gate = lambda x, norm=None, i=i: (mx.array(tr[step[0], i][None, None]), mx.full((1, 1, k), 1.0 / k))
     banks = offload.offloaded_banks(model)  # in layer order
     if accuracy is not None:
         # The prediction is the trace's next layer, right with probability `accuracy`:

@@ -21,6 +21,7 @@ from glm_mlx.kernels import (
     moe_decode,
     moe_decode_reference,
     qkv_decode_reference,
+    router_logits_reference,
     router_select_reference,
 )
 from glm_mlx.loading import load_model
@@ -73,6 +74,48 @@ def test_the_dense_references_are_the_layers():
     assert rel_err(linear_decode_reference(x, o, res), o(x) + res) < 1e-5
 
 
+def _norm(D: int) -> nn.RMSNorm:
+    norm = nn.RMSNorm(D, eps=1e-5)
+    norm.weight = 1 + 0.3 * mx.random.normal((D,))
+    return norm
+
+
+def test_the_references_apply_the_norm_they_are_given_first():
+    """One token's kernels take the layer's RMSNorm and apply it as they read x: their references
+    equal the norm's output through the plain references (float32: rounded to x's dtype, a no-op)."""
+    mx.random.seed(5)
+    x, res, norm = mx.random.normal((128,)) * 3, mx.random.normal((128,)), _norm(128)
+    xn = norm(x)
+    glu, shared = _quantized(SwitchGLU(128, 64, 8), 4), _quantized(MLP(128, 64), 8)
+    inds, w = mx.array([2, 7], mx.uint32), mx.array([0.6, 0.4])
+    assert rel_err(moe_decode_reference(x, glu, inds, w, shared, res, norm),
+                   moe_decode_reference(xn, glu, inds, w, shared, res)) < 1e-5
+    weight = mx.random.normal((16, 128))
+    assert rel_err(router_logits_reference(x[None, None], weight, norm), weight @ xn) < 1e-5
+    assert router_logits_reference(x, weight).shape == (16,)
+
+
+@pytest.mark.parametrize("offset", [0, 7, 70000])
+def test_the_qkv_reference_normalises_and_ropes_as_the_attention_does(offset):
+    """q|k|v with the input norm and RoPE in the same call (the Air's: rotate-half over the first half of
+    each head) equals the norm, the projections and mx.fast.rope one after another; the offset may be
+    an array (a compiled step's input)."""
+    mx.random.seed(6)
+    q, k, v = (nn.QuantizedLinear(128, n, bias=True, group_size=64, bits=4) for n in (256, 64, 64))
+    for lin in (q, k, v):
+        lin.bias = mx.random.normal(lin.bias.shape)
+    x, norm = mx.random.normal((1, 1, 128)), _norm(128)
+    shapes = ((1, 4, 1, 64), (1, 1, 1, 64), (1, 1, 1, 64))
+    xn = norm(x)
+    want = [lin(xn).reshape(shape) for lin, shape in zip((q, k, v), shapes)]
+    want[:2] = [mx.fast.rope(t, 32, traditional=False, base=1e4, scale=1.0, offset=offset) for t in want[:2]]
+    for off in (offset, mx.array(offset, mx.int32)):
+        got = qkv_decode_reference(x, q, k, v, shapes, norm, (32, 1e4, off))
+        for g, w_ in zip(got, want):
+            assert g.shape == w_.shape and rel_err(g, w_) < 1e-5
+    assert rel_err(want[2], qkv_decode_reference(x, q, k, v, shapes, norm)[2]) < 1e-5  # v never rotates
+
+
 @pytest.mark.parametrize("norm,scale", [(True, 2.5), (False, 1.0)])
 def test_router_select_reference_is_the_router(norm, scale):
     from glm_mlx.config import ModelArgs
@@ -114,7 +157,7 @@ def test_the_model_decodes_the_same_through_the_fused_path(converted, monkeypatc
     calls = []
     monkeypatch.setattr(model_mod, "backend", lambda: "cuda")  # take the fused path (its references, on the CPU)
     monkeypatch.setattr(model_mod, "COMPILED_DECODE", False)  # count every call (a compiled trace replays them)
-    for name in ("moe_decode", "qkv_decode", "linear_decode", "router_select"):
+    for name in ("moe_decode", "qkv_decode", "linear_decode", "router_logits", "router_select"):
         real = getattr(model_mod, name)
         monkeypatch.setattr(model_mod, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     fused = decode()
@@ -124,6 +167,7 @@ def test_the_model_decodes_the_same_through_the_fused_path(converted, monkeypatc
     assert calls.count("linear_decode") == 8 * (a.num_hidden_layers + 1)  # o_proj, and lm_head
     moe_layers = a.num_hidden_layers - a.first_k_dense_replace
     assert calls.count("router_select") == (8 * moe_layers if a.n_group == a.topk_group else 0)
+    assert calls.count("router_logits") == calls.count("router_select")  # the norm in the logits' launch
     assert rel_err(fused, plain) < 1e-5
 
 
