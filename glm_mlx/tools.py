@@ -205,7 +205,10 @@ def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
             break
         first.append(line.strip())
     described: dict[str, list[str]] = {}
-    indent = lambda s: len(s) - len(s.lstrip())
+
+    def indent(s):
+        return len(s) - len(s.lstrip())
+
     i = 0
     while i < len(lines):
         line = lines[i]
@@ -413,7 +416,9 @@ def _value_problem(value: Any, schema: dict, where: str) -> str | None:
 
 def _same(a, b) -> bool:
     # JSON's equality: 1 == 1.0, but true is not 1
-    num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+    def num(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
     return a == b and (type(a) is type(b) or num(a) and num(b))
 
 
