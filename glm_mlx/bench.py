@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import os
 import time
 import zlib
 from collections.abc import Callable
@@ -374,7 +375,8 @@ def run_bench(shape: str | None = None, layers: int | None = None, recipe: str =
     info = mx.device_info()
     out = {"device": f"{mx.default_device()} ({info.get('device_name', '?')})", "shape": shape,
            "layers": args.num_hidden_layers, "recipe": recipe, "dtype": dtype, "seed": seed, "steps": steps,
-           "prompts": list(prompts), "contexts": list(contexts), "config": cfg}
+           "prompts": list(prompts), "contexts": list(contexts), "config": cfg,
+           "env": {k: v for k, v in os.environ.items() if k.startswith("MLX_")}}
     copy_bytes = 2**26 if on_cpu else 2**31
     out["ceiling_gbps"] = copy_bandwidth(copy_bytes) / 1e9
     out["ceiling_copy_bytes"] = copy_bytes
@@ -413,7 +415,9 @@ def render(r: dict) -> str:
     P, C = [str(p) for p in r["prompts"]], [str(c) for c in r["contexts"]]
     who = "ours" if "ours" in r["runtimes"] else "mlx-lm"
     first = r["runtimes"][who]
-    header = (f"{r['device']} | shape {r['shape']}, {r['layers']} layers, recipe {r['recipe']}, {r['dtype']} | "
+    env = " ".join(f"{k}={v}" for k, v in r.get("env", {}).items()) or "MLX's defaults"
+    header = (f"{r['device']} ({env}, both runtimes) | shape {r['shape']}, {r['layers']} layers, recipe {r['recipe']}, "
+              f"{r['dtype']} | "
               f"ceiling {r['ceiling_gbps']:.1f} GB/s (copy of {r['ceiling_copy_bytes'] / 1e9:.2f} GB) | "
               f"bytes per decode step: {fmt_bytes(first['weight_bytes_per_step'])} of weights + "
               f"{first['kv_bytes_per_position'] / 1e3:.1f} KB per context position ({who})")

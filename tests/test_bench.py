@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import mlx.core as mx
@@ -125,3 +126,30 @@ def test_decode_trace_counts_a_steps_ops_for_both_runtimes(capsys, monkeypatch):
     for r in report.values():
         assert r["ops_per_step"] == sum(r["ops"].values()) > 0
         assert len(r["wall_us_per_step"]) == 3 and min(r["wall_us_per_step"]) > 0 and r["device"] is None
+
+
+def test_the_cli_batches_400_ops_a_cuda_graph_unless_told_otherwise(monkeypatch):
+    """MLX reads MLX_MAX_OPS_PER_BUFFER once: the CLI sets it before anything runs, on CUDA only, and
+    never over the user's own value."""
+    import mlx.core as mx
+
+    from glm_mlx import cli
+
+    class Cuda:
+        available = True
+
+        @staticmethod
+        def is_available():
+            return Cuda.available
+
+    monkeypatch.setattr(mx, "cuda", Cuda, raising=False)
+    monkeypatch.delenv("MLX_MAX_OPS_PER_BUFFER", raising=False)
+    cli.use_cuda_graph_default()
+    assert os.environ["MLX_MAX_OPS_PER_BUFFER"] == cli.CUDA_OPS_PER_GRAPH
+    monkeypatch.setenv("MLX_MAX_OPS_PER_BUFFER", "50")
+    cli.use_cuda_graph_default()
+    assert os.environ["MLX_MAX_OPS_PER_BUFFER"] == "50"
+    monkeypatch.delenv("MLX_MAX_OPS_PER_BUFFER")
+    Cuda.available = False  # Metal or the CPU: MLX's own default
+    cli.use_cuda_graph_default()
+    assert "MLX_MAX_OPS_PER_BUFFER" not in os.environ
