@@ -124,14 +124,14 @@ FN void dot_rows(const DEV uint* w, const DEV S* scales, const DEV S* biases, ul
         dot_chunk<K, GROUP, BITS, R>(w, scales, biases, row0, gap, rows, c, xv, xs, 1.0f, acc);
     }
 }
-// v summed over the S simdgroups of a row set (through sh [WARPS]), for every thread of the set.
-template <int S>
-FN float set_total(float v, TG float* sh, uint lane, uint warp) {
+// v summed over the threadgroup's W simdgroups (through sh [W]), for every thread.
+template <int W>
+FN float group_total(float v, TG float* sh, uint lane, uint warp) {
     v = SIMD_SUM(v);
     if (lane == 0) sh[warp] = v;
     BARRIER;
     float t = 0.0f;
-    for (uint j = warp - warp % S; j < warp - warp % S + S; j++) t += sh[j];
+    for (int j = 0; j < W; j++) t += sh[j];
     return t;
 }
 // x [K] through RMSNorm (weights nw, eps[0]) into xn [K / 8] as bf16 (as a bf16 model's norm hands
@@ -152,7 +152,7 @@ FN void stage_norm(const DEV BF16_T* x, const DEV NW* nw, const DEV float* eps, 
             for (int j = 0; j < 8; j++) s += v[i * 8 + j] * v[i * 8 + j];
         }
     }
-    float f = RSQRT(set_total<W>(s, sh, lane, warp) / K + eps[0]);
+    float f = RSQRT(group_total<W>(s, sh, lane, warp) / K + eps[0]);
     for (uint i = 0; i < C; i++) {
         uint c = tid + i * T;
         if (c < K / 8) {
@@ -715,8 +715,9 @@ def qkv_decode(x: mx.array, q, k, v, shapes: tuple, norm=None,
     if not ok:
         return qkv_decode_reference(x, q, k, v, shapes, norm, rope)
     b = [p["bias"] if bias[0] else _dummy(mx.float32) for p in (q, k, v)]
-    dims, base, offset = rope if rope is not None else (0, 1.0, 0)
-    pos = offset.astype(mx.int32) if isinstance(offset, mx.array) else mx.array([offset], mx.int32)
+    dims, base, offset = rope if rope is not None else (0, 1.0, None)
+    pos = (_dummy(mx.int32) if offset is None else offset.astype(mx.int32) if isinstance(offset, mx.array)
+           else mx.array([offset], mx.int32))
     return tuple(_run(kind, "glm_qkv", [x, *_q(q), b[0], *_q(k), b[1], *_q(v), b[2], *nw, pos,
                                         _const(math.log2(base), mx.float32)], NQ + 2 * NK, 1,
                       [(shape, x.dtype) for shape in shapes], K=K, NQ=NQ, NK=NK, GROUP=q.group_size, BITS=q.bits,

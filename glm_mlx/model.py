@@ -66,7 +66,7 @@ class Attention(nn.Module):
             if fused_rope is not None:
                 return q, k, v
         else:
-            x = x if norm is None else norm(x)
+            x = _normed(x, norm)
             q = qp(x).reshape(B, T, self.n_heads, hd).transpose(0, 2, 1, 3)
             k = kp(x).reshape(B, T, self.n_kv_heads, hd).transpose(0, 2, 1, 3)
             v = vp(x).reshape(B, T, self.n_kv_heads, hd).transpose(0, 2, 1, 3)
@@ -99,7 +99,7 @@ class MLP(nn.Module):
         (one token on a GPU: two launches, the norm in the first)."""
         if x.size == x.shape[-1] and self.decodes():
             return moe_decode(x, None, None, None, self, residual, norm).astype(x.dtype)
-        x = x if norm is None else norm(x)
+        x = _normed(x, norm)
         y = self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
         return y if residual is None else residual + y
 
@@ -126,7 +126,7 @@ class Router(nn.Module):
             # launch each (glm_mlx/kernels.py)
             return router_select(router_logits(x, self.weight, norm), self.e_score_correction_bias.astype(f32),
                                  self.top_k, self.norm_topk_prob, self.scaling, x.shape[:-1])
-        x = x if norm is None else norm(x)
+        x = _normed(x, norm)
         logits = x.astype(f32) @ self.weight.astype(f32).T
         scores = mx.sigmoid(logits)
         choice = scores + self.e_score_correction_bias.astype(mx.float32)
@@ -156,14 +156,16 @@ class MoE(nn.Module):
         """The routed experts' weighted sum and the shared expert's output for x normalised by `norm`
         (when given), plus `residual` when given."""
         experts, shared = self.experts, self.shared_experts
-        if x.size == x.shape[-1] and fused_decode(experts) and shared.decodes():
+        if x.size == x.shape[-1] and fused_decode(experts):
             # one token on a GPU: the router in two launches, then routed and shared experts, the norm
-            # and the residual in two more
+            # and the residual in two more (a shared expert the kernels do not take, LoRA-wrapped, after)
             inds, weights = self.gate(x, norm)
             glu = _fused_glu(experts)
             slots = inds if glu is experts else experts.slots_for(_normed(x, norm), inds)  # an offloaded bank's
             if slots is not None:
-                return moe_decode(x, glu, slots, weights, shared, residual, norm).astype(x.dtype)
+                fuse = shared.decodes()
+                y = moe_decode(x, glu, slots, weights, shared if fuse else None, residual, norm).astype(x.dtype)
+                return y if fuse else y + shared(_normed(x, norm))
             x = _normed(x, norm)  # more experts than the bank has slots: it sums them in groups
         else:
             x = _normed(x, norm)

@@ -171,6 +171,35 @@ def test_the_model_decodes_the_same_through_the_fused_path(converted, monkeypatc
     assert rel_err(fused, plain) < 1e-5
 
 
+def test_routed_experts_stay_fused_beside_a_lora_wrapped_shared_expert(converted, monkeypatch):
+    """An adapter on the shared experts (LoRA layers the kernels do not take) leaves the routed
+    experts, the norm and the residual in the kernels' launches and adds the shared expert after:
+    the logits stay those of the plain path."""
+    from glm_mlx.lora import apply_lora, lora_modules
+
+    model, _ = load_model(converted("air-tiny", "mixed"), "float32")
+    apply_lora(model, targets=("shared_experts",), rank=2, alpha=4.0)
+    for _, m in lora_modules(model):
+        m.lora_b = mx.random.normal(m.lora_b.shape) * 0.1  # an adapter that changes the output
+    toks = np.random.default_rng(3).integers(0, model.args.vocab_size, size=(1, 9))
+
+    def decode():
+        cache = model.make_cache()
+        mx.eval(model(toks[:, :3], cache))
+        return np.concatenate([np.array(model(toks[:, t : t + 1], cache)) for t in range(3, 9)], axis=1)
+
+    plain = decode()
+    routed = []
+    real = model_mod.moe_decode
+    monkeypatch.setattr(model_mod, "backend", lambda: "cuda")
+    monkeypatch.setattr(model_mod, "COMPILED_DECODE", False)
+    monkeypatch.setattr(model_mod, "moe_decode", lambda *a: routed.append(a[1] is not None and a[4] is None)
+                        or real(*a))
+    assert rel_err(decode(), plain) < 1e-5
+    a = model.args
+    assert routed.count(True) == 6 * (a.num_hidden_layers - a.first_k_dense_replace)  # routed, shared not in it
+
+
 def test_compiled_decode_equals_the_plain_path_and_follows_new_weights(converted, monkeypatch):
     """One token on a GPU runs each layer's MLP half through mx.compile (here over the kernels'
     references, on the CPU): the logits stay those of the uncompiled path, and a trace is redone
