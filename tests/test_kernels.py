@@ -27,6 +27,14 @@ from glm_mlx.kernels import (
 from glm_mlx.loading import load_model
 
 
+def decode_logits(model, toks, prompt: int) -> np.ndarray:
+    """The logits of toks [1, T] decoded one token at a time after a prefill of the first `prompt`."""
+    cache = model.make_cache()
+    mx.eval(model(toks[:, :prompt], cache))
+    return np.concatenate([np.array(model(toks[:, t : t + 1], cache)) for t in range(prompt, toks.shape[1])],
+                          axis=1)
+
+
 def rel_err(a, b):
     return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
@@ -149,9 +157,7 @@ def test_the_model_decodes_the_same_through_the_fused_path(converted, monkeypatc
     toks = np.random.default_rng(0).integers(0, model.args.vocab_size, size=(1, 12))
 
     def decode():
-        cache = model.make_cache()
-        mx.eval(model(toks[:, :4], cache))
-        return np.concatenate([np.array(model(toks[:, t : t + 1], cache)) for t in range(4, 12)], axis=1)
+        return decode_logits(model, toks, 4)
 
     plain = decode()
     calls = []
@@ -183,19 +189,14 @@ def test_routed_experts_stay_fused_beside_a_lora_wrapped_shared_expert(converted
         m.lora_b = mx.random.normal(m.lora_b.shape) * 0.1  # an adapter that changes the output
     toks = np.random.default_rng(3).integers(0, model.args.vocab_size, size=(1, 9))
 
-    def decode():
-        cache = model.make_cache()
-        mx.eval(model(toks[:, :3], cache))
-        return np.concatenate([np.array(model(toks[:, t : t + 1], cache)) for t in range(3, 9)], axis=1)
-
-    plain = decode()
+    plain = decode_logits(model, toks, 3)
     routed = []
     real = model_mod.moe_decode
     monkeypatch.setattr(model_mod, "backend", lambda: "cuda")
     monkeypatch.setattr(model_mod, "COMPILED_DECODE", False)
     monkeypatch.setattr(model_mod, "moe_decode", lambda *a: routed.append(a[1] is not None and a[4] is None)
                         or real(*a))
-    assert rel_err(decode(), plain) < 1e-5
+    assert rel_err(decode_logits(model, toks, 3), plain) < 1e-5
     a = model.args
     assert routed.count(True) == 6 * (a.num_hidden_layers - a.first_k_dense_replace)  # routed, shared not in it
 
@@ -210,9 +211,7 @@ def test_compiled_decode_equals_the_plain_path_and_follows_new_weights(converted
 
     def decode(compiled: bool):
         monkeypatch.setattr(model_mod, "COMPILED_DECODE", compiled)
-        cache = model.make_cache()
-        mx.eval(model(toks[:, :3], cache))
-        return np.concatenate([np.array(model(toks[:, t : t + 1], cache)) for t in range(3, 9)], axis=1)
+        return decode_logits(model, toks, 3)
 
     plain, compiled = decode(False), decode(True)
     layers = model.model.layers
@@ -247,9 +246,7 @@ def test_offloaded_experts_take_the_same_fused_path(converted, monkeypatch):
     toks = np.random.default_rng(4).integers(0, 400, size=(1, 10))
 
     def decode(model):
-        cache = model.make_cache()
-        mx.eval(model(toks[:, :3], cache))
-        return np.concatenate([np.array(model(toks[:, t : t + 1], cache)) for t in range(3, 10)], axis=1)
+        return decode_logits(model, toks, 3)
 
     resident, _ = load_model(folder, "float32")
     want = decode(resident)
