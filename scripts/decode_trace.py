@@ -1,6 +1,7 @@
 """A decode step's ops, and, where torch's profiler can see the GPU, its device timeline.
 
     python3 scripts/decode_trace.py --layers 8 --context 512
+    python3 scripts/decode_trace.py --layers 8 --prefill 512   (a prefill's kernels instead)
 
 For N layers of GLM-4.5-Air's shape (random weights, every linear 4-bit; ours
 and mlx-lm's on the same weights), per decode step:
@@ -41,8 +42,8 @@ def pipelined(step, cache, steps: int) -> float:
     return decode_seconds(step, cache, steps) / steps
 
 
-def trace(step, cache, steps: int) -> dict | None:
-    """The device's side of `steps` pipelined steps, from a CUPTI trace (None without torch on CUDA)."""
+def trace(work, steps: int) -> dict | None:
+    """The device's side of work() (`steps` steps of it), from a CUPTI trace (None without torch on CUDA)."""
     try:
         import torch
         from torch.profiler import ProfilerActivity, profile
@@ -51,7 +52,7 @@ def trace(step, cache, steps: int) -> dict | None:
     except Exception:  # noqa: BLE001 (no torch, or one that cannot load beside MLX's CUDA libraries)
         return None
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        pipelined(step, cache, steps)
+        work()
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         events = json.load(open(f.name))["traceEvents"]
@@ -90,6 +91,7 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--runtimes", default="ours,mlx-lm")
     ap.add_argument("--no-trace", action="store_true")
+    ap.add_argument("--prefill", type=int, default=0, help="trace a prefill of this many tokens instead")
     a = ap.parse_args()
     env = {k: v for k, v in os.environ.items() if k.startswith("MLX_")}
     print(mx.default_device(), "env:", env or "defaults", flush=True)
@@ -98,10 +100,25 @@ def main():
     report = {}
     for name in a.runtimes.split(","):
         rt = make_runtime(name, cfg, random_weights(cfg, "uniform4", 0, mx.bfloat16), "uniform4")
+        if a.prefill:
+            prompt = mx.random.randint(0, args.vocab_size, (1, a.prefill)).astype(mx.uint32)
+
+            def work():
+                mx.eval(rt.prefill(prompt, rt.make_cache()))
+            work()  # warm: JIT
+            dev = trace(work, 0)
+            if not dev or "busy_us_per_step" not in dev:
+                print(f"{name}: no device trace (needs torch with CUDA beside MLX's)")
+                continue
+            print(f"\n== {name}: {a.layers} layers, prefill {a.prefill}: device busy {dev['busy_us_per_step']:.0f} us "
+                  f"of a {dev['span_us_per_step']:.0f} us span, {dev['kernels_per_step']:.0f} kernels")
+            for n, c, t in dev["top_kernels"]:
+                print(f"  {t:8.1f} us  x{c:5.1f}  {n}")
+            continue
         cache = fill_cache(rt.make_cache(), args, a.context, 8 * a.steps + 64, mx.bfloat16, 0)
         pipelined(rt.step, cache, 3)  # warm: JIT and the graph cache
         walls = [pipelined(rt.step, cache, a.steps) for _ in range(3)]
-        dev = None if a.no_trace else trace(rt.step, cache, a.steps)
+        dev = None if a.no_trace else trace(lambda: pipelined(rt.step, cache, a.steps), a.steps)
         ops = op_counts(rt.step(mx.array([[1]], mx.uint32), cache))  # built, never run
         r = report[name] = {"ops_per_step": sum(ops.values()), "ops": dict(ops.most_common()),
                             "wall_us_per_step": [w * 1e6 for w in walls], "device": dev}
