@@ -263,6 +263,7 @@ class OffloadedExperts(nn.Module):
         object.__setattr__(self, "pending", {})  # expert -> a prefetch's read, as _start returns it
         object.__setattr__(self, "next", None)  # (router, OffloadedExperts) of the next MoE layer
         object.__setattr__(self, "views", None)
+        object.__setattr__(self, "routed", None)  # (inds, _route's answer) that slots_for could not use
         if direct:  # slot s of every part, in file order: the iovecs of one preadv
             whole = {p: memoryview(getattr(getattr(glu, p.split(".")[0]), p.split(".")[1])).cast("B")
                      for p in file.order}
@@ -452,16 +453,20 @@ class OffloadedExperts(nn.Module):
 
     def slots_for(self, x: mx.array, inds: mx.array) -> mx.array | None:
         """For one token's fused kernels: its experts made resident and their slots (shaped
-        like inds); None when they outnumber the slots (then call the bank, which groups them)."""
-        idx, needed, then = self._route(x, inds)
+        like inds); None when they outnumber the slots (then call the bank with the same inds:
+        it groups them, on the choice read here)."""
+        route = idx, needed, then = self._route(x, inds)
         if needed.size > self.slots:
+            object.__setattr__(self, "routed", (inds, route))
             return None
         self._resident(needed, then)
         return mx.array(self.slot_of[idx].astype(np.uint32))
 
     def __call__(self, x: mx.array, inds: mx.array) -> mx.array:
         """[..., k, D] like SwitchGLU."""
-        idx, needed, then = self._route(x, inds)
+        routed = self.routed
+        object.__setattr__(self, "routed", None)
+        idx, needed, then = routed[1] if routed is not None and routed[0] is inds else self._route(x, inds)
         if needed.size <= self.slots:
             self._resident(needed, then)
             return self._glu(x, self.slot_of[idx], idx)
@@ -469,7 +474,7 @@ class OffloadedExperts(nn.Module):
         y = None
         for g in range(0, needed.size, self.slots):
             group = needed[g : g + self.slots]
-            self.ensure(group)
+            self.ensure(group)  # no prefetch: a bank that groups has no room to read ahead
             member = np.isin(idx, group)
             out = self._glu(x, np.where(member, self.slot_of[idx], 0), np.where(member, idx, 0))
             part = mx.where(mx.array(member)[..., None], out, mx.zeros_like(out))

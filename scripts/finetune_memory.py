@@ -89,8 +89,8 @@ def measure(targets: tuple[str, ...], rank: int, tokens: int) -> dict:
     ds = Dataset([Example([1 + i % 300 for i in range(tokens)], [True] * tokens)], 0, 0)
     mx.reset_peak_memory()
     base = mx.get_active_memory()
-    t = Trainer(model, ds, TrainConfig(rank=rank, targets=targets, iters=2, grad_checkpoint=True, max_seq_len=tokens + 1),
-                d / "a", base_manifest=manifest, base_dir=folder, log=lambda s: None)
+    cfg = TrainConfig(rank=rank, targets=targets, iters=2, grad_checkpoint=True, max_seq_len=tokens + 1)
+    t = Trainer(model, ds, cfg, d / "a", base_manifest=manifest, base_dir=folder, log=lambda s: None)
     t.run()
     n_lora = sum(v.size for _, v in tree_flatten(t.model.trainable_parameters()))
     return {"weights measured": weights, "weights arithmetic": weight_bytes(a, 4),
@@ -102,7 +102,8 @@ def measure(targets: tuple[str, ...], rank: int, tokens: int) -> dict:
 def main():
     gb = 1e9
     print("## Measured at small size (quality fixture, float32 on the CPU, 2 steps, 512 tokens, checkpointed)\n")
-    for targets in (("attention", "dense_mlp", "shared_experts"), ("attention", "dense_mlp", "experts", "shared_experts")):
+    for targets in (("attention", "dense_mlp", "shared_experts"),
+                    ("attention", "dense_mlp", "experts", "shared_experts")):
         m = measure(targets, rank=8, tokens=512)
         print(f"targets {','.join(targets)}: " + json.dumps({k: round(v / 1e6, 2) if "params" not in k else v
                                                             for k, v in m.items()}) + "  (MB, parameters)")

@@ -130,7 +130,8 @@ def test_tool_round_trip(tiny, monkeypatch, tmp_path):
 
     roles = [m["role"] for m in s.messages]
     assert roles == ["user", "assistant", "tool", "assistant"]
-    assert s.messages[1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}
+    want = {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}
+    assert s.messages[1]["tool_calls"][0]["function"] == want
     assert s.messages[2]["content"] == "Paris: sunny for 2 day(s)"
     assert s.messages[3]["content"] == "Sunny in Paris."
     # the prompt of the second reply, as the template renders the conversation

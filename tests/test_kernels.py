@@ -263,8 +263,13 @@ def test_offloaded_experts_take_the_same_fused_path(converted, monkeypatch):
         model, _ = load_model(folder, "float32", expert_memory=slots * stride)
         np.testing.assert_array_equal(decode(model), want)
     assert any(banked)  # the bank computed through the fused path
+    routes = []
+    route = offload.OffloadedExperts._route
+    monkeypatch.setattr(offload.OffloadedExperts, "_route", lambda self, *a: routes.append(1) or route(self, *a))
     model, _ = load_model(folder, "float32", expert_memory=2 * stride)  # they do not: summed in groups
     assert rel_err(decode(model), want) < 1e-5
+    prompt_routes = m.num_hidden_layers - m.first_k_dense_replace  # the 3-token prompt: once a layer
+    assert len(routes) == prompt_routes * (1 + toks.shape[1] - 3)  # each token's choice read once, not twice
 
 
 def test_compiled_decode_turns_off_from_the_environment():

@@ -254,7 +254,8 @@ def test_tokenizer_round_trips_and_has_glm_special_tokens(checkpoint):
     for t, i in ids.items():
         assert tok.encode(t, add_special_tokens=False) == [i], t
     assert tok.encode("x<|user|>y", add_special_tokens=False)[1] == ids["<|user|>"]
-    assert (tok.eos_token, tok.eos_token_id, tok.pad_token_id) == ("<|endoftext|>", ids["<|endoftext|>"], ids["<|endoftext|>"])
+    end = ids["<|endoftext|>"]
+    assert (tok.eos_token, tok.eos_token_id, tok.pad_token_id) == ("<|endoftext|>", end, end)
     # As in GLM: role tokens are special, reasoning and tool markup are not.
     text = "<|assistant|><think>a</think><tool_call>f<arg_key>k</arg_key></tool_call><|user|>"
     assert tok.decode(tok.encode(text), skip_special_tokens=True) == \
@@ -279,7 +280,8 @@ def test_chat_template_renders_glm_prompts(checkpoint):
                                    tokenize=False, enable_thinking=False)
     assert text.startswith("[gMASK]<sop><|system|>\n# Tools")
     assert "<|user|>\nWeather in Paris?/nothink<|assistant|>\n<think></think>\n<tool_call>get_weather\n" in text
-    assert text.endswith("<|observation|>\n<tool_response>\n{\"c\": 20}\n</tool_response><|assistant|>\n<think></think>")
+    assert text.endswith("<|observation|>\n<tool_response>\n{\"c\": 20}\n</tool_response>"
+                         "<|assistant|>\n<think></think>")
     ids = special_token_ids()
     out = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, enable_thinking=False)
     out = out["input_ids"] if hasattr(out, "keys") else out
