@@ -12,6 +12,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .kernels import dequantize
+
 SORT_THRESHOLD = 64  # rows x top-k above which sorting by expert pays
 # Rows x top-k above which a quantized projection is dequantized whole and applied by
 # gather_mm: on MLX 0.32's CUDA backend gather_qmm over 32768 sorted rows took 79 ms
@@ -56,8 +58,9 @@ class QuantizedSwitchLinear(nn.Module):
         if inds.size >= DEQUANT_ROWS and (x.dtype == mx.float32 or mx.default_device() != mx.cpu):
             # prefill: every expert serves many rows, so dequantize once and multiply densely. The
             # dequantized copy waits for x, else MLX may make every layer's at once (it needs no input).
-            w = mx.dequantize(*mx.depends([self.weight, self.scales, self.biases], [x]), self.group_size,
-                              self.bits, mode=self.mode)
+            parts = mx.depends([self.weight, self.scales, self.biases], [x])
+            w = (dequantize(*parts, self.group_size, self.bits) if self.mode == "affine"
+                 else mx.dequantize(*parts, self.group_size, self.bits, mode=self.mode))
             return mx.gather_mm(x, w.astype(x.dtype).swapaxes(-1, -2), rhs_indices=inds,
                                 sorted_indices=sorted_indices)
         return mx.gather_qmm(

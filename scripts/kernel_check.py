@@ -27,6 +27,7 @@ from glm_mlx.experts import QuantizedSwitchLinear, SwitchGLU
 from glm_mlx import kernels
 from glm_mlx.kernels import (
     backend,
+    dequantize,
     gather_qmv,
     gather_qmv_reference,
     linear_decode,
@@ -147,17 +148,37 @@ def report(rows: list, name: str, err: float, ours: dict[int, float], mlx: float
           flush=True)
 
 
+def check_dequantize(rows: list):
+    """A projection's experts dequantized whole (what a prefill chunk does), against mx.dequantize."""
+    for E, N, K, bits in ((128, 1408, 4096, 4), (128, 4096, 1408, 4), (128, 1408, 4096, 8)):
+        n = copies(E * N * K * bits / 8 / 1e9)
+        ws = [mx.quantize(rand((E, N, K)), 64, bits) for _ in range(n)]
+        mx.eval(ws)
+        want = mx.dequantize(*ws[0], 64, bits).astype(mx.float32)
+        got = dequantize(*ws[0], 64, bits).astype(mx.float32)
+        err = (mx.abs(got - want) / (mx.abs(want) + 1e-30)).max().item()  # elementwise: one rounding apart
+        gb = (E * N * K * bits / 8 + 2 * ws[0][1].nbytes + E * N * K * 2) / 1e9  # read codes, scales, biases; write
+        report(rows, f"dequantize {E} x {N} x {K}, {bits}-bit", err,
+               {kernels.RPW: per_call(lambda i: dequantize(*ws[i % n], 64, bits), reps=10)},
+               per_call(lambda i: mx.dequantize(*ws[i % n], 64, bits), reps=10), "mx.dequantize", gb, 2**-7)
+
+
 def main():
     global RPWS, SPLITS
     ap = argparse.ArgumentParser()
     ap.add_argument("--rpw", default=str(kernels.RPW), help="rows per row set to time, e.g. 4,8")
     ap.add_argument("--split", default="auto", help="simdgroups per row set to time, e.g. auto,1,2,4,8")
+    ap.add_argument("--dequantize", action="store_true", help="check the experts' dequantize only")
     a = ap.parse_args()
     RPWS = [int(r) for r in a.rpw.split(",")]
     SPLITS = [None if s == "auto" else int(s) for s in a.split.split(",")]
     mx.random.seed(0)
     print(mx.default_device(), "kernel backend:", backend())
     rows = []
+    check_dequantize(rows)
+    if a.dequantize:
+        print(json.dumps(rows))
+        return
     # (name, experts, N, K, x rows, chosen rows, bits)
     for name, E, N, K, xr, M, bits in (("Air gate/up: 8 of 128, 4096 -> 1408", 128, 1408, 4096, 1, 8, 4),
                                        ("Air down: 8 of 128, 1408 -> 4096", 128, 4096, 1408, 8, 8, 4),
