@@ -9,16 +9,41 @@ the bits of every layer, experts included.
 
 from __future__ import annotations
 
+import contextlib
+
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
-from .kernels import dequantize
+from .kernels import backend, dequantize
 
 SORT_THRESHOLD = 64  # rows x top-k above which sorting by expert pays
 # Rows x top-k above which a quantized projection is dequantized whole and applied by
 # gather_mm: on MLX 0.32's CUDA backend gather_qmm over 32768 sorted rows took 79 ms
 # where dequantizing (1.5 ms) then gather_mm (3.1 ms) took 4.6 (scripts/decode_profile.py).
 DEQUANT_ROWS = 1024
+# With the router's choice on the host (host_routing), as many rows: each expert's rows padded to the
+# most any expert has and multiplied as one batched matmul, where the padding multiplies the rows at
+# most PAD_WASTE times. On the H100 a padded batch 12x the rows (random-weight routing is that uneven)
+# still beat gather_mm's grouped GEMM, which reads the dequantized experts at 0.7 TB/s: Air's 8 layers
+# prefilling 512 tokens were busy 47 against 69 ms (scripts/decode_trace.py --prefill 512). Not on
+# Metal: unmeasured there, where the padding's FLOPs cost more than the reads they save.
+# Over PAD_ROWS rows the padding's FLOPs and memory outgrow the reads saved: Air's 4096-token
+# prefill (chunks of 2048: 16384 rows) fell from 2441 to 2047 tok/s with its peak up 5.5 GB.
+PAD_WASTE, PAD_ROWS = 16.0, 8192
+_HOST_ROUTING = [False]
+
+
+@contextlib.contextmanager
+def host_routing():
+    """Within: routed experts over many rows may read the router's choice on the host (one
+    synchronisation a layer: a prefill that evaluates layer by layer has one anyway) to multiply
+    each expert's rows as a padded dense batch. Never under mx.compile (a training step)."""
+    prev, _HOST_ROUTING[0] = _HOST_ROUTING[0], True
+    try:
+        yield
+    finally:
+        _HOST_ROUTING[0] = prev
 
 
 class SwitchLinear(nn.Module):
@@ -32,6 +57,10 @@ class SwitchLinear(nn.Module):
             # MLX's CPU gather_mm takes float32 only; gather the rows' experts instead.
             return x @ w[inds].swapaxes(-1, -2)
         return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=inds, sorted_indices=sorted_indices)
+
+    def dense(self, dtype: mx.Dtype, after: mx.array) -> mx.array:
+        """The experts' weights [E, out, in] in dtype."""
+        return self.weight.astype(dtype)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine"):
         return QuantizedSwitchLinear.from_weight(self.weight, group_size, bits, mode)
@@ -56,17 +85,22 @@ class QuantizedSwitchLinear(nn.Module):
 
     def __call__(self, x: mx.array, inds: mx.array, sorted_indices: bool = False) -> mx.array:
         if inds.size >= DEQUANT_ROWS and (x.dtype == mx.float32 or mx.default_device() != mx.cpu):
-            # prefill: every expert serves many rows, so dequantize once and multiply densely. The
-            # dequantized copy waits for x, else MLX may make every layer's at once (it needs no input).
-            parts = mx.depends([self.weight, self.scales, self.biases], [x])
-            w = (dequantize(*parts, self.group_size, self.bits) if self.mode == "affine"
-                 else mx.dequantize(*parts, self.group_size, self.bits, mode=self.mode))
-            return mx.gather_mm(x, w.astype(x.dtype).swapaxes(-1, -2), rhs_indices=inds,
+            # prefill: every expert serves many rows, so dequantize once and multiply densely
+            return mx.gather_mm(x, self.dense(x.dtype, x).swapaxes(-1, -2), rhs_indices=inds,
                                 sorted_indices=sorted_indices)
         return mx.gather_qmm(
             x, self.weight, self.scales, self.biases, rhs_indices=inds, transpose=True,
             group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices,
         )
+
+
+    def dense(self, dtype: mx.Dtype, after: mx.array) -> mx.array:
+        """The experts' weights dequantized whole [E, out, in] in dtype, made once `after` is: else MLX
+        may make every layer's at once (the copy needs no input)."""
+        parts = mx.depends([self.weight, self.scales, self.biases], [after])
+        w = (dequantize(*parts, self.group_size, self.bits) if self.mode == "affine"
+             else mx.dequantize(*parts, self.group_size, self.bits, mode=self.mode))
+        return w.astype(dtype)
 
 
 class SwitchGLU(nn.Module):
@@ -83,15 +117,44 @@ class SwitchGLU(nn.Module):
         x = mx.expand_dims(x, (-2, -3))  # [..., 1, 1, D]
         sort = inds.size >= SORT_THRESHOLD
         idx = inds
+        y = None
         if sort:
             k = inds.shape[-1]
             flat = inds.flatten()
             order = mx.argsort(flat)
             x, idx = x.flatten(0, -3)[order // k], flat[order]  # [N*k, 1, D], [N*k]
-        g = self.gate_proj(x, idx, sort)
-        # sorted (prefill): up after gate, so at most one projection is dequantized at a time
-        h = nn.silu(g) * self.up_proj(mx.depends(x, g) if sort else x, idx, sort)
-        y = self.down_proj(h, idx, sort)
+            y = self._padded(x, idx)
+        if y is None:
+            g = self.gate_proj(x, idx, sort)
+            # sorted (prefill): up after gate, so at most one projection is dequantized at a time
+            h = nn.silu(g) * self.up_proj(mx.depends(x, g) if sort else x, idx, sort)
+            y = self.down_proj(h, idx, sort)
         if sort:
             y = mx.unflatten(y[mx.argsort(order)], 0, inds.shape)
         return y.squeeze(-2)
+
+    def _padded(self, x: mx.array, idx: mx.array) -> mx.array | None:
+        """Rows x [M, 1, D] sorted by their experts idx [M] through them as a batched matmul: each
+        expert's rows padded with zeros to the most any expert has ([E, cap, D], the padding never
+        read back). None where it does not apply: no host_routing, rows outside DEQUANT_ROWS ..
+        PAD_ROWS, Metal, LoRA-wrapped projections, or routing so uneven that the padding would
+        multiply the rows more than PAD_WASTE times."""
+        projs = (self.gate_proj, self.up_proj, self.down_proj)
+        if (not _HOST_ROUTING[0] or not DEQUANT_ROWS <= idx.size <= PAD_ROWS or backend() == "metal"
+                or any(type(p) not in (SwitchLinear, QuantizedSwitchLinear) for p in projs)):
+            return None
+        E, M, D = self.gate_proj.weight.shape[0], idx.size, x.shape[-1]
+        ids = np.array(idx).astype(np.int64)  # the host reads the choice: one synchronisation
+        counts = np.bincount(ids, minlength=E)
+        cap = int(counts.max())
+        if E * cap > PAD_WASTE * M:
+            return None
+        first = np.cumsum(counts) - counts  # each expert's first row in the sorted order
+        slot = mx.array((ids * cap + np.arange(M) - first[ids]).astype(np.uint32))
+        xp = mx.zeros((E * cap, D), x.dtype)
+        xp[slot] = x.reshape(M, D)
+        xp = xp.reshape(E, cap, D)
+        g = xp @ self.gate_proj.dense(x.dtype, xp).swapaxes(-1, -2)  # one projection dequantized at a time
+        h = nn.silu(g) * (xp @ self.up_proj.dense(x.dtype, g).swapaxes(-1, -2))
+        y = h @ self.down_proj.dense(x.dtype, h).swapaxes(-1, -2)  # [E, cap, D]
+        return y.reshape(E * cap, D)[slot][:, None, :]

@@ -98,6 +98,41 @@ def test_quantized_gathered_experts_equal_a_per_expert_loop_on_their_dequantized
     assert rel_err(ours, _expert_loop(plain, x, inds)) < 1e-5
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_experts_padded_into_a_batch_equal_a_per_expert_loop(quantized, monkeypatch):
+    """With the router's choice on the host (a layer-by-layer prefill), each expert's rows go
+    through it as one padded batch: the same outputs; routing too uneven for the padding falls
+    back to the gathered matmuls, with the same outputs again."""
+    import glm_mlx.experts as experts
+
+    monkeypatch.setattr(experts, "DEQUANT_ROWS", 256)
+    monkeypatch.setattr(experts, "PAD_WASTE", 2.0)
+    rng = np.random.default_rng(2)
+    glu = SwitchGLU(64, 32, 6)
+    glu.update({k: {"weight": mx.array(rng.standard_normal((6, *p.weight.shape[1:]), dtype=np.float32))}
+                for k, p in glu.children().items()})
+    plain = glu
+    if quantized:
+        nn.quantize(glu, 32, 4)
+        plain = SwitchGLU(64, 32, 6)
+        plain.update({k: {"weight": mx.dequantize(p.weight, p.scales, p.biases, 32, 4)}
+                      for k, p in glu.children().items()})
+    taken = []
+    real = SwitchGLU._padded
+    monkeypatch.setattr(SwitchGLU, "_padded", lambda self, *a: (lambda y: taken.append(y is not None) or y)(
+        real(self, *a)))
+    x = rng.standard_normal((1, 200, 64), dtype=np.float32)
+    even = np.stack([rng.permutation(6)[:2] for _ in range(200)])[None]
+    skewed = np.stack([[0, 1 + i % 5] for i in range(200)])[None]  # expert 0 in every row: cap 200 of 400 rows
+    for inds, padded in ((even, True), (skewed, False)):
+        with experts.host_routing():
+            ours = np.array(glu(mx.array(x), mx.array(inds)))
+        assert taken.pop() is padded
+        assert rel_err(ours, _expert_loop(plain, x, inds)) < 1e-5
+    glu(mx.array(x), mx.array(even))  # outside host_routing: never padded (no synchronisation)
+    assert taken.pop() is False
+
+
 def test_token_ids_are_validated(converted):
     model, _ = glm_mlx.load(converted("air-tiny", "none"))
     V = model.args.vocab_size
