@@ -81,6 +81,27 @@ FN uint bf16x2(float a, float b) {
     uint u = AS_UINT(a), v = AS_UINT(b);
     return ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16) | ((v + 0x7fffu + ((v >> 16) & 1u)) & 0xffff0000u);
 }
+// Eight floats rounded to bf16, packed in a 16-byte word.
+FN uint4 bf16x8(LOC const float* v) {
+    uint4 o;
+    o.x = bf16x2(v[0], v[1]);
+    o.y = bf16x2(v[2], v[3]);
+    o.z = bf16x2(v[4], v[5]);
+    o.w = bf16x2(v[6], v[7]);
+    return o;
+}
+// Chunk c of a quantized row w (its 8 codes: one 32-bit word at 4 bits, two at 8) as floats in q.
+template <int BITS>
+FN void codes8(const DEV uint* w, ulong c, LOC float* q) {
+    if (BITS == 4) {
+        uint word = w[c];
+        for (int j = 0; j < 8; j++) q[j] = (float)((word >> (4 * j)) & 15u);
+    } else {
+        uint2 word = ((const DEV uint2*)w)[c];
+        for (int j = 0; j < 4; j++) q[j] = (float)((word.x >> (8 * j)) & 255u);
+        for (int j = 0; j < 4; j++) q[4 + j] = (float)((word.y >> (8 * j)) & 255u);
+    }
+}
 // x's chunk c (8 values from xbase + 8 c) as floats in v: from the threadgroup's normalised copy
 // xn when NORM, else from x. Returns their sum.
 template <bool NORM, typename X>
@@ -100,15 +121,9 @@ FN void dot_chunk(const DEV uint* w, const DEV S* scales, const DEV S* biases, u
         if ((uint)r < rows) {
             ulong row = row0 + r + (r >= R / 2 ? gap : 0);
             ulong g = row * (K / GROUP) + (c * 8) / GROUP;
-            float dot = 0.0f;
-            if (BITS == 4) {
-                uint word = w[row * wpr + c];
-                for (int j = 0; j < 8; j++) dot += (float)((word >> (4 * j)) & 15u) * xv[j];
-            } else {
-                uint2 word = ((const DEV uint2*)(w + row * wpr))[c];
-                for (int j = 0; j < 4; j++) dot += (float)((word.x >> (8 * j)) & 255u) * xv[j];
-                for (int j = 0; j < 4; j++) dot += (float)((word.y >> (8 * j)) & 255u) * xv[4 + j];
-            }
+            float q[8], dot = 0.0f;
+            codes8<BITS>(w + row * wpr, c, q);
+            for (int j = 0; j < 8; j++) dot += q[j] * xv[j];
             acc[r] += wt * (BF16(scales, g) * dot + BF16(biases, g) * xs);
         }
     }
@@ -156,12 +171,9 @@ FN void stage_norm(const DEV BF16_T* x, const DEV NW* nw, const DEV float* eps, 
     for (uint i = 0; i < C; i++) {
         uint c = tid + i * T;
         if (c < K / 8) {
-            LOC float* a = v + i * 8;
-            LOC float* b = n + i * 8;
-            xn[c].x = bf16x2(a[0] * f * b[0], a[1] * f * b[1]);
-            xn[c].y = bf16x2(a[2] * f * b[2], a[3] * f * b[3]);
-            xn[c].z = bf16x2(a[4] * f * b[4], a[5] * f * b[5]);
-            xn[c].w = bf16x2(a[6] * f * b[6], a[7] * f * b[7]);
+            float o[8];
+            for (int j = 0; j < 8; j++) o[j] = v[i * 8 + j] * f * n[i * 8 + j];
+            xn[c] = bf16x8(o);
         }
     }
     BARRIER;
@@ -360,21 +372,10 @@ _DEQUANT_BODY = """
     ulong c = (ulong)bx * 32 * WARPS + tid;  // chunk of 8 values
     if (c < (ulong)ROWS * (K / 8)) {
         ulong row = c / (K / 8), g = row * (K / GROUP) + (c - row * (K / 8)) * 8 / GROUP;
-        float sc_ = BF16(scales, g), bi = BF16(biases, g), v[8];
-        if (BITS == 4) {
-            uint word = w[c];
-            for (int j = 0; j < 8; j++) v[j] = sc_ * (float)((word >> (4 * j)) & 15u) + bi;
-        } else {
-            uint2 word = ((const DEV uint2*)w)[c];
-            for (int j = 0; j < 4; j++) v[j] = sc_ * (float)((word.x >> (8 * j)) & 255u) + bi;
-            for (int j = 0; j < 4; j++) v[4 + j] = sc_ * (float)((word.y >> (8 * j)) & 255u) + bi;
-        }
-        uint4 o;
-        o.x = bf16x2(v[0], v[1]);
-        o.y = bf16x2(v[2], v[3]);
-        o.z = bf16x2(v[4], v[5]);
-        o.w = bf16x2(v[6], v[7]);
-        ((DEV uint4*)y)[c] = o;
+        float sc_ = BF16(scales, g), bi = BF16(biases, g), q[8];
+        codes8<BITS>(w, c, q);
+        for (int j = 0; j < 8; j++) q[j] = sc_ * q[j] + bi;
+        ((DEV uint4*)y)[c] = bf16x8(q);
     }
 """
 
@@ -792,7 +793,7 @@ def dequantize(w: mx.array, scales: mx.array, biases: mx.array, group_size: int,
     K = w.shape[-1] * 32 // bits if bits in (4, 8) else 0
     if kind == "cpu" or not K or scales.dtype != mx.bfloat16 or group_size % 8 or K % group_size:
         return mx.dequantize(w, scales, biases, group_size, bits)
-    rows, threads = w.size * 32 // bits // K, 32 * WARPS
+    rows, threads = w.size // w.shape[-1], 32 * WARPS
     return _kernel(kind, "glm_dequantize")(
         inputs=[w, scales, biases], template=[("K", K), ("GROUP", group_size), ("BITS", bits), ("ROWS", rows),
                                                ("WARPS", WARPS)],
