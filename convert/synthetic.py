@@ -320,7 +320,8 @@ def _styled(config: dict, style: str) -> dict:
 
 def _layer(p: str, c: dict, moe: bool):
     """(name, shape, std) for one decoder layer; std None is an RMSNorm weight."""
-    h, d = c["hidden_size"], c["head_dim"]
+    h = c["hidden_size"]
+    d = c.get("head_dim") or h // c["num_attention_heads"]  # transformers' default when absent
     nq, nkv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
     yield f"{p}.input_layernorm.weight", (h,), None
     for proj, n in (("q", nq), ("k", nkv), ("v", nkv)):

@@ -178,6 +178,10 @@ def finetune(
     think: Optional[bool] = typer.Option(None, "--think/--no-think", help="render chat samples with "
                                          "reasoning on or off (default: the template's)"),
     dtype: Optional[str] = typer.Option(None, help="compute dtype (default: float32 on the CPU, else bf16)"),
+    expert_memory: Optional[str] = typer.Option("auto", "--expert-memory", help="most memory the routed experts may "
+                                                "take (e.g. 24GB): a model larger than memory trains with its "
+                                                "experts read from disk, frozen. auto (the default): all resident "
+                                                "when the model fits"),
 ):
     """Train a LoRA adapter (QLoRA on a quantized folder); loss on assistant tokens only."""
     import mlx.core as mx
@@ -192,7 +196,8 @@ def finetune(
         train_path, found_valid = split_path(data)
         valid = valid or found_valid
         dtype = dtype or ("float32" if mx.default_device() == mx.cpu else None)
-        m, manifest = load_model(model, dtype)
+        m, manifest = load_model(model, dtype, expert_memory)
+        say_offloaded(m)
         tok = Tokenizer(model)
         train = load_dataset(train_path, tok, max_seq_len=max_seq_len, overlong=overlong, think=think)
         val = load_dataset(valid, tok, max_seq_len=max_seq_len, overlong=overlong, think=think) if valid else None

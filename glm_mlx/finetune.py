@@ -1,7 +1,8 @@
 """LoRA / QLoRA training on the shared model core.
 
 The training step is one function over explicit state (model, optimizer,
-random state), compiled; gradient accumulation sums micro-batch gradients
+random state), compiled (not with offloaded experts: their banks read experts
+from disk mid-step, on the host); gradient accumulation sums micro-batch gradients
 before one update. The position in the data is (epoch, batch), the order
 of an epoch a function of (seed, epoch), and dropout's randomness is seeded
 per step, so a run stopped at step k and resumed computes exactly the
@@ -99,7 +100,14 @@ class Trainer:
             if top >= model.args.vocab_size:  # an id past the vocabulary crashes MLX's CPU embedding
                 raise ValueError(f"the {name} data has token id {top}, outside the vocabulary "
                                  f"[0, {model.args.vocab_size}): a tokenizer for another model?")
-        self.model, self.train, self.valid, self.cfg = model, train, valid, cfg
+        from .offload import offloaded_banks
+
+        banks = offloaded_banks(model)
+        if banks and "experts" in cfg.targets:
+            raise ValueError(f"LoRA on the routed experts needs them resident, and this model keeps "
+                             f"{banks[0].slots} of {banks[0].slot_of.size} experts a layer in memory "
+                             "(--expert-memory): train the other targets, or give the experts all their memory")
+        self.model, self.train, self.valid, self.cfg, self.banks = model, train, valid, cfg, banks
         self.out, self.log = Path(out), log
         self.base = base_info(base_manifest or {}, Path(base_dir))
         model.freeze()
@@ -120,10 +128,12 @@ class Trainer:
         state = [model.state, self.opt.state, mx.random.state]
         grad = nn.value_and_grad(model, loss_fn)
 
-        @partial(mx.compile, inputs=state, outputs=state)
         def micro(inputs, targets, mask):
             (loss, n), g = grad(model, inputs, targets, mask)
             return loss, n, g
+
+        if not banks:  # an offloaded bank reads the router's choice on the host: no trace can hold it
+            micro = partial(mx.compile, inputs=state, outputs=state)(micro)
 
         @partial(mx.compile, inputs=state, outputs=state)
         def update(grads):
@@ -171,6 +181,10 @@ class Trainer:
         rec = {"step": self.step, "loss": total_loss / max(total_n, 1), "tokens": total_n,
                "lr": float(self.opt.learning_rate.item()), "tokens_per_s": total_n / dt,
                "peak_memory": mx.get_peak_memory()}
+        if self.banks:  # what the step read from disk (a backward pass brings its experts back in)
+            from .offload import offloaded_stats
+
+            rec["experts_read_gb"] = offloaded_stats(self.model).bytes / 1e9
         return rec
 
     def evaluate(self) -> float:
@@ -255,6 +269,7 @@ class Trainer:
 
 def describe(rec: dict) -> str:
     val = f" | val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
+    read = f" | experts read {rec['experts_read_gb']:.2f} GB" if "experts_read_gb" in rec else ""
     return (f"step {rec['step']} | loss {rec['loss']:.4f}{val} | lr {rec['lr']:.2e} | "
-            f"{rec['tokens_per_s']:.0f} tokens/s | peak {fmt_bytes(rec['peak_memory'])}")
+            f"{rec['tokens_per_s']:.0f} tokens/s | peak {fmt_bytes(rec['peak_memory'])}{read}")
 

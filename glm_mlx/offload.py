@@ -463,25 +463,59 @@ class OffloadedExperts(nn.Module):
         return mx.array(self.slot_of[idx].astype(np.uint32))
 
     def __call__(self, x: mx.array, inds: mx.array) -> mx.array:
-        """[..., k, D] like SwitchGLU."""
+        """[..., k, D] like SwitchGLU; differentiable in x (training with the experts frozen)."""
         routed = self.routed
         object.__setattr__(self, "routed", None)
         idx, needed, then = routed[1] if routed is not None and routed[0] is inds else self._route(x, inds)
+        if "gate_proj" in self:  # a LoRA adapter on the experts: inference only (training refuses it)
+            return self._forward(x, idx, needed, then)
+
+        # The slots are overwritten as a step's experts go through them, so the backward pass cannot
+        # read what the forward pass saw: it brings the experts back in and differentiates them itself.
+        @mx.custom_function
+        def experts(x, inds):
+            return self._forward(x, idx, needed, then)
+
+        @experts.vjp
+        def experts_vjp(primals, cotangent, output):
+            return self._backward(primals[0], idx, needed, cotangent), mx.zeros_like(primals[1])
+
+        return experts(x, inds)
+
+    def _pairs(self, idx: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The (row, choice) pairs routed to `group`'s experts: their flat positions in idx, their
+        rows, and their experts [n, 1]."""
+        where = np.flatnonzero(np.isin(idx, group))
+        return where, where // idx.shape[-1], idx.reshape(-1)[where][:, None]
+
+    def _forward(self, x: mx.array, idx: np.ndarray, needed: np.ndarray, then) -> mx.array:
         if needed.size <= self.slots:
             self._resident(needed, then)
             return self._glu(x, self.slot_of[idx], idx)
-        self._begin(needed)
-        y = None
+        self._begin(needed)  # more experts than slots (prefill): in groups, each read once for all its rows
+        D = x.shape[-1]
+        rows, y = x.reshape(-1, D), mx.zeros((idx.size, D), x.dtype)
         for g in range(0, needed.size, self.slots):
-            group = needed[g : g + self.slots]
-            self.ensure(group)  # no prefetch: a bank that groups has no room to read ahead
-            member = np.isin(idx, group)
-            out = self._glu(x, np.where(member, self.slot_of[idx], 0), np.where(member, idx, 0))
-            part = mx.where(mx.array(member)[..., None], out, mx.zeros_like(out))
-            y = part if y is None else y + part
+            self.ensure(needed[g : g + self.slots])  # no prefetch: a bank that groups has no room to read ahead
+            where, row, experts = self._pairs(idx, needed[g : g + self.slots])
+            y[mx.array(where)] = self._glu(rows[mx.array(row)], self.slot_of[experts], experts)[:, 0]
             mx.eval(y)  # the next group overwrites these slots
         self.recent[:] = False
-        return y
+        return y.reshape(*idx.shape, D)
+
+    def _backward(self, x: mx.array, idx: np.ndarray, needed: np.ndarray, cotangent: mx.array) -> mx.array:
+        """d(loss)/dx through the experts, the step's experts brought back group by group."""
+        D = x.shape[-1]
+        rows, cot = x.reshape(-1, D), cotangent.reshape(-1, D)
+        dx = mx.zeros_like(rows)
+        for g in range(0, needed.size, self.slots):
+            self.ensure(needed[g : g + self.slots])
+            where, row, experts = self._pairs(idx, needed[g : g + self.slots])
+            r, slots = mx.array(row), mx.array(self.slot_of[experts])
+            _, (d,) = mx.vjp(lambda z: self.bank.glu(z, slots)[:, 0], [rows[r]], [cot[mx.array(where)]])
+            dx = dx.at[r].add(d)
+            mx.eval(dx)  # before the next group overwrites these slots
+        return dx.reshape(x.shape)
 
 
 AUTO_RESERVE = 2 * 10**9  # what `auto` leaves for the KV cache, activations and the rest of the process

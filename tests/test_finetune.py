@@ -132,3 +132,64 @@ def test_gradient_checkpointing_changes_nothing_but_memory(converted, tmp_path):
         assert {type(layer).__name__ == "CheckpointedLayer" for layer in t.model.model.layers} == {ckpt}
         runs.append([r["loss"] for r in t.run()])
     np.testing.assert_allclose(runs[1], runs[0], rtol=1e-5)
+
+
+def _budget(folder, slots: int) -> int:
+    from test_offload import budget_for
+
+    return budget_for(folder, slots)
+
+
+@pytest.mark.parametrize("grad_checkpoint", [False, True])
+def test_training_with_offloaded_experts_equals_resident_training(converted, tmp_path, grad_checkpoint):
+    """A model larger than memory trains: its routed experts, frozen, stay on disk and go through a
+    bank of 1 or k + 1 slots a layer. The gradients are the resident model's (the backward pass reads
+    the experts again: the slots no longer hold what the forward pass saw), and so is every step's loss."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from glm_mlx.data import batches
+    from glm_mlx.finetune import loss_fn
+    from glm_mlx.offload import offloaded_stats
+
+    folder = converted("glm45-tiny", "mixed")  # grouped routing, three dense layers, an MTP layer
+    rows = [{"messages": [{"role": "user", "content": f"question {i}"},
+                          {"role": "assistant", "content": f"answer number {i} " * (1 + i % 3)}]} for i in range(5)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = TrainConfig(rank=4, alpha=8, iters=3, batch_size=2, lr=1e-2, seed=1, grad_checkpoint=grad_checkpoint)
+    runs = {}
+    for slots in (None, 1, 5):
+        model, manifest = load_model(folder, "float32", expert_memory=slots and _budget(folder, slots))
+        ds = load_dataset(data, Tokenizer(folder), max_seq_len=cfg.max_seq_len)
+        t = Trainer(model, ds, cfg, tmp_path / f"o{slots}", base_manifest=manifest, base_dir=folder,
+                    log=lambda s: None)
+        for _, layer in tree_flatten(model.trainable_parameters()):  # B is zero at initialisation
+            layer[...] = mx.array(np.random.default_rng(layer.size).standard_normal(layer.shape, np.float32) * 0.1)
+        batch = [mx.array(a) for a in next(batches(ds, 4, seed=0, epoch=0))]
+        _, grads = nn.value_and_grad(model, loss_fn)(model, *batch)
+        grads = np.concatenate([np.array(g).ravel() for _, g in tree_flatten(grads)])
+        runs[slots] = grads, [r["loss"] for r in t.run()]
+        stats = offloaded_stats(model)
+        assert (stats is None) == (slots is None)
+        if stats is not None:
+            assert stats.misses > 0 and "experts_read_gb" in t.history[-1]
+    want_grads, want_losses = runs[None]
+    assert want_losses[-1] < want_losses[0]  # it learns
+    for slots in (1, 5):
+        grads, losses = runs[slots]
+        assert np.linalg.norm(grads - want_grads) / np.linalg.norm(want_grads) < 1e-5
+        np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+
+
+def test_lora_on_offloaded_experts_is_refused_clearly(converted, tmp_path):
+    folder = converted("glm45-tiny", "mixed")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello world " * 5}] * 2)
+    p = cli("finetune", "--model", folder, "--data", data, "--out", tmp_path / "o", "--iters", "1",
+            "--targets", "attention,experts", "--expert-memory", str(_budget(folder, 2)))
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: LoRA on the routed experts needs them resident")
+    assert not (tmp_path / "o").exists()
+    ok = cli("finetune", "--model", folder, "--data", data, "--out", tmp_path / "o2", "--iters", "1",
+             "--expert-memory", str(_budget(folder, 2)), check_ok=True)
+    assert "experts offloaded: 2 of 16" in ok.stderr and (tmp_path / "o2" / "adapters.safetensors").is_file()
