@@ -1,8 +1,7 @@
 """LoRA / QLoRA training on the shared model core.
 
 The training step is one function over explicit state (model, optimizer,
-random state), compiled (not with offloaded experts: their banks read experts
-from disk mid-step, on the host); gradient accumulation sums micro-batch gradients
+random state), compiled; gradient accumulation sums micro-batch gradients
 before one update. The position in the data is (epoch, batch), the order
 of an epoch a function of (seed, epoch), and dropout's randomness is seeded
 per step, so a run stopped at step k and resumed computes exactly the
@@ -56,12 +55,58 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)  # what the caller wants recorded (data paths, base folder)
 
 
-def loss_fn(model: Model, inputs: mx.array, targets: mx.array, mask: mx.array):
-    """Mean cross-entropy over the target tokens, and how many there were."""
-    logits = model(inputs, checked=True).astype(mx.float32)
+def loss_fn_hidden(model: Model, hidden: mx.array, targets: mx.array, mask: mx.array):
+    """loss_fn from the trunk's final (normed) hidden states."""
+    logits = model.logits(hidden).astype(mx.float32)
     ce = nn.losses.cross_entropy(logits, targets, reduction="none")
     n = mask.sum()
     return (ce * mask).sum() / mx.maximum(n, 1), n
+
+
+def loss_fn(model: Model, inputs: mx.array, targets: mx.array, mask: mx.array):
+    """Mean cross-entropy over the target tokens, and how many there were."""
+    return loss_fn_hidden(model, model.model(inputs), targets, mask)
+
+
+def layerwise_value_and_grad(model: Model, inputs: mx.array, targets: mx.array, mask: mx.array):
+    """loss_fn's value and the trainable parameters' gradients, computed a layer at a time: the
+    forward pass keeps each layer's input, the backward pass recomputes one layer inside its own
+    vjp and hands the gradient of its input to the layer below.
+
+    This is how a model whose routed experts are offloaded trains: a bank evaluates mid-step (it
+    reads the router's choice, then the experts), and under one gradient transform over the whole
+    model MLX would keep everything evaluated before it for the backward pass. Here each
+    evaluation holds one layer's graph at most. Memory is that of gradient checkpointing (it is
+    checkpointing, always). Dropout draws from a seed per layer, so the recomputation replays it."""
+    layers = model.model.layers
+    base = mx.random.randint(0, 2**31 - 1, ()).item()  # the step's seeding decides this
+    h, kept = model.model.embed_tokens(inputs), []
+    for i, layer in enumerate(layers):
+        kept.append(h)
+        mx.random.seed(base + i)
+        h = layer(h)
+        mx.eval(h)
+
+    def head(h):
+        return loss_fn_hidden(model, model.model.norm(h), targets, mask)
+
+    (loss, n), dh = mx.value_and_grad(head)(h)
+    mx.eval(loss, n, dh)
+    grads = tree_map(mx.zeros_like, model.trainable_parameters())
+    for i in reversed(range(len(layers))):
+        layer = layers[i]
+        params = layer.trainable_parameters()
+
+        def pulled(params, x, layer=layer, i=i):
+            layer.update(params)
+            mx.random.seed(base + i)
+            return (layer(x) * dh).sum()  # its gradient in x and params is the vjp of dh
+
+        g, dx = mx.grad(pulled, argnums=(0, 1))(params, kept[i])
+        layer.update(params)
+        mx.eval(g, dx)
+        grads["model"]["layers"][i], dh, kept[i] = g, dx, None
+    return (loss, n), grads
 
 
 class CheckpointedLayer(DecoderLayer):
@@ -114,7 +159,7 @@ class Trainer:
         mx.random.seed(cfg.seed)  # the adapter's initial A factors follow from the seed
         self.paths = apply_lora(model, targets=set(cfg.targets), rank=cfg.rank, alpha=cfg.alpha,
                                 dropout=cfg.dropout)
-        if cfg.grad_checkpoint:
+        if cfg.grad_checkpoint and not banks:  # offloaded, the step goes layer by layer: checkpointed anyway
             checkpoint_layers(model)
         per_epoch = math.ceil(len(train.examples) / cfg.batch_size)
         self.batches_per_epoch = per_epoch
@@ -128,12 +173,15 @@ class Trainer:
         state = [model.state, self.opt.state, mx.random.state]
         grad = nn.value_and_grad(model, loss_fn)
 
+        @partial(mx.compile, inputs=state, outputs=state)
         def micro(inputs, targets, mask):
             (loss, n), g = grad(model, inputs, targets, mask)
             return loss, n, g
 
-        if not banks:  # an offloaded bank reads the router's choice on the host: no trace can hold it
-            micro = partial(mx.compile, inputs=state, outputs=state)(micro)
+        if banks:  # an offloaded bank reads the router's choice on the host mid-step: no trace holds it
+            def micro(inputs, targets, mask):
+                (loss, n), g = layerwise_value_and_grad(model, inputs, targets, mask)
+                return loss, n, g
 
         @partial(mx.compile, inputs=state, outputs=state)
         def update(grads):

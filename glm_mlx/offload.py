@@ -225,6 +225,16 @@ def arrays(file: ExpertFile, blob: bytearray) -> dict[str, np.ndarray]:
     return out
 
 
+def _detached(a: mx.array) -> mx.array:
+    """a's values in a new array with no graph behind it. Under a gradient transform MLX keeps the
+    inputs of every array it evaluates (it may differentiate them), so a bank's groups, computed on
+    a's graph, would all stay in memory until the backward pass; computed on this, each group's
+    temporaries go when the next group comes."""
+    if a.dtype == mx.bfloat16:  # numpy has no bfloat16: its bits, as they are
+        return mx.array(np.array(a.view(mx.uint16))).view(mx.bfloat16)
+    return mx.array(np.array(a))
+
+
 class _Holder:
     """Keeps the bank out of the module tree: its slots are not model parameters."""
 
@@ -332,16 +342,18 @@ class OffloadedExperts(nn.Module):
             raise error
 
     def _fill(self, blobs: list[tuple[int, int, bytearray]]) -> None:
-        """Converted reads into their slots: one scatter per tensor, not per expert."""
+        """Converted reads into their slots, written in place like a direct read (a new array
+        would be a graph node, kept whole under a gradient transform): one conversion per tensor."""
         glu = self.bank.glu
         views = [arrays(self.file, b) for _, _, b in blobs]
-        where = mx.array([s for s, _, _ in blobs])
+        where = [s for s, _, _ in blobs]
         for part in views[0]:
             proj, name = part.split(".")
-            a = stored_array(np.stack([v[part] for v in views]), self.file.parts[part]["dtype"])
-            lin = getattr(glu, proj)
-            lin[name][where] = a.astype(lin[name].dtype)
-        mx.eval(glu.parameters())
+            bank = getattr(glu, proj)[name]
+            a = stored_array(np.stack([v[part] for v in views]), self.file.parts[part]["dtype"]).astype(bank.dtype)
+            mx.eval(a)
+            dst = np.frombuffer(memoryview(bank).cast("B"), np.uint8).reshape(bank.shape[0], -1)
+            dst[where] = np.frombuffer(memoryview(a).cast("B"), np.uint8).reshape(len(blobs), -1)
 
     # --- a step ----------------------------------------------------------------
 
@@ -489,6 +501,7 @@ class OffloadedExperts(nn.Module):
         return where, where // idx.shape[-1], idx.reshape(-1)[where][:, None]
 
     def _forward(self, x: mx.array, idx: np.ndarray, needed: np.ndarray, then) -> mx.array:
+        x = _detached(x)  # under a gradient transform nothing computed here is kept for the backward pass
         if needed.size <= self.slots:
             self._resident(needed, then)
             return self._glu(x, self.slot_of[idx], idx)
@@ -506,14 +519,14 @@ class OffloadedExperts(nn.Module):
     def _backward(self, x: mx.array, idx: np.ndarray, needed: np.ndarray, cotangent: mx.array) -> mx.array:
         """d(loss)/dx through the experts, the step's experts brought back group by group."""
         D = x.shape[-1]
-        rows, cot = x.reshape(-1, D), cotangent.reshape(-1, D)
+        rows, cot = _detached(x).reshape(-1, D), _detached(cotangent).reshape(-1, D)
         dx = mx.zeros_like(rows)
         for g in range(0, needed.size, self.slots):
             self.ensure(needed[g : g + self.slots])
             where, row, experts = self._pairs(idx, needed[g : g + self.slots])
             r, slots = mx.array(row), mx.array(self.slot_of[experts])
             _, (d,) = mx.vjp(lambda z: self.bank.glu(z, slots)[:, 0], [rows[r]], [cot[mx.array(where)]])
-            dx = dx.at[r].add(d)
+            dx = dx.at[r].add(_detached(d))  # mx.vjp's result keeps its graph: the group's temporaries
             mx.eval(dx)  # before the next group overwrites these slots
         return dx.reshape(x.shape)
 

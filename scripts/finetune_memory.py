@@ -73,7 +73,9 @@ def activation_bytes(a: ModelArgs, tokens: int, float_bytes: int, checkpointed: 
     return kept + inner * (1 if checkpointed else a.num_hidden_layers) + tokens * a.vocab_size * 4 * 3
 
 
-def measure(targets: tuple[str, ...], rank: int, tokens: int) -> dict:
+def measure(targets: tuple[str, ...], rank: int, tokens: int, expert_fraction: float | None = None) -> dict:
+    """Two steps on the quality fixture; with expert_fraction, the routed experts offloaded to that
+    fraction of their bytes (the step then runs layer by layer, checkpointed either way)."""
     from convert.convert import convert
     from convert.synthetic import make_config, write_checkpoint
     from glm_mlx.data import Dataset, Example
@@ -83,7 +85,10 @@ def measure(targets: tuple[str, ...], rank: int, tokens: int) -> dict:
     d = Path(tempfile.mkdtemp())
     cfg = make_config("quality")
     folder = convert(write_checkpoint(d / "src", cfg, with_mtp=False), d / "m", "mixed")
-    model, manifest = load_model(folder, "float32")
+    manifest = json.loads((folder / "glm_mlx.json").read_text())
+    experts = sum(e["stride"] * e["num_experts"] for e in manifest["experts"].values())
+    budget = int(experts * expert_fraction) if expert_fraction else None
+    model, manifest = load_model(folder, "float32", expert_memory=budget)
     a = model.args
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     ds = Dataset([Example([1 + i % 300 for i in range(tokens)], [True] * tokens)], 0, 0)
@@ -102,10 +107,11 @@ def measure(targets: tuple[str, ...], rank: int, tokens: int) -> dict:
 def main():
     gb = 1e9
     print("## Measured at small size (quality fixture, float32 on the CPU, 2 steps, 512 tokens, checkpointed)\n")
-    for targets in (("attention", "dense_mlp", "shared_experts"),
-                    ("attention", "dense_mlp", "experts", "shared_experts")):
-        m = measure(targets, rank=8, tokens=512)
-        print(f"targets {','.join(targets)}: " + json.dumps({k: round(v / 1e6, 2) if "params" not in k else v
+    default = ("attention", "dense_mlp", "shared_experts")
+    for targets, fraction in ((default, None), (default + ("experts",), None), (default, 0.2)):
+        m = measure(targets, rank=8, tokens=512, expert_fraction=fraction)
+        mode = f", experts offloaded to {fraction:.0%} of their bytes" if fraction else ""
+        print(f"targets {','.join(targets)}{mode}: " + json.dumps({k: round(v / 1e6, 2) if "params" not in k else v
                                                             for k, v in m.items()}) + "  (MB, parameters)")
     print("\n## GLM-4.5-Air and GLM-4.5, bf16 compute, mixed recipe, rank 8, 4096 tokens a step, checkpointed\n")
     print("| model | weights | LoRA state, default targets | + routed experts | activations | resident total "

@@ -214,3 +214,51 @@ def test_generate_with_expert_memory_and_adapters_on_the_experts(converted, tmp_
                                    expert_memory=budget_for(folder, slots))[0], toks)
         for a, b in zip(got, want):
             assert rel_err(a, b) < 1e-5
+
+
+TRAIN = """
+import json, sys
+import mlx.core as mx
+from glm_mlx.data import Dataset, Example
+from glm_mlx.finetune import TrainConfig, Trainer
+from glm_mlx.loading import load_model
+def hwm():
+    return int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) * 1024
+folder, budget, out = sys.argv[1], int(sys.argv[2]) or None, sys.argv[3]
+base = hwm()
+model, manifest = load_model(folder, "float32", expert_memory=budget)
+ds = Dataset([Example([1 + i % 200 for i in range(96)], [True] * 96)] * 2, 0, 0)
+cfg = TrainConfig(rank=4, iters=2, batch_size=2, max_seq_len=128)
+losses = [r["loss"] for r in Trainer(model, ds, cfg, out, base_manifest=manifest, base_dir=folder,
+                                     log=lambda s: None).run()]
+print(json.dumps({"mlx_peak": mx.get_peak_memory(), "rss_peak": hwm() - base, "losses": losses}))
+"""
+
+
+def test_training_memory_leaves_the_offloaded_experts_out(tmp_path):
+    """QLoRA with the experts offloaded to a fifth of their bytes: MLX's peak and the process's RSS
+    growth are the resident run's less the experts' memory beyond the budget (MARGIN aside), and the
+    losses are the same."""
+    from convert.convert import convert
+    from convert.synthetic import make_config, write_checkpoint
+
+    cfg = make_config("air-tiny", hidden_size=256, moe_intermediate_size=512, n_routed_experts=128,
+                      num_hidden_layers=4, intermediate_size=512)
+    folder = convert(write_checkpoint(tmp_path / "src", cfg, num_shards=3), tmp_path / "m", "mixed")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    experts = sum(e["stride"] * e["num_experts"] for e in manifest["experts"].values())
+    runs = {}
+    for budget in (0, experts // 5):
+        p = subprocess.run([sys.executable, "-c", TRAIN, str(folder), str(budget), str(tmp_path / f"a{budget}")],
+                           capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+        assert p.returncode == 0, p.stderr
+        runs[budget] = json.loads(p.stdout)
+    resident, offloaded = runs[0], runs[experts // 5]
+    saved = (experts - experts // 5) * 1.2  # float32 widens the experts' bf16 scales and biases: 1.1x to 1.2x
+    print(f"experts {experts / 2**20:.1f} MiB; MLX peak {resident['mlx_peak'] / 2**20:.1f} -> "
+          f"{offloaded['mlx_peak'] / 2**20:.1f} MiB, RSS growth {resident['rss_peak'] / 2**20:.1f} -> "
+          f"{offloaded['rss_peak'] / 2**20:.1f} MiB")
+    for key in ("mlx_peak", "rss_peak"):
+        assert offloaded[key] < resident[key] - experts * 0.8 + MARGIN  # at least the experts beyond the budget
+        assert offloaded[key] > resident[key] - saved - MARGIN  # and no more than they weigh: measured right
+    np.testing.assert_allclose(offloaded["losses"], resident["losses"], rtol=1e-5)
