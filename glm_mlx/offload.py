@@ -494,6 +494,12 @@ class OffloadedExperts(nn.Module):
 
         return experts(x, inds)
 
+    def _resident_first(self, needed: np.ndarray) -> np.ndarray:
+        """A grouped step's experts, those already in the bank first: the first group reads nothing
+        when the last grouped call left it there (a training step's recomputation and backward pass
+        follow its forward pass over the same experts; a prefill's chunks over much the same)."""
+        return needed[np.argsort(self.slot_of[needed] < 0, kind="stable")]
+
     def _pairs(self, idx: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The (row, choice) pairs routed to `group`'s experts: their flat positions in idx, their
         rows, and their experts [n, 1]."""
@@ -506,6 +512,7 @@ class OffloadedExperts(nn.Module):
             self._resident(needed, then)
             return self._glu(x, self.slot_of[idx], idx)
         self._begin(needed)  # more experts than slots (prefill): in groups, each read once for all its rows
+        needed = self._resident_first(needed)
         D = x.shape[-1]
         rows, y = x.reshape(-1, D), mx.zeros((idx.size, D), x.dtype)
         for g in range(0, needed.size, self.slots):
@@ -518,7 +525,7 @@ class OffloadedExperts(nn.Module):
 
     def _backward(self, x: mx.array, idx: np.ndarray, needed: np.ndarray, cotangent: mx.array) -> mx.array:
         """d(loss)/dx through the experts, the step's experts brought back group by group."""
-        D = x.shape[-1]
+        D, needed = x.shape[-1], self._resident_first(needed)
         rows, cot = _detached(x).reshape(-1, D), _detached(cotangent).reshape(-1, D)
         dx = mx.zeros_like(rows)
         for g in range(0, needed.size, self.slots):

@@ -14,7 +14,7 @@ import pytest
 import glm_mlx
 from convert.convert import MANIFEST
 from glm_mlx.loading import load_model
-from glm_mlx.offload import ExpertReadError, OffloadedExperts, offloaded_stats, parse_size
+from glm_mlx.offload import ExpertReadError, OffloadedExperts, offloaded_banks, offloaded_stats, parse_size
 from test_convert import ENV, ROOT, cli
 
 
@@ -262,3 +262,20 @@ def test_training_memory_leaves_the_offloaded_experts_out(tmp_path):
         assert offloaded[key] < resident[key] - experts * 0.8 + MARGIN  # at least the experts beyond the budget
         assert offloaded[key] > resident[key] - saved - MARGIN  # and no more than they weigh: measured right
     np.testing.assert_allclose(offloaded["losses"], resident["losses"], rtol=1e-5)
+
+
+def test_a_grouped_step_starts_with_the_experts_already_in_the_bank(converted):
+    """The same grouped step twice (a training step's recomputation, its backward pass): the second
+    reads only what did not stay in the bank, and computes the same."""
+    folder = converted("glm45-tiny", "mixed")
+    model, _ = load_model(folder, "float32", expert_memory=budget_for(folder, 3))
+    bank = offloaded_banks(model)[0]
+    rng = np.random.default_rng(2)
+    x = mx.array(rng.standard_normal((1, 30, model.args.hidden_size), dtype=np.float32))
+    inds = mx.array(np.stack([rng.permutation(16)[:4] for _ in range(30)])[None])
+    first = np.array(bank(x, inds))
+    before = bank.stats.misses
+    second = np.array(bank(x, inds))
+    needed = np.unique(np.array(inds)).size
+    assert needed > 2 * bank.slots and bank.stats.misses - before == needed - bank.slots
+    np.testing.assert_array_equal(first, second)
