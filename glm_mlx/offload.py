@@ -357,12 +357,13 @@ class OffloadedExperts(nn.Module):
 
     # --- a step ----------------------------------------------------------------
 
-    def _settle(self, needed: np.ndarray) -> None:
-        """Finish the prefetches the previous layer started: a wrong guess is dropped
+    def _settle(self, needed: np.ndarray) -> list[tuple]:
+        """Settle the prefetches the previous layer started: a wrong guess is dropped
         (what it had under way finishes first: it writes into its slot) unless it
-        was read completely; the right ones are waited for."""
+        was read completely; the right ones are returned, still under way, for the
+        step to wait for with its own reads."""
         if not self.pending:
-            return
+            return []
         want = set(map(int, needed))
         reads = []
         for e, r in self.pending.items():
@@ -372,7 +373,7 @@ class OffloadedExperts(nn.Module):
             else:
                 self._free(r[1])
         self.pending.clear()
-        self._wait(reads)
+        return reads
 
     def _use(self, needed: np.ndarray) -> None:
         self.clock += 1
@@ -382,9 +383,11 @@ class OffloadedExperts(nn.Module):
         else:
             self.score[needed] = self.clock
 
-    def ensure(self, needed: np.ndarray, then=None) -> None:
+    def ensure(self, needed: np.ndarray, then=None, under_way: list | None = None) -> None:
         """Make every expert in `needed` resident (len(needed) <= slots); `then` runs
-        once this step's reads are queued (the next layer's prefetch goes behind them)."""
+        once this step's reads are queued (the next layer's prefetch goes behind them),
+        before waiting for them and for `under_way` (this layer's prefetched reads): so
+        the next layer's reads are queued while this layer's are still in flight."""
         misses = [int(e) for e in needed if self.slot_of[e] < 0]
         self.stats.hits += len(needed) - len(misses)
         self.stats.misses += len(misses)
@@ -399,7 +402,7 @@ class OffloadedExperts(nn.Module):
             reads.append(self._start(e, slot))
         if then is not None:
             then()
-        self._wait(reads)
+        self._wait((under_way or []) + reads)
 
     def prefetch(self, experts: np.ndarray) -> None:
         """Start reading predicted experts into cold slots (never the last step's)."""
@@ -451,15 +454,16 @@ class OffloadedExperts(nn.Module):
         idx = np.array(inds)  # the host must know which experts to read
         return idx, np.unique(idx), then
 
-    def _begin(self, needed: np.ndarray) -> None:
-        """A step's bookkeeping: the previous layer's prefetches settled, the experts' scores updated."""
-        self._settle(needed)
+    def _begin(self, needed: np.ndarray) -> list[tuple]:
+        """A step's bookkeeping: the previous layer's prefetches settled (the wanted ones returned,
+        under way), the experts' scores updated."""
+        under_way = self._settle(needed)
         self._use(needed)
+        return under_way
 
     def _resident(self, needed: np.ndarray, then) -> None:
         """A step's experts, all of which fit the bank, made resident (the misses read)."""
-        self._begin(needed)
-        self.ensure(needed, then)
+        self.ensure(needed, then, self._begin(needed))
         self.recent[:] = False
         self.recent[needed] = True
 
@@ -511,7 +515,7 @@ class OffloadedExperts(nn.Module):
         if needed.size <= self.slots:
             self._resident(needed, then)
             return self._glu(x, self.slot_of[idx], idx)
-        self._begin(needed)  # more experts than slots (prefill): in groups, each read once for all its rows
+        self._wait(self._begin(needed))  # more experts than slots (prefill): in groups, each read once for all its rows
         needed = self._resident_first(needed)
         D = x.shape[-1]
         rows, y = x.reshape(-1, D), mx.zeros((idx.size, D), x.dtype)
