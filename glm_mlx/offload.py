@@ -46,8 +46,9 @@ PROJS = ("gate_proj", "up_proj", "down_proj")
 POLICIES = ("lfu", "lru")
 
 
-class ExpertReadError(RuntimeError):
-    """An expert that came back short or corrupt: never compute on it."""
+class ExpertReadError(OSError):
+    """An expert that came back short or corrupt: never compute on it (an OSError: the
+    commands report it as a one-line error, as they do a file they cannot read)."""
 
 
 @dataclass

@@ -105,6 +105,36 @@ def test_a_short_or_corrupt_expert_read_stops_with_a_clear_error(piece, converte
         model(toks)
 
 
+def test_an_expert_rotted_on_disk_is_a_one_line_error(converted, tmp_path):
+    """Bytes changed under an unchanged size and mtime (the folder check trusts its stamp): generate and
+    finetune stop at the first read of that expert with the file, layer and expert named."""
+    import shutil
+
+    folder = shutil.copytree(converted("glm45-tiny", "mixed"), tmp_path / "m")
+    budget = str(budget_for(folder, 1))
+    cli("generate", "--model", folder, "--prompt", "hi", "-n", "2", "--expert-memory", budget, check_ok=True)
+    entry = json.loads((folder / MANIFEST).read_text())["experts"]["3"]
+    path = folder / entry["file"]
+    st, data = path.stat(), bytearray(path.read_bytes())
+    for e in range(entry["num_experts"]):
+        data[entry["data_start"] + e * entry["stride"] + 5] ^= 0x10
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    p = cli("generate", "--model", folder, "--prompt", "hi", "-n", "2", "--expert-memory", budget)
+    ends_in_error(p, "experts.003", "layer 3", "checksum")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "hello world " * 4}) + "\n")
+    p = cli("finetune", "--model", folder, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "a", "--iters", "1",
+            "--expert-memory", budget)
+    ends_in_error(p, "experts.003", "layer 3", "checksum")
+
+
+def ends_in_error(p, *needles: str) -> None:
+    """Exit 1, no traceback, and the last line of stderr the error (after the offloading line)."""
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and all(n in last for n in needles), last
+
+
 def test_crc32_of_pieces_combines_to_the_whole():
     import zlib
 
