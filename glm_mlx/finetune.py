@@ -30,6 +30,7 @@ from .data import Dataset, batches
 from .generate import fmt_bytes
 from .lora import DEFAULT_TARGETS, apply_lora, base_info, save_adapter
 from .model import DecoderLayer, Model
+from .offload import recomputing
 
 PAD_MULTIPLE = 32  # batch widths rounded up, so the compiled step sees few shapes
 
@@ -102,7 +103,8 @@ def layerwise_value_and_grad(model: Model, inputs: mx.array, targets: mx.array, 
             mx.random.seed(base + i)
             return (layer(x) * dh).sum()  # its gradient in x and params is the vjp of dh
 
-        g, dx = mx.grad(pulled, argnums=(0, 1))(params, kept[i])
+        with recomputing():  # an offloaded bank reads its experts in its backward pass only
+            g, dx = mx.grad(pulled, argnums=(0, 1))(params, kept[i])
         layer.update(params)
         mx.eval(g, dx)
         grads["model"]["layers"][i], dh, kept[i] = g, dx, None

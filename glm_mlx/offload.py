@@ -26,6 +26,7 @@ Three policies, each switchable so the benchmark can measure what it buys:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -479,25 +480,32 @@ class OffloadedExperts(nn.Module):
         self._resident(needed, then)
         return mx.array(self.slot_of[idx].astype(np.uint32))
 
-    def __call__(self, x: mx.array, inds: mx.array) -> mx.array:
-        """[..., k, D] like SwitchGLU; differentiable in x (training with the experts frozen)."""
+    mixes = True  # MoE hands it the router's weights: the weighted sum is computed (and differentiated) here
+
+    def __call__(self, x: mx.array, inds: mx.array, weights: mx.array | None = None) -> mx.array:
+        """[..., k, D] like SwitchGLU; given the router's `weights` [..., k], the weighted sum
+        [..., D] as MoE computes it. Differentiable in x and weights (training, experts frozen)."""
         routed = self.routed
         object.__setattr__(self, "routed", None)
         idx, needed, then = routed[1] if routed is not None and routed[0] is inds else self._route(x, inds)
         if "gate_proj" in self:  # a LoRA adapter on the experts: inference only (training refuses it)
-            return self._forward(x, idx, needed, then)
+            return _mixed(self._forward(x, idx, needed, then), weights)
 
         # The slots are overwritten as a step's experts go through them, so the backward pass cannot
         # read what the forward pass saw: it brings the experts back in and differentiates them itself.
         @mx.custom_function
-        def experts(x, inds):
-            return self._forward(x, idx, needed, then)
+        def experts(x, inds, w):
+            if weights is not None and _RECOMPUTING[0]:  # the value is not used: read nothing
+                return mx.zeros(x.shape, x.dtype)
+            return _mixed(self._forward(x, idx, needed, then), weights)
 
         @experts.vjp
         def experts_vjp(primals, cotangent, output):
-            return self._backward(primals[0], idx, needed, cotangent), mx.zeros_like(primals[1])
+            x, inds, w = primals
+            dx, dw = self._backward(x, w if weights is not None else None, idx, needed, cotangent)
+            return dx, mx.zeros_like(inds), mx.zeros_like(w) if dw is None else dw
 
-        return experts(x, inds)
+        return experts(x, inds, mx.array(0.0) if weights is None else weights)
 
     def _resident_first(self, needed: np.ndarray) -> np.ndarray:
         """A grouped step's experts, those already in the bank first: the first group reads nothing
@@ -528,19 +536,47 @@ class OffloadedExperts(nn.Module):
         self.recent[:] = False
         return y.reshape(*idx.shape, D)
 
-    def _backward(self, x: mx.array, idx: np.ndarray, needed: np.ndarray, cotangent: mx.array) -> mx.array:
-        """d(loss)/dx through the experts, the step's experts brought back group by group."""
+    def _backward(self, x: mx.array, w: mx.array | None, idx: np.ndarray, needed: np.ndarray,
+                  cotangent: mx.array) -> tuple[mx.array, mx.array | None]:
+        """d(loss)/dx, and d(loss)/dw when the weighted sum was asked for (else None), through the
+        experts: the step's experts brought back group by group, each group's outputs computed
+        again for the weights' gradient in the same pass."""
         D, needed = x.shape[-1], self._resident_first(needed)
         rows, cot = _detached(x).reshape(-1, D), _detached(cotangent).reshape(-1, D)
-        dx = mx.zeros_like(rows)
+        wf = None if w is None else _detached(w).reshape(-1)
+        dx, dw = mx.zeros_like(rows), None if w is None else mx.zeros(idx.size, w.dtype)
         for g in range(0, needed.size, self.slots):
             self.ensure(needed[g : g + self.slots])
             where, row, experts = self._pairs(idx, needed[g : g + self.slots])
-            r, slots = mx.array(row), mx.array(self.slot_of[experts])
-            _, (d,) = mx.vjp(lambda z: self.bank.glu(z, slots)[:, 0], [rows[r]], [cot[mx.array(where)]])
-            dx = dx.at[r].add(_detached(d))  # mx.vjp's result keeps its graph: the group's temporaries
-            mx.eval(dx)  # before the next group overwrites these slots
-        return dx.reshape(x.shape)
+            at, r, slots = mx.array(where), mx.array(row), mx.array(self.slot_of[experts])
+            c = cot[at] if w is None else cot[r] * wf[at][:, None].astype(cot.dtype)  # each pair's dy
+            (y,), (d,) = mx.vjp(lambda z: self.bank.glu(z, slots)[:, 0], [rows[r]], [c])
+            dx = dx.at[r].add(_detached(d))  # mx.vjp's results keep their graph: the group's temporaries
+            if w is not None:
+                dw[at] = _detached((cot[r] * y).sum(axis=-1).astype(w.dtype))
+            mx.eval(dx if dw is None else (dx, dw))  # before the next group overwrites these slots
+        return dx.reshape(x.shape), None if w is None else dw.reshape(w.shape)
+
+
+def _mixed(y: mx.array, weights: mx.array | None) -> mx.array:
+    """y [..., k, D] weighted by the router's weights [..., k] and summed, as MoE does; y without weights."""
+    return y if weights is None else (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+
+
+_RECOMPUTING = [False]
+
+
+@contextlib.contextmanager
+def recomputing():
+    """Within: layers run again only for their vjp (finetune's layer-by-layer backward pass), so an
+    offloaded bank's weighted sum, whose value then feeds nothing its vjp needs (the MoE is the
+    layer's last op, added to the residual), skips its forward reads: its backward pass computes
+    the experts' outputs itself. Each step then reads a layer's experts twice, not three times."""
+    prev, _RECOMPUTING[0] = _RECOMPUTING[0], True
+    try:
+        yield
+    finally:
+        _RECOMPUTING[0] = prev
 
 
 AUTO_RESERVE = 2 * 10**9  # what `auto` leaves for the KV cache, activations and the rest of the process

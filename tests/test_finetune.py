@@ -187,3 +187,37 @@ def test_lora_on_offloaded_experts_is_refused_clearly(converted, tmp_path):
     ok = cli("finetune", "--model", folder, "--data", data, "--out", tmp_path / "o2", "--iters", "1",
              "--expert-memory", str(budget_for(folder, 2)), check_ok=True)
     assert "experts offloaded: 2 of 16" in ok.stderr and (tmp_path / "o2" / "adapters.safetensors").is_file()
+
+
+def test_an_offloaded_step_reads_its_experts_twice_not_three_times(converted, monkeypatch):
+    """The layer-by-layer backward pass computes each layer again for its vjp; an offloaded bank's
+    weighted sum skips that forward (its backward pass computes the experts' outputs itself). The
+    gradients are the same with and without the skip, and the reads fall by the recomputation's."""
+    import contextlib
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    import glm_mlx.finetune as finetune
+    from glm_mlx.lora import apply_lora
+    from glm_mlx.offload import offloaded_stats
+
+    folder = converted("glm45-tiny", "mixed")
+    toks = mx.array(np.random.default_rng(3).integers(0, 400, size=(2, 40)))
+    out = {}
+    for skip in (True, False):
+        if not skip:
+            monkeypatch.setattr(finetune, "recomputing", contextlib.nullcontext)
+        model, _ = load_model(folder, "float32", expert_memory=budget_for(folder, 1))
+        model.freeze()
+        mx.random.seed(0)
+        apply_lora(model, targets={"attention", "shared_experts"}, rank=2, alpha=4.0)
+        for _, p in tree_flatten(model.trainable_parameters()):
+            p[...] = mx.array(np.random.default_rng(p.size).standard_normal(p.shape, np.float32) * 0.1)
+        forward = offloaded_stats(model).misses
+        (loss, _), grads = finetune.layerwise_value_and_grad(model, toks[:, :-1], toks[:, 1:], mx.ones((2, 39)))
+        out[skip] = (np.concatenate([np.array(g).ravel() for _, g in tree_flatten(grads)]),
+                     offloaded_stats(model).misses - forward)
+    (g_skip, reads_skip), (g_all, reads_all) = out[True], out[False]
+    np.testing.assert_allclose(g_skip, g_all, rtol=1e-5, atol=1e-7)
+    assert reads_skip < 0.75 * reads_all, (reads_skip, reads_all)
