@@ -230,6 +230,40 @@ def run(folder: Path, budget_frac: float, kind: str, tokens: int, warm: int, var
             "peak_gb": mx.get_peak_memory() / 1e9, "logits": np.array(logits.astype(mx.float32)).ravel()}
 
 
+def train(folder: Path, budget_frac: float, tokens: int, steps: int) -> dict:
+    """QLoRA steps (LoRA on attention and the shared expert, rank 8) over `tokens` tokens of random
+    ids with the experts offloaded to `budget_frac` of their bytes (1: resident), every read from
+    the disk: seconds a step, GB read a step (forward and backward passes), the reads' wait."""
+    import tempfile
+
+    import glm_mlx.offload as offload
+    from glm_mlx.data import Dataset, Example
+    from glm_mlx.finetune import TrainConfig, Trainer
+    from glm_mlx.loading import expert_bytes, load_model
+
+    manifest = json.loads((folder / MANIFEST).read_text())
+    total = expert_bytes(manifest)
+    model, _ = load_model(folder, expert_memory=int(total * budget_frac) if budget_frac < 1 else None)
+    for b in offload.offloaded_banks(model):
+        b.file.drop_pages = True
+    ids = np.random.default_rng(0).integers(0, model.args.vocab_size, tokens + 1).tolist()
+    cfg = TrainConfig(rank=8, targets=("attention", "shared_experts"), iters=steps + 1, max_seq_len=tokens + 1,
+                      grad_checkpoint=True)
+    data = Dataset([Example(ids, [True] * (tokens + 1))], 0, 0)
+    t = Trainer(model, data, cfg, tempfile.mkdtemp(), base_manifest=manifest, base_dir=folder, log=lambda s: None)
+    mx.reset_peak_memory()
+    drop_cache(folder)
+    t.train_step()  # warm-up: the first step compiles (resident) and fills the banks
+    before = offload.offloaded_stats(model) or offload.Stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        t.train_step()
+    dt = (time.perf_counter() - t0) / steps
+    st = offload.offloaded_stats(model) or offload.Stats()
+    return {"budget": budget_frac, "s_per_step": dt, "gb_read_per_step": (st.bytes - before.bytes) / steps / 1e9,
+            "wait_s_per_step": (st.seconds - before.seconds) / steps, "peak_gb": mx.get_peak_memory() / 1e9}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", type=Path, default=Path("/tmp/offload-bench"))
@@ -244,6 +278,8 @@ def main():
     ap.add_argument("--workers", default="", help="reads in flight, e.g. 32,64 (with --pieces: each pair; "
                     "the disk's bandwidth is also measured with that access pattern)")
     ap.add_argument("--small", action="store_true", help="shrink the widths (a quick run on the CPU)")
+    ap.add_argument("--train", type=int, default=0, metavar="TOKENS", help="instead of decoding, QLoRA steps of "
+                    "TOKENS tokens (attention and shared expert, experts frozen) at each budget")
     a = ap.parse_args()
     global DEFAULT_PIECE, DEFAULT_WORKERS
     import glm_mlx.offload as offload
@@ -260,6 +296,21 @@ def main():
     bw = disk_bandwidth(a.dir, manifest["experts"]["0"])
     print(f"{mx.default_device()}; disk: {bw:.2f} GB/s (parallel whole-expert preads, page cache dropped); "
           f"expert {manifest['experts']['0']['stride'] / 1e6:.2f} MB; {a.layers} MoE layers of GLM-4.5-Air's shapes")
+    if a.train:
+        print(f"QLoRA steps of {a.train} tokens; bound = the disk's GB/s over the GB a step reads")
+        print("| budget | s/step | GB read/step | read wait s/step | bound s/step | of bound | peak GB |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        rows = []
+        for frac in [1.0] + [float(f) for f in a.budgets.split(",")]:
+            r = train(a.dir, frac, a.train, a.tokens)
+            bound = r["gb_read_per_step"] / bw
+            r.update(bound_s_per_step=bound)
+            rows.append(r)
+            print(f"| {frac:.0%} | {r['s_per_step']:.2f} | {r['gb_read_per_step']:.2f} | {r['wait_s_per_step']:.2f} | "
+                  f"{bound:.2f} | {(bound / r['s_per_step'] if bound else float('nan')):.0%} | {r['peak_gb']:.2f} |",
+                  flush=True)
+        print(json.dumps({"disk_gbps": bw, "train_rows": rows}))
+        return
     pieces = [int(float(p) * 2**20) for p in a.pieces.split(",") if p]
     workers = [int(w) for w in a.workers.split(",") if w]
     if workers:
