@@ -196,7 +196,9 @@ def finetune(
         train_path, found_valid = split_path(data)
         valid = valid or found_valid
         dtype = dtype or ("float32" if mx.default_device() == mx.cpu else None)
-        m, manifest = load_model(model, dtype, expert_memory)
+        chosen = tuple(t for t in targets.split(",") if t)
+        m, manifest = load_model(model, dtype, expert_memory, reserve=step_memory(model, dtype, chosen, rank,
+                                                                                 batch_size * max_seq_len))
         say_offloaded(m)
         tok = Tokenizer(model)
         train = load_dataset(train_path, tok, max_seq_len=max_seq_len, overlong=overlong, think=think)
@@ -205,7 +207,7 @@ def finetune(
             if ds is not None:
                 typer.echo(f"{name}: {len(ds.examples)} samples ({ds.truncated} truncated, {ds.skipped} skipped)",
                            err=True)
-        cfg = TrainConfig(rank=rank, alpha=alpha, dropout=dropout, targets=tuple(t for t in targets.split(",") if t),
+        cfg = TrainConfig(rank=rank, alpha=alpha, dropout=dropout, targets=chosen,
                           iters=iters, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                           warmup=warmup, grad_checkpoint=grad_checkpoint, max_seq_len=max_seq_len,
                           val_every=val_every, save_every=save_every, seed=seed)
@@ -230,6 +232,19 @@ def finetune(
         for rec in trainer.history:
             f.write(json.dumps(rec) + "\n")
     typer.echo(f"adapter written to {out}")
+
+
+def step_memory(folder: Path, dtype: Optional[str], targets: tuple, rank: int, tokens: int) -> int:
+    """What a training step needs beside the weights, by glm_mlx.finetune's arithmetic: `--expert-memory
+    auto` leaves it free. 0 when the config cannot be read (loading then says why)."""
+    from glm_mlx.config import ModelArgs
+    from glm_mlx.finetune import training_reserve
+
+    try:
+        args = ModelArgs.from_dict(json.loads((folder / "config.json").read_text()))
+    except (OSError, ValueError):
+        return 0
+    return training_reserve(args, tokens, 4 if dtype == "float32" else 2, targets, rank)
 
 
 @app.command()

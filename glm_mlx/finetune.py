@@ -29,6 +29,7 @@ from mlx.utils import tree_flatten, tree_map
 from .data import Dataset, batches
 from .generate import fmt_bytes
 from .lora import DEFAULT_TARGETS, apply_lora, base_info, save_adapter
+from .config import ModelArgs
 from .model import DecoderLayer, Model
 from .offload import recomputing
 
@@ -109,6 +110,60 @@ def layerwise_value_and_grad(model: Model, inputs: mx.array, targets: mx.array, 
         mx.eval(g, dx)
         grads["model"]["layers"][i], dh, kept[i] = g, dx, None
     return (loss, n), grads
+
+
+# ---- memory arithmetic (scripts/finetune_memory.py checks it against measurements)
+
+
+def linears(a: ModelArgs) -> list[tuple[str, int, int, int]]:
+    """(group, in, out, copies) of every weight matrix of the trunk."""
+    d, hd = a.hidden_size, a.head_dim
+    attn = [(d, a.num_attention_heads * hd), (d, a.num_key_value_heads * hd), (d, a.num_key_value_heads * hd),
+            (a.num_attention_heads * hd, d)]
+    dense = [(d, a.intermediate_size), (d, a.intermediate_size), (a.intermediate_size, d)]
+    m = a.moe_intermediate_size
+    moe = [(d, m), (d, m), (m, d)]
+    n_moe = a.num_hidden_layers - a.first_k_dense_replace
+    out = [("attention", i, o, a.num_hidden_layers) for i, o in attn]
+    out += [("dense_mlp", i, o, a.first_k_dense_replace) for i, o in dense]
+    out += [("shared_experts", i, o * a.n_shared_experts if o == m else o, n_moe) for i, o in moe]
+    out += [("experts", i, o, n_moe * a.n_routed_experts) for i, o in moe]
+    out += [("embed", d, a.vocab_size, 1), ("lm_head", d, a.vocab_size, 1), ("router", d, a.n_routed_experts, n_moe)]
+    return out
+
+
+def weight_bytes(a: ModelArgs, float_bytes: int) -> float:
+    """The mixed recipe: experts 4-bit, the rest 8-bit (group 64, scale and bias in
+    float_bytes each), the router float32; norms and biases ignored (under 0.01%)."""
+    total = 0.0
+    for group, i, o, n in linears(a):
+        bits = {"experts": 4, "router": None}.get(group, 8)
+        total += n * i * o * (4 if bits is None else bits / 8 + 2 * float_bytes / 64)
+    return total
+
+
+def lora_params(a: ModelArgs, targets: set[str], rank: int) -> int:
+    return sum(n * rank * (i + o) for g, i, o, n in linears(a) if g in targets)
+
+
+def activation_bytes(a: ModelArgs, tokens: int, float_bytes: int, checkpointed: bool) -> float:
+    """Checkpointed, each layer keeps its input and one layer's internals live at a
+    time, forward and backward (x2): norms, q/k/v/o, the attention scores (the
+    backward of MLX's fused attention materialises them: 3 x heads x T^2), and the
+    MoE's gathered rows (k x (2 hidden + 3 expert widths)) and shared expert."""
+    d, m, k = a.hidden_size, a.moe_intermediate_size, a.num_experts_per_tok
+    attn = 2 * a.num_attention_heads * a.head_dim + 2 * a.num_key_value_heads * a.head_dim
+    per_token = 4 * d + attn + k * (2 * d + 3 * m) + 3 * m * a.n_shared_experts + a.n_routed_experts * 2
+    inner = 2 * (tokens * float_bytes * per_token + 3 * a.num_attention_heads * tokens * tokens * float_bytes)
+    kept = tokens * d * float_bytes * a.num_hidden_layers if checkpointed else 0
+    return kept + inner * (1 if checkpointed else a.num_hidden_layers) + tokens * a.vocab_size * 4 * 3
+
+
+def training_reserve(a: ModelArgs, tokens: int, float_bytes: int, targets, rank: int) -> int:
+    """Bytes a QLoRA step needs beside the weights (LoRA factors, their gradients and AdamW's two
+    moments at 16 bytes a parameter, activations checkpointed): what `--expert-memory auto` leaves
+    free when it sizes the experts' bank for training (scripts/finetune_memory.py checks it)."""
+    return int(16 * lora_params(a, set(targets), rank) + activation_bytes(a, tokens, float_bytes, True))
 
 
 class CheckpointedLayer(DecoderLayer):

@@ -133,10 +133,11 @@ def prepare_model(model: Model) -> None:
             m.e_score_correction_bias = m.e_score_correction_bias.astype(mx.float32)
 
 
-def load_model(path: str | Path, dtype: str | None = None,
-               expert_memory: str | int | None = None) -> tuple[Model, dict]:
+def load_model(path: str | Path, dtype: str | None = None, expert_memory: str | int | None = None,
+               reserve: int = 0) -> tuple[Model, dict]:
     """(model, manifest). `expert_memory` (bytes, "24GB", "auto"): routed experts
-    never occupy more than that; the rest are read from the folder on demand."""
+    never occupy more than that; the rest are read from the folder on demand.
+    `reserve`: bytes "auto" leaves free beyond its own reserve (a training step's)."""
     from .offload import offload_experts, parse_size
 
     folder = Path(path)
@@ -149,7 +150,7 @@ def load_model(path: str | Path, dtype: str | None = None,
                    and not f.startswith("weights/experts."))
     smallest = sum(e["stride"] for e in manifest["experts"].values())  # one expert per layer
     total = expert_bytes(manifest)
-    budget = parse_size(expert_memory, total, resident, smallest)
+    budget = parse_size(expert_memory, total, resident + reserve, smallest)
     offloaded = budget is not None and budget < total and manifest["experts"]
     weights = []
     for rel in manifest["files"]:

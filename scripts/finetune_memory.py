@@ -21,56 +21,13 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from glm_mlx.config import ModelArgs
+from glm_mlx.finetune import activation_bytes, linears, lora_params, weight_bytes
 
 AIR = dict(hidden_size=4096, num_hidden_layers=46, first_k_dense_replace=1, num_attention_heads=96,
            num_key_value_heads=8, head_dim=128, intermediate_size=10944, moe_intermediate_size=1408,
            n_routed_experts=128, num_experts_per_tok=8, n_shared_experts=1, vocab_size=151552)
 GLM45 = dict(AIR, hidden_size=5120, num_hidden_layers=92, first_k_dense_replace=3, intermediate_size=12288,
              moe_intermediate_size=1536, n_routed_experts=160)
-
-
-def linears(a: ModelArgs):
-    """(group, in, out, copies) of every weight matrix of the trunk."""
-    d, hd = a.hidden_size, a.head_dim
-    attn = [(d, a.num_attention_heads * hd), (d, a.num_key_value_heads * hd), (d, a.num_key_value_heads * hd),
-            (a.num_attention_heads * hd, d)]
-    dense = [(d, a.intermediate_size), (d, a.intermediate_size), (a.intermediate_size, d)]
-    m = a.moe_intermediate_size
-    moe = [(d, m), (d, m), (m, d)]
-    n_moe = a.num_hidden_layers - a.first_k_dense_replace
-    out = [("attention", i, o, a.num_hidden_layers) for i, o in attn]
-    out += [("dense_mlp", i, o, a.first_k_dense_replace) for i, o in dense]
-    out += [("shared_experts", i, o * a.n_shared_experts if o == m else o, n_moe) for i, o in moe]
-    out += [("experts", i, o, n_moe * a.n_routed_experts) for i, o in moe]
-    out += [("embed", d, a.vocab_size, 1), ("lm_head", d, a.vocab_size, 1), ("router", d, a.n_routed_experts, n_moe)]
-    return out
-
-
-def weight_bytes(a: ModelArgs, float_bytes: int) -> float:
-    """The mixed recipe: experts 4-bit, the rest 8-bit (group 64, scale and bias in
-    float_bytes each), the router float32; norms and biases ignored (under 0.01%)."""
-    total = 0.0
-    for group, i, o, n in linears(a):
-        bits = {"experts": 4, "router": None}.get(group, 8)
-        total += n * i * o * (4 if bits is None else bits / 8 + 2 * float_bytes / 64)
-    return total
-
-
-def lora_params(a: ModelArgs, targets: set[str], rank: int) -> int:
-    return sum(n * rank * (i + o) for g, i, o, n in linears(a) if g in targets)
-
-
-def activation_bytes(a: ModelArgs, tokens: int, float_bytes: int, checkpointed: bool) -> float:
-    """Checkpointed, each layer keeps its input and one layer's internals live at a
-    time, forward and backward (x2): norms, q/k/v/o, the attention scores (the
-    backward of MLX's fused attention materialises them: 3 x heads x T^2), and the
-    MoE's gathered rows (k x (2 hidden + 3 expert widths)) and shared expert."""
-    d, m, k = a.hidden_size, a.moe_intermediate_size, a.num_experts_per_tok
-    attn = 2 * a.num_attention_heads * a.head_dim + 2 * a.num_key_value_heads * a.head_dim
-    per_token = 4 * d + attn + k * (2 * d + 3 * m) + 3 * m * a.n_shared_experts + a.n_routed_experts * 2
-    inner = 2 * (tokens * float_bytes * per_token + 3 * a.num_attention_heads * tokens * tokens * float_bytes)
-    kept = tokens * d * float_bytes * a.num_hidden_layers if checkpointed else 0
-    return kept + inner * (1 if checkpointed else a.num_hidden_layers) + tokens * a.vocab_size * 4 * 3
 
 
 def measure(targets: tuple[str, ...], rank: int, tokens: int, expert_fraction: float | None = None) -> dict:

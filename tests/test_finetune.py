@@ -12,6 +12,7 @@ from test_offload import budget_for, ends_in_error
 from glm_mlx.data import load_dataset
 from glm_mlx.finetune import TrainConfig, Trainer
 from glm_mlx.loading import load_model
+from glm_mlx.offload import offloaded_banks, offloaded_stats
 from glm_mlx.tokenizer import Tokenizer
 
 QUESTION = "What is the weather in Paris?"
@@ -146,7 +147,6 @@ def test_training_with_offloaded_experts_equals_resident_training(converted, tmp
 
     from glm_mlx.data import batches
     from glm_mlx.finetune import loss_fn
-    from glm_mlx.offload import offloaded_stats
 
     folder = converted("glm45-tiny", "mixed")  # grouped routing, three dense layers, an MTP layer
     rows = [{"messages": [{"role": "user", "content": f"question {i}"},
@@ -200,7 +200,6 @@ def test_an_offloaded_step_reads_its_experts_twice_not_three_times(converted, mo
 
     import glm_mlx.finetune as finetune
     from glm_mlx.lora import apply_lora
-    from glm_mlx.offload import offloaded_stats
 
     folder = converted("glm45-tiny", "mixed")
     toks = mx.array(np.random.default_rng(3).integers(0, 400, size=(2, 40)))
@@ -221,3 +220,47 @@ def test_an_offloaded_step_reads_its_experts_twice_not_three_times(converted, mo
     (g_skip, reads_skip), (g_all, reads_all) = out[True], out[False]
     np.testing.assert_allclose(g_skip, g_all, rtol=1e-5, atol=1e-7)
     assert reads_skip < 0.75 * reads_all, (reads_skip, reads_all)
+
+
+def test_auto_expert_memory_leaves_room_for_the_training_step(converted, monkeypatch):
+    """`auto` gives the experts what the machine has less the weights, its reserve and, for training,
+    the step's own memory (LoRA state and activations, by training_reserve's arithmetic)."""
+    import glm_mlx.offload as offload
+    from glm_mlx.loading import expert_bytes, verify_folder
+
+    folder = converted("glm45-tiny", "mixed")
+    manifest = verify_folder(folder)
+    experts = expert_bytes(manifest)
+    resident = sum(r["size"] for f, r in manifest["files"].items() if f.startswith("weights/")
+                   and not f.startswith("weights/experts."))
+    monkeypatch.setattr(offload, "machine_memory", lambda: resident + offload.AUTO_RESERVE + experts)
+    model, _ = load_model(folder, "float32", expert_memory="auto")
+    assert offloaded_stats(model) is None  # the experts fit exactly
+    model, _ = load_model(folder, "float32", expert_memory="auto", reserve=experts // 2)
+    banks = offloaded_banks(model)
+    assert banks and banks[0].slots * banks[0].file.stride * len(banks) <= experts // 2
+
+
+def test_the_training_memory_arithmetic_holds_at_small_size(tmp_path):
+    """training_reserve (what `auto` keeps free for a step) against MLX's peak over two offloaded
+    QLoRA steps on the quality fixture: within 25%."""
+    import mlx.core as mx
+
+    from convert.convert import convert
+    from convert.synthetic import make_config, write_checkpoint
+    from glm_mlx.data import Dataset, Example
+    from glm_mlx.finetune import training_reserve
+
+    folder = convert(write_checkpoint(tmp_path / "src", make_config("quality"), with_mtp=False), tmp_path / "m",
+                     "mixed")
+    model, manifest = load_model(folder, "float32", expert_memory=budget_for(folder, 8))
+    tokens, targets = 256, ("attention", "dense_mlp", "shared_experts")
+    ds = Dataset([Example([1 + i % 300 for i in range(tokens + 1)], [True] * (tokens + 1))], 0, 0)
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    Trainer(model, ds, TrainConfig(rank=8, targets=targets, iters=2, max_seq_len=tokens + 1), tmp_path / "a",
+            base_manifest=manifest, base_dir=folder, log=lambda s: None).run()
+    measured = mx.get_peak_memory() - before
+    predicted = training_reserve(model.args, tokens, 4, targets, 8)
+    print(f"measured {measured / 1e6:.1f} MB, predicted {predicted / 1e6:.1f} MB")
+    assert abs(measured - predicted) < 0.25 * predicted, (measured, predicted)
