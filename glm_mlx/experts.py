@@ -31,19 +31,31 @@ DEQUANT_ROWS = 1024
 # Over PAD_ROWS rows the padding's FLOPs and memory outgrow the reads saved: Air's 4096-token
 # prefill (chunks of 2048: 16384 rows) fell from 2441 to 2047 tok/s with its peak up 5.5 GB.
 PAD_WASTE, PAD_ROWS = 16.0, 8192
-_HOST_ROUTING = [False]
 
 
-@contextlib.contextmanager
-def host_routing():
-    """Within: routed experts over many rows may read the router's choice on the host (one
-    synchronisation a layer: a prefill that evaluates layer by layer has one anyway) to multiply
-    each expert's rows as a padded dense batch. Never under mx.compile (a training step)."""
-    prev, _HOST_ROUTING[0] = _HOST_ROUTING[0], True
-    try:
-        yield
-    finally:
-        _HOST_ROUTING[0] = prev
+class Switch:
+    """A process-wide flag, true only within `with switch.on():` (restored on the way out, nested or not)."""
+
+    def __init__(self):
+        self.value = False
+
+    def __bool__(self) -> bool:
+        return self.value
+
+    @contextlib.contextmanager
+    def on(self):
+        prev, self.value = self.value, True
+        try:
+            yield
+        finally:
+            self.value = prev
+
+
+# Within host_routing(): routed experts over many rows may read the router's choice on the host (one
+# synchronisation a layer: a prefill that evaluates layer by layer has one anyway) to multiply each
+# expert's rows as a padded dense batch. Never under mx.compile (a training step).
+HOST_ROUTING = Switch()
+host_routing = HOST_ROUTING.on
 
 
 class SwitchLinear(nn.Module):
@@ -140,7 +152,7 @@ class SwitchGLU(nn.Module):
         PAD_ROWS, Metal, LoRA-wrapped projections, or routing so uneven that the padding would
         multiply the rows more than PAD_WASTE times."""
         projs = (self.gate_proj, self.up_proj, self.down_proj)
-        if (not _HOST_ROUTING[0] or not DEQUANT_ROWS <= idx.size <= PAD_ROWS or backend() == "metal"
+        if (not HOST_ROUTING or not DEQUANT_ROWS <= idx.size <= PAD_ROWS or backend() == "metal"
                 or any(type(p) not in (SwitchLinear, QuantizedSwitchLinear) for p in projs)):
             return None
         E, M, D = self.gate_proj.weight.shape[0], idx.size, x.shape[-1]

@@ -26,12 +26,12 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
+from .config import ModelArgs
 from .data import Dataset, batches
 from .generate import fmt_bytes
 from .lora import DEFAULT_TARGETS, apply_lora, base_info, save_adapter
-from .config import ModelArgs
 from .model import DecoderLayer, Model
-from .offload import recomputing
+from .offload import offloaded_banks, offloaded_stats, recomputing
 
 PAD_MULTIPLE = 32  # batch widths rounded up, so the compiled step sees few shapes
 
@@ -202,8 +202,6 @@ class Trainer:
             if top >= model.args.vocab_size:  # an id past the vocabulary crashes MLX's CPU embedding
                 raise ValueError(f"the {name} data has token id {top}, outside the vocabulary "
                                  f"[0, {model.args.vocab_size}): a tokenizer for another model?")
-        from .offload import offloaded_banks
-
         banks = offloaded_banks(model)
         if banks and "experts" in cfg.targets:
             raise ValueError(f"LoRA on the routed experts needs them resident, and this model keeps "
@@ -228,17 +226,14 @@ class Trainer:
         self.history: list[dict] = []
 
         state = [model.state, self.opt.state, mx.random.state]
-        grad = nn.value_and_grad(model, loss_fn)
+        grad = layerwise_value_and_grad if banks else nn.value_and_grad(model, loss_fn)
 
-        @partial(mx.compile, inputs=state, outputs=state)
         def micro(inputs, targets, mask):
             (loss, n), g = grad(model, inputs, targets, mask)
             return loss, n, g
 
-        if banks:  # an offloaded bank reads the router's choice on the host mid-step: no trace holds it
-            def micro(inputs, targets, mask):
-                (loss, n), g = layerwise_value_and_grad(model, inputs, targets, mask)
-                return loss, n, g
+        if not banks:  # an offloaded bank reads the router's choice on the host mid-step: no trace holds it
+            micro = partial(mx.compile, inputs=state, outputs=state)(micro)
 
         @partial(mx.compile, inputs=state, outputs=state)
         def update(grads):
@@ -267,7 +262,7 @@ class Trainer:
         cfg = self.cfg
         mx.random.seed(cfg.seed * 1_000_003 + self.step)  # dropout's randomness: a function of the step
         total_loss, total_n, acc = 0.0, 0, None
-        t0 = time.perf_counter()
+        t0, read = time.perf_counter(), self._read_bytes()
         for _ in range(cfg.grad_accum):
             inputs, targets, mask = (mx.array(a) for a in self._batch(self.position))
             self.position += 1
@@ -287,10 +282,12 @@ class Trainer:
                "lr": float(self.opt.learning_rate.item()), "tokens_per_s": total_n / dt,
                "peak_memory": mx.get_peak_memory()}
         if self.banks:  # what the step read from disk (a backward pass brings its experts back in)
-            from .offload import offloaded_stats
-
-            rec["experts_read_gb"] = offloaded_stats(self.model).bytes / 1e9
+            rec["experts_read_gb"] = (self._read_bytes() - read) / 1e9
         return rec
+
+    def _read_bytes(self) -> int:
+        """Bytes the offloaded banks have read since loading (0 when the experts are resident)."""
+        return offloaded_stats(self.model).bytes if self.banks else 0
 
     def evaluate(self) -> float:
         total, count = 0.0, 0

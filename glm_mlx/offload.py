@@ -26,7 +26,6 @@ Three policies, each switchable so the benchmark can measure what it buys:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import time
@@ -39,7 +38,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .experts import QuantizedSwitchLinear, SwitchGLU
+from .experts import QuantizedSwitchLinear, Switch, SwitchGLU
 from .loading import MX_DTYPES, STORED_DTYPES, model_key, stored_array
 
 DECAY = 0.9
@@ -495,7 +494,7 @@ class OffloadedExperts(nn.Module):
         # read what the forward pass saw: it brings the experts back in and differentiates them itself.
         @mx.custom_function
         def experts(x, inds, w):
-            if weights is not None and _RECOMPUTING[0]:  # the value is not used: read nothing
+            if weights is not None and RECOMPUTING:  # the value is not used: read nothing
                 return mx.zeros(x.shape, x.dtype)
             return _mixed(self._forward(x, idx, needed, then), weights)
 
@@ -563,20 +562,12 @@ def _mixed(y: mx.array, weights: mx.array | None) -> mx.array:
     return y if weights is None else (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
 
 
-_RECOMPUTING = [False]
-
-
-@contextlib.contextmanager
-def recomputing():
-    """Within: layers run again only for their vjp (finetune's layer-by-layer backward pass), so an
-    offloaded bank's weighted sum, whose value then feeds nothing its vjp needs (the MoE is the
-    layer's last op, added to the residual), skips its forward reads: its backward pass computes
-    the experts' outputs itself. Each step then reads a layer's experts twice, not three times."""
-    prev, _RECOMPUTING[0] = _RECOMPUTING[0], True
-    try:
-        yield
-    finally:
-        _RECOMPUTING[0] = prev
+# Within recomputing(): layers run again only for their vjp (finetune's layer-by-layer backward pass),
+# so an offloaded bank's weighted sum, whose value then feeds nothing its vjp needs (the MoE is the
+# layer's last op, added to the residual), skips its forward reads: its backward pass computes the
+# experts' outputs itself. Each step then reads a layer's experts twice, not three times.
+RECOMPUTING = Switch()
+recomputing = RECOMPUTING.on
 
 
 AUTO_RESERVE = 2 * 10**9  # what `auto` leaves for the KV cache, activations and the rest of the process

@@ -37,14 +37,12 @@ def measure(targets: tuple[str, ...], rank: int, tokens: int, expert_fraction: f
     from convert.synthetic import make_config, write_checkpoint
     from glm_mlx.data import Dataset, Example
     from glm_mlx.finetune import TrainConfig, Trainer
-    from glm_mlx.loading import load_model
+    from glm_mlx.loading import expert_bytes, load_model, verify_folder
 
     d = Path(tempfile.mkdtemp())
     cfg = make_config("quality")
     folder = convert(write_checkpoint(d / "src", cfg, with_mtp=False), d / "m", "mixed")
-    manifest = json.loads((folder / "glm_mlx.json").read_text())
-    experts = sum(e["stride"] * e["num_experts"] for e in manifest["experts"].values())
-    budget = int(experts * expert_fraction) if expert_fraction else None
+    budget = int(expert_bytes(verify_folder(folder)) * expert_fraction) if expert_fraction else None
     model, manifest = load_model(folder, "float32", expert_memory=budget)
     a = model.args
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))

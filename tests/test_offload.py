@@ -13,7 +13,7 @@ import pytest
 
 import glm_mlx
 from convert.convert import MANIFEST
-from glm_mlx.loading import load_model
+from glm_mlx.loading import expert_bytes, load_model
 from glm_mlx.offload import ExpertReadError, OffloadedExperts, offloaded_banks, offloaded_stats, parse_size
 from test_convert import ENV, ROOT, cli
 
@@ -204,7 +204,7 @@ def test_memory_stays_within_the_budget(dtype, tmp_path):
                       num_hidden_layers=4, intermediate_size=512)
     folder = convert(write_checkpoint(tmp_path / "src", cfg, num_shards=3), tmp_path / "m", "mixed")
     manifest = json.loads((folder / MANIFEST).read_text())
-    experts = sum(e["stride"] * e["num_experts"] for e in manifest["experts"].values())
+    experts = expert_bytes(manifest)
     non_expert = sum(r["size"] for f, r in manifest["files"].items() if f.startswith("weights/")
                      and "experts." not in f) * (4 if dtype else 1)  # float32: 8-bit weights widen 4x at most
     budget = experts // 5
@@ -276,7 +276,7 @@ def test_training_memory_leaves_the_offloaded_experts_out(tmp_path):
                       num_hidden_layers=4, intermediate_size=512)
     folder = convert(write_checkpoint(tmp_path / "src", cfg, num_shards=3), tmp_path / "m", "mixed")
     manifest = json.loads((folder / MANIFEST).read_text())
-    experts = sum(e["stride"] * e["num_experts"] for e in manifest["experts"].values())
+    experts = expert_bytes(manifest)
     runs = {}
     for budget in (0, experts // 5):
         p = subprocess.run([sys.executable, "-c", TRAIN, str(folder), str(budget), str(tmp_path / f"a{budget}")],
