@@ -15,14 +15,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .kernels import backend, dequantize
+from .kernels import backend, dequantize, grouped_fits, grouped_qmm, tile_map
 
 SORT_THRESHOLD = 64  # rows x top-k above which sorting by expert pays
 # Rows x top-k above which a quantized projection is dequantized whole and applied by
 # gather_mm: on MLX 0.32's CUDA backend gather_qmm over 32768 sorted rows took 79 ms
 # where dequantizing (1.5 ms) then gather_mm (3.1 ms) took 4.6 (scripts/decode_profile.py).
 DEQUANT_ROWS = 1024
-# With the router's choice on the host (host_routing), as many rows: each expert's rows padded to the
+# With the router's choice on the host (prefilling), as many rows: each expert's rows padded to the
 # most any expert has and multiplied as one batched matmul, where the padding multiplies the rows at
 # most PAD_WASTE times. On the H100 a padded batch 12x the rows (random-weight routing is that uneven)
 # still beat gather_mm's grouped GEMM, which reads the dequantized experts at 0.7 TB/s: Air's 8 layers
@@ -51,11 +51,12 @@ class Switch:
             self.value = prev
 
 
-# Within host_routing(): routed experts over many rows may read the router's choice on the host (one
-# synchronisation a layer: a prefill that evaluates layer by layer has one anyway) to multiply each
-# expert's rows as a padded dense batch. Never under mx.compile (a training step).
-HOST_ROUTING = Switch()
-host_routing = HOST_ROUTING.on
+# Within prefilling(): a prefill, evaluated layer by layer and never differentiated. Routed experts
+# over many rows may then take kernels with no gradient (CUDA: grouped_qmm), or read the router's
+# choice on the host (one synchronisation a layer: such a prefill has one anyway) to multiply each
+# expert's rows as a padded dense batch. Never under mx.compile or a gradient (a training step).
+PREFILL = Switch()
+prefilling = PREFILL.on
 
 
 class SwitchLinear(nn.Module):
@@ -126,7 +127,6 @@ class SwitchGLU(nn.Module):
 
     def __call__(self, x: mx.array, inds: mx.array) -> mx.array:
         """x [..., D], inds [..., k] -> [..., k, D]."""
-        x = mx.expand_dims(x, (-2, -3))  # [..., 1, 1, D]
         sort = inds.size >= SORT_THRESHOLD
         idx = inds
         y = None
@@ -134,7 +134,13 @@ class SwitchGLU(nn.Module):
             k = inds.shape[-1]
             flat = inds.flatten()
             order = mx.argsort(flat)
-            x, idx = x.flatten(0, -3)[order // k], flat[order]  # [N*k, 1, D], [N*k]
+            idx = flat[order]  # [N*k]
+            y = self._grouped(x.reshape(-1, x.shape[-1]), order, idx, k)
+            if y is not None:
+                return y.reshape(*inds.shape, y.shape[-1])
+        x = mx.expand_dims(x, (-2, -3))  # [..., 1, 1, D]
+        if sort:
+            x = x.flatten(0, -3)[order // k]  # [N*k, 1, D]
             y = self._padded(x, idx)
         if y is None:
             g = self.gate_proj(x, idx, sort)
@@ -145,14 +151,28 @@ class SwitchGLU(nn.Module):
             y = mx.unflatten(y[mx.argsort(order)], 0, inds.shape)
         return y.squeeze(-2)
 
+    def _grouped(self, x: mx.array, order: mx.array, idx: mx.array, k: int) -> mx.array | None:
+        """Tokens x [T, D] through their experts in two launches on tensor cores (CUDA, prefilling()):
+        gate, up and SwiGLU on the rows sorted by expert (order: the sort of the flattened choice, idx:
+        the sorted ids), then down, written back in the rows' own order: [T * k, D]. None where it
+        does not apply (see grouped_fits; LoRA-wrapped projections)."""
+        projs = (self.gate_proj, self.up_proj, self.down_proj)
+        if (not PREFILL or any(type(p) is not QuantizedSwitchLinear for p in projs) or not grouped_fits(x, *projs)
+                or (self.gate_proj.bits, self.gate_proj.group_size) != (self.up_proj.bits, self.up_proj.group_size)):
+            return None
+        maps = tile_map(idx, self.gate_proj.weight.shape[0])
+        order = order.astype(mx.uint32)
+        h = grouped_qmm(x, self.gate_proj, idx, maps, src=order // k, up=self.up_proj)
+        return grouped_qmm(h, self.down_proj, idx, maps, dst=order)
+
     def _padded(self, x: mx.array, idx: mx.array) -> mx.array | None:
         """Rows x [M, 1, D] sorted by their experts idx [M] through them as a batched matmul: each
         expert's rows padded with zeros to the most any expert has ([E, cap, D], the padding never
-        read back). None where it does not apply: no host_routing, rows outside DEQUANT_ROWS ..
+        read back). None where it does not apply: not prefilling(), rows outside DEQUANT_ROWS ..
         PAD_ROWS, Metal, LoRA-wrapped projections, or routing so uneven that the padding would
         multiply the rows more than PAD_WASTE times."""
         projs = (self.gate_proj, self.up_proj, self.down_proj)
-        if (not HOST_ROUTING or not DEQUANT_ROWS <= idx.size <= PAD_ROWS or backend() == "metal"
+        if (not PREFILL or not DEQUANT_ROWS <= idx.size <= PAD_ROWS or backend() == "metal"
                 or any(type(p) not in (SwitchLinear, QuantizedSwitchLinear) for p in projs)):
             return None
         E, M, D = self.gate_proj.weight.shape[0], idx.size, x.shape[-1]

@@ -1,4 +1,5 @@
-"""Custom kernels for one token (decode): one body for Metal and CUDA, a pure-MLX reference for each.
+"""Custom kernels for one token (decode): one body for Metal and CUDA, a pure-MLX reference for each;
+and, for a prefill on CUDA, the routed experts on tensor cores (`grouped_qmm`, at the end).
 
 A decode step on MLX's CUDA backend is bound by the host: each op costs a few
 µs to build and encode whatever its size (scripts/launch_probe.py), and MLX's
@@ -27,7 +28,13 @@ the simdgroups per output. All the simdgroups of a threadgroup share its rows
 so that a launch has thousands of threadgroups reading at once: read from the
 card's memory rather than its cache, fewer in flight leave it idle.
 
-The body is shared: each backend supplies the same few names (tid, lane,
+`grouped_qmm` (prefill, CUDA only) multiplies rows sorted by expert with their experts' 4-bit
+weights on tensor cores (mma.sync), dequantizing tile by tile: no Metal twin, since the
+instructions differ (a Mac's prefill keeps dequantize + gather_mm). Its reference,
+`grouped_qmm_reference`, is what CI tests; scripts/kernel_check.py --grouped checks the kernel
+against it on the GPU machine.
+
+The decode bodies are shared: each backend supplies the same few names (tid, lane,
 warp, bx, by, BF16(p, i), AS_FLOAT(u), SIMD_SUM/MAX/MIN(v), the
 address-space words DEV, LOC, TGMEM and TG, BARRIER) in its prologue and header, so the body
 tested on the NVIDIA machine is the one a Mac runs. The dispatch picks the
@@ -39,6 +46,7 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
+import numpy as np
 
 WARPS = 8  # simdgroups (warps) per threadgroup of 256 threads
 RPW = 8  # output rows per row set: x is loaded once for all of them (scripts/kernel_check.py --rpw)
@@ -379,6 +387,173 @@ _DEQUANT_BODY = """
     }
 """
 
+# Prefill, CUDA only: y[r] = W_{idx[r]} x[r] for rows sorted by expert, on tensor cores (mma.sync
+# m16n8k16, bf16 in, float32 sums), the weights dequantized from 4 or 8 bits into shared memory tile
+# by tile. No synchronisation with the host: a launch has a block row for each possible tile (at
+# most rows / BM + experts); block row b finds its expert by a binary search of tiles [E + 1]
+# (expert e's tiles are tiles[e] .. tiles[e + 1]) and its rows from starts [E + 1] (expert e's rows
+# are starts[e] .. starts[e + 1]); the rest return at once. A block: BM rows x BN outputs, 4 warps
+# side by side along the outputs, BK inputs a step, the next step's operands read into registers
+# while this step's are multiplied. GLU: the gate (w, s, b) and up (w2, s2, b2) projections at once,
+# h = silu(g) * u written (g and u rounded to bf16 first, as separate projections would hand them
+# on). GATHER: row r's input is x[src[r]]; SCATTER: its output goes to y[dst[r]].
+_GROUPED_BODY = """
+    const int BK = 64, LDS = BK / 2 + 4;  // words a tile row takes in shared memory: BK bf16 + 8 (no bank conflicts)
+    const int NB = GLU ? 2 : 1, MT = BM / 16, WN = BN / 4, NT = WN / 8;
+    const int AC = BM * BK / 8 / 128, BC = BN * BK / 8 / 128;  // 8-value chunks a thread moves a step
+    const int WPC = BITS / 4;  // 32-bit words of codes per chunk
+    TGMEM uint4 As4[BM * LDS / 4];
+    TGMEM uint4 Bs4[NB * BN * LDS / 4];
+    uint* As = (uint*)As4;
+    uint* Bs = (uint*)Bs4;
+    uint g8 = lane / 4, t4 = lane % 4;
+    uint b = by, n0 = bx * BN;
+    if (b >= tiles[E]) return;
+    int lo = 0, hi = E;
+    while (lo < hi) {  // the last expert whose tiles start at or before b
+        int mid = (lo + hi + 1) / 2;
+        if (tiles[mid] <= b) lo = mid;
+        else hi = mid - 1;
+    }
+    uint e = lo, rs = starts[e] + (b - tiles[e]) * BM, re = min(rs + BM, starts[e + 1]);
+    const DEV uint* wm[2] = {w, w2};
+    const DEV BF16_T* sm[2] = {s, s2};
+    const DEV BF16_T* bm[2] = {bb, bb2};
+    uint4 ra[AC];
+    uint rw[NB][BC][WPC];
+    uint rsc[NB][BC], rbi[NB][BC];  // the chunks' scales and biases, bf16 bits
+    float acc[NB][MT][NT][4];
+    for (int m = 0; m < NB; m++)
+        for (int i = 0; i < MT; i++)
+            for (int j = 0; j < NT; j++)
+                for (int q = 0; q < 4; q++) acc[m][i][j][q] = 0.0f;
+    for (uint k0 = 0; k0 < K; k0 += BK) {
+        if (k0 == 0) {  // this step's operands into registers (later steps: read during the previous one)
+            grouped_load<K, N, GROUP, BITS, BM, BN, BK, NB, AC, BC, GATHER>(x, src, wm, sm, bm, e, rs, re, n0, k0, tid,
+                                                                          ra, rw, rsc, rbi);
+        }
+        BARRIER;  // the previous step's multiplications are done with the tiles
+        for (int j = 0; j < AC; j++) {
+            uint c = tid + j * 128;
+            As4[((c / (BK / 8)) * LDS + (c % (BK / 8)) * 4) / 4] = ra[j];
+        }
+        for (int m = 0; m < NB; m++) {
+            for (int j = 0; j < BC; j++) {
+                uint c = tid + j * 128;
+                uint4 v;
+                if (BITS == 4 && FAST) {
+                    v = dq4(rw[m][j][0], rsc[m][j], rbi[m][j]);
+                } else {
+                    float q[8], sc = AS_FLOAT(rsc[m][j] << 16), bi = AS_FLOAT(rbi[m][j] << 16);
+                    for (int i = 0; i < 8; i++) {
+                        uint code = (rw[m][j][i * WPC / 8] >> ((i * BITS) % 32)) & ((1u << BITS) - 1);
+                        q[i] = sc * (float)code + bi;
+                    }
+                    v = bf16x8(q);
+                }
+                Bs4[(m * BN * LDS + (c / (BK / 8)) * LDS + (c % (BK / 8)) * 4) / 4] = v;
+            }
+        }
+        BARRIER;
+        if (k0 + BK < K) {
+            grouped_load<K, N, GROUP, BITS, BM, BN, BK, NB, AC, BC, GATHER>(x, src, wm, sm, bm, e, rs, re, n0, k0 + BK,
+                                                                          tid, ra, rw, rsc, rbi);
+        }
+        for (int kk = 0; kk < BK / 16; kk++) {
+            uint af[MT][4];
+            for (int i = 0; i < MT; i++) {
+                uint a = (i * 16 + g8) * LDS + kk * 8 + t4;
+                af[i][0] = As[a];
+                af[i][1] = As[a + 8 * LDS];
+                af[i][2] = As[a + 4];
+                af[i][3] = As[a + 8 * LDS + 4];
+            }
+            for (int m = 0; m < NB; m++) {
+                for (int j = 0; j < NT; j++) {
+                    uint a = m * BN * LDS + (warp * WN + j * 8 + g8) * LDS + kk * 8 + t4;
+                    uint b0 = Bs[a], b1 = Bs[a + 4];
+                    for (int i = 0; i < MT; i++) mma_bf16(acc[m][i][j], af[i], b0, b1);
+                }
+            }
+        }
+    }
+    for (int i = 0; i < MT; i++) {
+        for (int half = 0; half < 2; half++) {
+            uint r = rs + i * 16 + g8 + half * 8;
+            if (r >= re) continue;
+            ulong o = (ulong)(SCATTER ? dst[r] : r) * N;
+            for (int j = 0; j < NT; j++) {
+                uint col = n0 + warp * WN + j * 8 + 2 * t4;
+                float v0 = acc[0][i][j][2 * half], v1 = acc[0][i][j][2 * half + 1];
+                if (GLU) {
+                    v0 = rbf16(v0); v1 = rbf16(v1);
+                    v0 = v0 / (1.0f + exp(-v0)) * rbf16(acc[NB - 1][i][j][2 * half]);
+                    v1 = v1 / (1.0f + exp(-v1)) * rbf16(acc[NB - 1][i][j][2 * half + 1]);
+                }
+                ((DEV uint*)y)[(o + col) / 2] = bf16x2(v0, v1);
+            }
+        }
+    }
+"""
+
+_CUDA_GROUPED = """
+// c += a (16 x 16, row-major fragments) * b (16 x 8, column-major fragments): one warp, bf16 in, float32 sums.
+FN void mma_bf16(float* c, const uint* a, uint b0, uint b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+FN uint fma_bf16x2(uint a, uint b, uint c) {  // a * b + c on two bf16 pairs, rounded once
+    uint d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+// 8 4-bit codes (value i at bits 4i) as scale * q + bias in bf16 (s, b: bf16 bits), in order, two at a
+// time: a code or'd into 128.0's mantissa is 128 + q exactly, less 128 is q, then one fma rounds.
+FN uint4 dq4(uint w, uint s, uint b) {
+    const uint MAGIC = 0x43004300u, ONE = 0x3f803f80u, NEG = 0xc300c300u;  // 128, 1 and -128, twice
+    uint s2 = s | (s << 16), b2 = b | (b << 16), p[4];
+    for (int i = 0; i < 4; i++) {  // p[i]: codes i and i + 4
+        p[i] = fma_bf16x2(fma_bf16x2(((w >> (4 * i)) & 0x000f000fu) | MAGIC, ONE, NEG), s2, b2);
+    }
+    uint4 o;
+    o.x = __byte_perm(p[0], p[1], 0x5410);
+    o.y = __byte_perm(p[2], p[3], 0x5410);
+    o.z = __byte_perm(p[0], p[1], 0x7632);
+    o.w = __byte_perm(p[2], p[3], 0x7632);
+    return o;
+}
+FN float rbf16(float v) {  // v rounded to bf16 (to nearest, ties to even)
+    uint u = __float_as_uint(v);
+    return __uint_as_float((u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u);
+}
+// One step's operands into registers: BM rows of x (zeros past the tile's rows) and, for each of NB
+// projections, BN rows' codes with their groups' scales and biases.
+template <int K, int N, int GROUP, int BITS, int BM, int BN, int BK, int NB, int AC, int BC, bool GATHER>
+FN void grouped_load(const BF16_T* x, const uint* src, const uint* const* wm, const BF16_T* const* sm,
+                     const BF16_T* const* bm, uint e, uint rs, uint re, uint n0, uint k0, uint tid,
+                     uint4* ra, uint (*rw)[BC][BITS / 4], uint (*rsc)[BC], uint (*rbi)[BC]) {
+    for (int j = 0; j < AC; j++) {
+        uint c = tid + j * 128, r = rs + c / (BK / 8);
+        ulong row = r < re ? (GATHER ? src[r] : r) : 0;
+        uint4 z = {0u, 0u, 0u, 0u};
+        ra[j] = r < re ? ((const uint4*)(x + row * K + k0))[c % (BK / 8)] : z;
+    }
+    for (int m = 0; m < NB; m++) {
+        for (int j = 0; j < BC; j++) {
+            uint c = tid + j * 128;
+            ulong row = (ulong)e * N + n0 + c / (BK / 8), k = k0 + (c % (BK / 8)) * 8;
+            const uint* wr = wm[m] + row * (K * BITS / 32) + k * BITS / 32;
+            for (int i = 0; i < BITS / 4; i++) rw[m][j][i] = wr[i];
+            ulong gi = row * (K / GROUP) + k / GROUP;
+            rsc[m][j] = ((const unsigned short*)sm[m])[gi];
+            rbi[m][j] = ((const unsigned short*)bm[m])[gi];
+        }
+    }
+}
+"""
+
 _CUDA_HEADER = """
 typedef unsigned int uint;
 typedef unsigned long long ulong;
@@ -470,19 +645,23 @@ KERNELS = {  # name: (inputs, outputs, body)
     "glm_router_select": (["logits", "bias", "scale"], ["inds", "weights"], _SELECT_BODY),
     "glm_dequantize": (["w", "scales", "biases"], ["y"], _DEQUANT_BODY),
 }
+CUDA_KERNELS = {  # the same, with no Metal twin (tensor-core instructions): the dispatch asks for them on CUDA only
+    "glm_grouped_qmm": (["x", "src", "dst", "tiles", "starts", "w", "s", "bb", "w2", "s2", "bb2"], ["y"],
+                        _GROUPED_BODY),
+}
 
 
 def _kernel(kind: str, name: str):
     """The kernel `name` for backend `kind`, built once. The helpers (_DOT) go in
     the header after the backend's macros; the body is the same for both."""
     if (kind, name) not in _kernels:
-        inputs, outputs, body = KERNELS[name]
+        inputs, outputs, body = KERNELS[name] if name in KERNELS else CUDA_KERNELS[name]
         if kind == "cuda":
-            make, prologue, header = mx.fast.cuda_kernel, _CUDA_PROLOGUE, _CUDA_HEADER
+            make, prologue, header, extra = mx.fast.cuda_kernel, _CUDA_PROLOGUE, _CUDA_HEADER, _CUDA_GROUPED
         else:
-            make, prologue, header = mx.fast.metal_kernel, _METAL_PROLOGUE, _METAL_HEADER
+            make, prologue, header, extra = mx.fast.metal_kernel, _METAL_PROLOGUE, _METAL_HEADER, ""
         _kernels[kind, name] = make(name=name, input_names=inputs, output_names=outputs, source=prologue + body,
-                                    header=header + _DOT)
+                                    header=header + _DOT + extra)
     return _kernels[kind, name]
 
 
@@ -799,3 +978,90 @@ def dequantize(w: mx.array, scales: mx.array, biases: mx.array, group_size: int,
                                                ("WARPS", WARPS)],
         grid=(-(-rows * K // 8 // threads) * threads, 1, 1), threadgroup=(threads, 1, 1),
         output_shapes=[(*w.shape[:-1], K)], output_dtypes=[mx.bfloat16])[0]
+
+
+# --- prefill: experts on tensor cores (CUDA) ------------------------------------
+
+# A block's rows (a tile: 32 or 64) and outputs in glm_grouped_qmm. On the H100 (scripts/kernel_check.py
+# --grouped), Air's experts over 2048 tokens took 4.4-4.6 ms in 64-row tiles against 5.6-5.7 in 32;
+# over 512 tokens the two were equal (2.2-2.6 ms).
+GROUPED_BM, GROUPED_BN = 64, 128
+# 4-bit codes dequantized two at a time in bf16 (dq4), else one at a time in float32: 2.3 against
+# 6.0 ms over 512 tokens. 8-bit codes go one at a time, and there the kernel lost to dequantizing
+# whole then gather_mm (6.5 against 5.7 ms): grouped_fits takes 4-bit experts only.
+GROUPED_FAST = True
+
+
+def tile_map(idx: mx.array, E: int, bm: int | None = None) -> tuple[mx.array, mx.array]:
+    """For rows sorted by expert (idx [M], ascending), (tiles, starts) [E + 1] uint32: expert e's rows
+    are starts[e] .. starts[e + 1] and its tiles of bm rows tiles[e] .. tiles[e + 1]. Made on the
+    device: no synchronisation. bm: GROUPED_BM unless given."""
+    bm = bm or GROUPED_BM
+    bounds = mx.arange(E + 1, dtype=mx.uint32)
+    starts = (idx.astype(mx.uint32)[None, :] < bounds[:, None]).astype(mx.uint32).sum(axis=1)
+    counts = starts[1:] - starts[:-1]
+    tiles = mx.concatenate([mx.zeros((1,), mx.uint32), mx.cumsum((counts + bm - 1) // bm)])
+    return tiles.astype(mx.uint32), starts.astype(mx.uint32)
+
+
+def grouped_qmm_reference(x: mx.array, layer, idx: mx.array, src: mx.array | None = None,
+                          dst: mx.array | None = None, up=None) -> mx.array:
+    """Rows sorted by expert through stacked quantized experts, in plain MLX: row r is x[src[r]] (x[r]
+    without src) times expert idx[r]'s weights (dequantized in float32, rounded to x's dtype, as a
+    tensor-core tile holds them), summed in float32, rounded to x's dtype; with `up`,
+    silu(gate) * up of the two projections (each rounded first, as separate projections hand them
+    on); row r's output at dst[r] (r without dst). [M, K] -> [M, N]. Each expert's run of rows is
+    one float32 matmul (not gather_mm: on MLX 0.32.4's CUDA backend its float32 form gave wrong
+    numbers, and faulted at Air's shapes)."""
+    f32 = mx.float32
+    xs = (x if src is None else x[src]).astype(f32)
+    ids = np.array(idx)
+    cuts = [0, *(np.flatnonzero(np.diff(ids)) + 1).tolist(), ids.size]
+
+    def proj(lin):
+        w, s, b = _q(lin)
+        return mx.concatenate([xs[a:z] @ mx.dequantize(w[int(ids[a])], s[int(ids[a])].astype(f32),
+                                                       b[int(ids[a])].astype(f32), lin.group_size,
+                                                       lin.bits).astype(x.dtype).astype(f32).T
+                               for a, z in zip(cuts, cuts[1:])])
+
+    y = proj(layer)
+    if up is not None:
+        g, u = (t.astype(x.dtype).astype(f32) for t in (y, proj(up)))
+        y = g * mx.sigmoid(g) * u
+    y = y.astype(x.dtype)
+    return y if dst is None else y[mx.argsort(dst)]
+
+
+def grouped_fits(x: mx.array, *layers) -> bool:
+    """Whether glm_grouped_qmm takes these stacked projections on x: CUDA, bf16, affine 4 bits (8 bits
+    runs, checked, but slower than the path it would replace), inputs a multiple of 64 wide, outputs of
+    GROUPED_BN."""
+    if backend() != "cuda" or x.dtype != mx.bfloat16:
+        return False
+    for lin in layers:
+        w, s, _ = _q(lin)
+        K = w.shape[-1] * 32 // lin.bits if lin.bits == 4 else 0
+        if (getattr(lin, "mode", "affine") != "affine" or not K or K % 64 or K % lin.group_size
+                or lin.group_size % 8 or w.shape[-2] % GROUPED_BN or s.dtype != mx.bfloat16):
+            return False
+    return True
+
+
+def grouped_qmm(x: mx.array, layer, idx: mx.array, maps: tuple[mx.array, mx.array], src: mx.array | None = None,
+                dst: mx.array | None = None, up=None) -> mx.array:
+    """grouped_qmm_reference's numbers, one launch on tensor cores (CUDA; grouped_fits says when).
+    maps: tile_map(idx, E)."""
+    w, s, b = _q(layer)
+    E, N = w.shape[0], w.shape[-2]
+    K, M = x.shape[-1], idx.size
+    w2, s2, b2 = _q(up) if up is not None else (_dummy(mx.uint32), _dummy(mx.bfloat16), _dummy(mx.bfloat16))
+    blocks = -(-M // GROUPED_BM) + min(E, M)  # tiles there can be: rows / BM, plus one part-filled per expert
+    return _kernel("cuda", "glm_grouped_qmm")(
+        inputs=[x, src if src is not None else _dummy(mx.uint32), dst if dst is not None else _dummy(mx.uint32),
+                *maps, w, s, b, w2, s2, b2],
+        template=[("K", K), ("N", N), ("E", E), ("GROUP", layer.group_size), ("BITS", layer.bits),
+                  ("BM", GROUPED_BM), ("BN", GROUPED_BN), ("FAST", int(GROUPED_FAST)), ("GLU", int(up is not None)),
+                  ("GATHER", int(src is not None)), ("SCATTER", int(dst is not None))],
+        grid=(N // GROUPED_BN * 128, blocks, 1), threadgroup=(128, 1, 1),
+        output_shapes=[(M, N)], output_dtypes=[x.dtype])[0]

@@ -19,7 +19,7 @@ import numpy as np
 
 from .cache import KVCache, attend, make_caches
 from .config import ModelArgs
-from .experts import QuantizedSwitchLinear, SwitchGLU, host_routing
+from .experts import QuantizedSwitchLinear, SwitchGLU, prefilling
 from .kernels import backend, linear_decode, moe_decode, qkv_decode, router_logits, router_select
 
 
@@ -320,7 +320,7 @@ class GLMModel(nn.Module):
         """Final normed hidden states. `eval_layers` evaluates each layer before the next
         is built (prefill: a layer's temporaries are freed before the next one's exist)."""
         h = self.embed_tokens(tokens)
-        with host_routing() if eval_layers else contextlib.nullcontext():  # a synchronisation a layer anyway
+        with prefilling() if eval_layers else contextlib.nullcontext():  # a synchronisation a layer anyway
             for i, layer in enumerate(self.layers):
                 h = layer(h, cache[i] if cache is not None else None)
                 if eval_layers:

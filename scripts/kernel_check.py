@@ -23,13 +23,17 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from glm_mlx.experts import QuantizedSwitchLinear, SwitchGLU
+import numpy as np
+
+from glm_mlx.experts import QuantizedSwitchLinear, SwitchGLU, prefilling
 from glm_mlx import kernels
 from glm_mlx.kernels import (
     backend,
     dequantize,
     gather_qmv,
     gather_qmv_reference,
+    grouped_qmm,
+    grouped_qmm_reference,
     linear_decode,
     linear_decode_reference,
     moe_decode,
@@ -40,12 +44,15 @@ from glm_mlx.kernels import (
     router_logits_reference,
     router_select,
     router_select_reference,
+    tile_map,
 )
 from glm_mlx.model import MLP
 
 RPWS, SPLITS = [kernels.RPW], [None]
 TOL = 1e-4  # float32 sums in another order than the reference's (both dequantize in float32)
 TOL_BF16 = 2**-8  # outputs rounded to bf16 by both: sums in another order may round one step apart
+VERBOSE = SMALL = False
+TOL_GROUPED = 2**-7  # bf16 out, and SwiGLU of gate and up each rounded to bf16: one step of each apart
 
 
 CACHE_BYTES = 256e6  # the copies of a layer's weights a timing cycles through, together (H100's L2: 50 MB)
@@ -112,13 +119,13 @@ def quantized_linear(shape, bias=False, bits=4) -> nn.QuantizedLinear:
     return lin
 
 
-def quantized_experts(E: int, H: int, D: int) -> SwitchGLU:
-    """E SwiGLU experts D -> H -> D, random, 4-bit."""
+def quantized_experts(E: int, H: int, D: int, bits: int = 4) -> SwitchGLU:
+    """E SwiGLU experts D -> H -> D, random, quantized to `bits`."""
     glu = SwitchGLU(D, H, E)
     for p in ("gate_proj", "up_proj", "down_proj"):
         lin = getattr(glu, p)
-        q = QuantizedSwitchLinear(E, lin.weight.shape[-1], lin.weight.shape[-2], 64, 4)
-        q.weight, q.scales, q.biases = mx.quantize(rand(lin.weight.shape), 64, 4)
+        q = QuantizedSwitchLinear(E, lin.weight.shape[-1], lin.weight.shape[-2], 64, bits)
+        q.weight, q.scales, q.biases = mx.quantize(rand(lin.weight.shape), 64, bits)
         setattr(glu, p, q)
     return glu
 
@@ -163,18 +170,117 @@ def check_dequantize(rows: list):
                per_call(lambda i: mx.dequantize(*ws[i % n], 64, bits), reps=10), "mx.dequantize", gb, 2**-7)
 
 
+def routing(T: int, E: int, k: int, kind: str, seed: int = 0) -> mx.array:
+    """[T, k] distinct experts a row: 'uniform', or 'skewed' (Zipf popularity, as a random-weight router's
+    choice is: a few experts take many rows, some none)."""
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, E + 1) ** (0.0 if kind == "uniform" else 1.0)
+    p = p / p.sum()
+    return mx.array(np.stack([rng.choice(E, k, replace=False, p=p) for _ in range(T)]).astype(np.uint32))
+
+
+def seconds(fn, rounds: int = 5) -> float:
+    """Best wall time of mx.eval(fn()) over `rounds`, after two warm-up calls (new shapes compile)."""
+    for _ in range(2):
+        mx.eval(fn())
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        mx.eval(fn())
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def check_grouped(rows: list):
+    """Air's routed experts over a prefill chunk's rows on tensor cores (grouped_qmm: gate, up and
+    SwiGLU in one launch, down in a second) against grouped_qmm_reference, at each tile setting
+    (rows a tile, and 4-bit codes dequantized two at a time or one), with the two launches timed
+    (tile map included); then the whole SwitchGLU call (sort, tile map, both launches, back in
+    order) timed beside the path it replaces (the experts dequantized whole and multiplied by
+    gather_mm, or the padded batch) and beside gather_qmm's (mlx-lm's), gate alone."""
+    D, H, E, k = (256, 128, 4, 2) if SMALL else (4096, 1408, 128, 8)
+    default = (kernels.GROUPED_BM, kernels.GROUPED_FAST)
+    for bits in (4, 8):
+        glu = quantized_experts(E, H, D, bits)
+        mx.eval(glu.parameters())
+        for T in (8, 40) if SMALL else (512, 2048):
+            for kind in ("uniform", "skewed"):
+                x = rand((T, D), 1.0)
+                inds = routing(T, E, k, kind)
+                flat = inds.flatten()
+                order = mx.argsort(flat).astype(mx.uint32)
+                idx = flat[order]
+                src = order // k
+                h_ref = grouped_qmm_reference(x, glu.gate_proj, idx, src, None, glu.up_proj)
+                y_ref = grouped_qmm_reference(h_ref, glu.down_proj, idx, None, order)
+                mx.eval(h_ref, y_ref)
+                name = f"experts {bits}-bit, {T} tokens ({T * k} rows), {kind}"
+                for bm, fast in ((32, True), (64, True), (32, False)) if bits == 4 else ((32, True), (64, True)):
+                    kernels.GROUPED_BM, kernels.GROUPED_FAST = bm, fast
+
+                    def launches():
+                        maps = tile_map(idx, E)
+                        return (grouped_qmm(x, glu.gate_proj, idx, maps, src=src, up=glu.up_proj),
+                                grouped_qmm(h_ref, glu.down_proj, idx, maps, dst=order))
+
+                    h, y = launches()
+                    mx.eval(h, y)
+                    mx.synchronize()
+                    errs = [(mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max()
+                             / mx.abs(b.astype(mx.float32)).max()).item() for a, b in ((h, h_ref), (y, y_ref))]
+                    t = seconds(launches)
+                    ok = max(errs) < TOL_GROUPED
+                    label = f"{name}, {bm}-row tiles{'' if fast or bits == 8 else ', codes one at a time'}"
+                    rows.append(dict(name=label, worst_rel_err_glu=errs[0], worst_rel_err_down=errs[1],
+                                     tol=TOL_GROUPED, ok=ok, launches_ms=t * 1e3))
+                    print(f"{label:66s} worst rel err glu {errs[0]:.1e} down {errs[1]:.1e} ({'ok' if ok else 'FAIL'}"
+                          f" < {TOL_GROUPED:.1e}) | both launches {t * 1e3:6.2f} ms", flush=True)
+                kernels.GROUPED_BM, kernels.GROUPED_FAST = default
+                xs, ins = x[None], inds[None]
+
+                def call(grouped: bool):
+                    real = SwitchGLU._grouped
+                    if not grouped:
+                        SwitchGLU._grouped = lambda self, *a: None
+                    try:
+                        with prefilling():
+                            return glu(xs, ins)
+                    finally:
+                        SwitchGLU._grouped = real
+
+                ours, before = call(True), call(False)
+                end_to_end = (mx.linalg.norm((ours - before).astype(mx.float32))
+                              / mx.linalg.norm(before.astype(mx.float32))).item()
+                t_ours, t_before = seconds(lambda: call(True)), seconds(lambda: call(False))
+                t_qmm = seconds(lambda: mx.gather_qmm(
+                    x[src][:, None, :], glu.gate_proj.weight, glu.gate_proj.scales, glu.gate_proj.biases,
+                    rhs_indices=idx, transpose=True, group_size=64, bits=bits, sorted_indices=True))
+                rows.append(dict(name=name, vs_previous_path_rel=end_to_end, switchglu_ours_ms=t_ours * 1e3,
+                                 switchglu_previous_ms=t_before * 1e3, gather_qmm_gate_only_ms=t_qmm * 1e3))
+                print(f"{name:66s} SwitchGLU ms: ours {t_ours * 1e3:6.2f}, previous path {t_before * 1e3:6.2f} "
+                      f"(relative difference {end_to_end:.1e}); gather_qmm, gate alone {t_qmm * 1e3:6.2f}", flush=True)
+
+
 def main():
-    global RPWS, SPLITS
+    global RPWS, SPLITS, SMALL, VERBOSE
     ap = argparse.ArgumentParser()
     ap.add_argument("--rpw", default=str(kernels.RPW), help="rows per row set to time, e.g. 4,8")
     ap.add_argument("--split", default="auto", help="simdgroups per row set to time, e.g. auto,1,2,4,8")
     ap.add_argument("--dequantize", action="store_true", help="check the experts' dequantize only")
+    ap.add_argument("--grouped", action="store_true", help="check the prefill's grouped experts (tensor cores) only")
+    ap.add_argument("--small", action="store_true", help="--grouped at a small shape first")
+    ap.add_argument("--verbose", action="store_true", help="say each step as it runs")
     a = ap.parse_args()
     RPWS = [int(r) for r in a.rpw.split(",")]
+    SMALL, VERBOSE = a.small, a.verbose
     SPLITS = [None if s == "auto" else int(s) for s in a.split.split(",")]
     mx.random.seed(0)
     print(mx.default_device(), "kernel backend:", backend())
     rows = []
+    if a.grouped:
+        check_grouped(rows)
+        print(json.dumps(rows))
+        return
     check_dequantize(rows)
     if a.dequantize:
         print(json.dumps(rows))

@@ -14,15 +14,18 @@ import pytest
 import glm_mlx.model as model_mod
 from glm_mlx.experts import SwitchGLU
 from glm_mlx.model import MLP
+import glm_mlx.experts as experts_mod
 from glm_mlx.kernels import (
     KERNELS,
     gather_qmv_reference,
+    grouped_qmm_reference,
     linear_decode_reference,
     moe_decode,
     moe_decode_reference,
     qkv_decode_reference,
     router_logits_reference,
     router_select_reference,
+    tile_map,
 )
 from glm_mlx.loading import load_model
 
@@ -281,3 +284,61 @@ def test_compiled_decode_turns_off_from_the_environment():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={**os.environ, "GLM_MLX_COMPILED_DECODE": value})
         assert out.stdout.strip() == want
+
+
+def test_the_tile_map_gives_each_expert_its_rows_and_whole_tiles():
+    """Rows sorted by expert, some experts with none: each expert's rows and its tiles of bm rows,
+    within the launch's bound (rows / bm plus one part-filled tile per expert)."""
+    rng = np.random.default_rng(0)
+    E, bm, M = 9, 4, 37
+    ids = np.sort(rng.choice([0, 2, 3, 7, 8], size=M, p=[0.5, 0.1, 0.2, 0.15, 0.05]))
+    tiles, starts = (np.array(t) for t in tile_map(mx.array(ids.astype(np.uint32)), E, bm))
+    counts = np.bincount(ids, minlength=E)
+    np.testing.assert_array_equal(starts, np.concatenate([[0], np.cumsum(counts)]))
+    np.testing.assert_array_equal(np.diff(tiles), -(-counts // bm))
+    assert tiles[0] == 0 and tiles[-1] <= -(-M // bm) + min(E, M)
+
+
+def _routed(rng, T: int, E: int, k: int) -> np.ndarray:
+    return np.stack([rng.permutation(E)[:k] for _ in range(T)])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_grouped_reference_is_the_switch_glu(bits):
+    """grouped_qmm_reference on rows sorted by expert (gate and up with SwiGLU gathering the tokens'
+    rows, then down scattering back) is the SwitchGLU."""
+    mx.random.seed(1)
+    glu = _quantized(SwitchGLU(128, 64, 6), bits)
+    rng = np.random.default_rng(1)
+    x = mx.array(rng.standard_normal((20, 128), dtype=np.float32))
+    inds = mx.array(_routed(rng, 20, 6, 2))
+    flat = inds.flatten()
+    order = mx.argsort(flat)
+    idx = flat[order]
+    h = grouped_qmm_reference(x, glu.gate_proj, idx, src=order // 2, up=glu.up_proj)
+    y = grouped_qmm_reference(h, glu.down_proj, idx, dst=order)
+    assert rel_err(y.reshape(20, 2, 128), glu(x, inds)) < 1e-5
+
+
+def test_a_prefill_takes_the_grouped_experts_and_keeps_its_logits(converted, monkeypatch):
+    """Prefilling on CUDA, routed experts go through grouped_qmm (here its reference, on the CPU) in
+    two calls a layer: the logits stay those of the plain path; outside a prefill it is never taken
+    (it has no gradient)."""
+    model, _ = load_model(converted("air-tiny", "mixed"), "float32")
+    toks = mx.array(np.random.default_rng(4).integers(0, model.args.vocab_size, size=(1, 40)))
+
+    def run():
+        return np.array(model.logits(model.model(toks, model.make_cache(), eval_layers=True)))  # as prefill runs it
+
+    plain = run()
+    calls = []
+    monkeypatch.setattr(experts_mod, "grouped_fits", lambda *a: True)
+    monkeypatch.setattr(experts_mod, "grouped_qmm", lambda x, layer, idx, maps, src=None, dst=None, up=None:
+                        calls.append(maps) or grouped_qmm_reference(x, layer, idx, src, dst, up))
+    grouped = run()
+    a = model.args
+    assert len(calls) == 2 * (a.num_hidden_layers - a.first_k_dense_replace)
+    assert rel_err(grouped, plain) < 1e-5
+    calls.clear()
+    model(toks)  # not a prefill: not taken
+    assert not calls

@@ -125,11 +125,11 @@ def test_experts_padded_into_a_batch_equal_a_per_expert_loop(quantized, monkeypa
     even = np.stack([rng.permutation(6)[:2] for _ in range(200)])[None]
     skewed = np.stack([[0, 1 + i % 5] for i in range(200)])[None]  # expert 0 in every row: cap 200 of 400 rows
     for inds, padded in ((even, True), (skewed, False)):
-        with experts.host_routing():
+        with experts.prefilling():
             ours = np.array(glu(mx.array(x), mx.array(inds)))
         assert taken.pop() is padded
         assert rel_err(ours, _expert_loop(plain, x, inds)) < 1e-5
-    glu(mx.array(x), mx.array(even))  # outside host_routing: never padded (no synchronisation)
+    glu(mx.array(x), mx.array(even))  # outside prefilling: never padded (no synchronisation)
     assert taken.pop() is False
 
 
