@@ -109,8 +109,9 @@ class QuantizedSwitchLinear(nn.Module):
 
     def dense(self, dtype: mx.Dtype, after: mx.array) -> mx.array:
         """The experts' weights dequantized whole [E, out, in] in dtype, made once `after` is: else MLX
-        may make every layer's at once (the copy needs no input)."""
-        parts = mx.depends([self.weight, self.scales, self.biases], [after])
+        may make every layer's at once (the copy needs no input). The order costs no gradient: through
+        `after` one would reach the dequantize kernel, which has none (a training step on CUDA)."""
+        parts = mx.depends([self.weight, self.scales, self.biases], [mx.stop_gradient(after)])
         w = (dequantize(*parts, self.group_size, self.bits) if self.mode == "affine"
              else mx.dequantize(*parts, self.group_size, self.bits, mode=self.mode))
         return w.astype(dtype)

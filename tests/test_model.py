@@ -98,6 +98,38 @@ def test_quantized_gathered_experts_equal_a_per_expert_loop_on_their_dequantized
     assert rel_err(ours, _expert_loop(plain, x, inds)) < 1e-5
 
 
+def test_a_gradient_through_whole_dequantized_experts_never_differentiates_the_dequantize(monkeypatch):
+    """Training over many rows dequantizes the frozen experts whole; the gradient for the input
+    reaches no vjp of that dequantize (on CUDA it is a custom kernel, which has none) and equals the
+    gradient through gather_qmm."""
+    import glm_mlx.experts as experts
+
+    @mx.custom_function
+    def dequantize(w, s, b):
+        return mx.dequantize(w, s, b, 32, 4)
+
+    @dequantize.vjp
+    def _(primals, cotangent, output):
+        raise AssertionError("the experts' dequantize was differentiated")
+
+    monkeypatch.setattr(experts, "dequantize", lambda w, s, b, group, bits: dequantize(w, s, b))
+    rng = np.random.default_rng(5)
+    glu = SwitchGLU(64, 64, 6)
+    glu.update({k: {"weight": mx.array(rng.standard_normal((6, *p.weight.shape[1:]), dtype=np.float32))}
+                for k, p in glu.children().items()})
+    nn.quantize(glu, 32, 4)
+    x = mx.array(rng.standard_normal((1, 100, 64), dtype=np.float32))
+    inds = mx.array(np.stack([rng.permutation(6)[:2] for _ in range(100)])[None])
+
+    def grad():
+        return mx.grad(lambda x: (glu(x, inds) ** 2).sum())(x)
+
+    monkeypatch.setattr(experts, "DEQUANT_ROWS", 64)  # 200 rows: dequantized whole
+    whole = grad()
+    monkeypatch.setattr(experts, "DEQUANT_ROWS", 10**6)
+    assert rel_err(whole, grad()) < 1e-5
+
+
 @pytest.mark.parametrize("quantized", [False, True])
 def test_experts_padded_into_a_batch_equal_a_per_expert_loop(quantized, monkeypatch):
     """With the router's choice on the host (a layer-by-layer prefill), each expert's rows go
