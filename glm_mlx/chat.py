@@ -39,7 +39,7 @@ class TurnStats(Stats):
 
     def line(self) -> str:
         return (f"prompt: {self.prompt_tokens} new tokens, {self.prompt_tps:.1f} tokens/s | "
-                f"generation: {self.generated} tokens, {self.gen_tps:.1f} tokens/s | "
+                f"generation: {self.generated} tokens, {self.gen_tps:.1f} tokens/s{self.drafts} | "
                 f"context: {self.context}/{self.limit} | "
                 f"peak memory: {fmt_bytes(mx.get_peak_memory())} (MLX), {fmt_bytes(peak_rss_bytes())} (process)")
 
@@ -56,11 +56,12 @@ class ChatSession:
     max_tokens: int = 4096
     context_limit: int | None = None
     kv_bits: int | None = None  # 8 or 4: a quantized KV cache
+    mtp: bool = False  # speculative decoding, the MTP layer drafting (generate.speculative_tokens)
     messages: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
         self.context_limit = self.context_limit or self.model.args.max_position_embeddings
-        self.cache = self.model.make_cache(self.kv_bits)
+        self.cache = self.model.make_cache(self.kv_bits, mtp=self.mtp)
         self.cached: list[int] = []  # the tokens whose keys and values the cache holds
         self.last = TurnStats()
 

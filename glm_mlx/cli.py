@@ -72,6 +72,8 @@ EXPERT_MEMORY = typer.Option("auto", "--expert-memory", help="most memory routed
                              "memory, else what is left")
 KV_BITS = typer.Option(None, "--kv-bits", callback=check_kv_bits, help="quantize the KV cache to 8 or 4 bits (long "
                        "contexts: about 1/2 or 1/4 of its bf16 memory)")
+MTP = typer.Option(False, "--mtp", help="speculative decoding: the MTP layer drafts a token ahead, the model "
+                   "checks it (the tokens are the model's own, greedy or sampled)")
 
 
 @app.command()
@@ -116,6 +118,7 @@ def generate(
     adapter: Optional[Path] = ADAPTER,
     expert_memory: Optional[str] = EXPERT_MEMORY,
     kv_bits: Optional[int] = KV_BITS,
+    mtp: bool = MTP,
 ):
     """Generate one reply to a prompt, streamed, then the speed and peak memory."""
     import mlx.core as mx
@@ -135,7 +138,7 @@ def generate(
             ids = tok.encode(tok.apply_chat_template(msgs, enable_thinking=think))
         if seed is not None:
             mx.random.seed(seed)
-        stats, cache = Stats(), m.make_cache(kv_bits)
+        stats, cache = Stats(), m.make_cache(kv_bits, mtp=mtp)
         for piece in stream(m, tok, ids, cache, temp=temp, top_p=top_p, max_tokens=max_tokens, stats=stats):
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -338,6 +341,7 @@ def chat(
     adapter: Optional[Path] = ADAPTER,
     expert_memory: Optional[str] = EXPERT_MEMORY,
     kv_bits: Optional[int] = KV_BITS,
+    mtp: bool = MTP,
 ):
     """Chat in the terminal: streamed replies, reasoning on and off, GLM's tool calls."""
     import mlx.core as mx
@@ -354,7 +358,7 @@ def chat(
         say_offloaded(m)
         session = ChatSession(m, tok, system=system, tools=[t.schema for t in tool_map.values()] or None,
                               think=think, temp=temp, top_p=top_p, max_tokens=max_tokens, context_limit=context,
-                              kv_bits=kv_bits)
+                              kv_bits=kv_bits, mtp=mtp)
     except USER_ERRORS as e:
         fail(str(e))
     if seed is not None:

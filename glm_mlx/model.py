@@ -303,9 +303,16 @@ class MTPLayer(nn.Module):
                  cache: KVCache | None = None) -> mx.array:
         """hidden: the trunk's final (normed) hidden states [B, T, D] at t;
         next_tokens: the tokens at t+1 [B, T]. Returns logits for t+2."""
+        return self.logits(self.hidden(hidden, next_tokens, trunk_embed, cache))
+
+    def hidden(self, hidden: mx.array, next_tokens: mx.array, trunk_embed: nn.Embedding,
+               cache: KVCache | None = None) -> mx.array:
+        """The layer's output [B, T, D] before its head (speculative decoding needs logits for one row)."""
         e = (self.embed_tokens if "embed_tokens" in self else trunk_embed)(next_tokens)
         h = self.eh_proj(mx.concatenate([self.enorm(e), self.hnorm(hidden)], axis=-1))
-        h = self.layer(h, cache)
+        return self.layer(h, cache)
+
+    def logits(self, h: mx.array) -> mx.array:
         return self.shared_head.head(self.shared_head.norm(h))
 
 
@@ -352,9 +359,12 @@ class Model(nn.Module):
             return linear_decode(hidden, self.lm_head)
         return self.lm_head(hidden)
 
-    def make_cache(self, kv_bits: int | None = None) -> list:
-        """One cache per layer; kv_bits 8 or 4 quantizes keys and values (long contexts)."""
-        return make_caches(len(self.model.layers), self.args.head_dim, kv_bits)
+    def make_cache(self, kv_bits: int | None = None, mtp: bool = False) -> list:
+        """One cache per layer; kv_bits 8 or 4 quantizes keys and values (long contexts). `mtp`: one more,
+        last, for the MTP layer (speculative decoding: generate.generate_tokens takes it from there)."""
+        if mtp and not self.mtp:
+            raise ValueError("this model has no MTP layer (num_nextn_predict_layers is 0): it cannot draft tokens")
+        return make_caches(len(self.model.layers) + bool(mtp), self.args.head_dim, kv_bits)
 
 
 def validate_tokens(tokens, vocab_size: int) -> mx.array:

@@ -275,3 +275,20 @@ def test_outgrown_context_offers_to_drop_the_oldest_turns(tiny):
     assert "question 0" not in str(s.messages)
     s.add_user("x " * 400)
     assert _repl(s, ["k"]).make_room("too long") is False and s.messages[-1]["content"] == "last"
+
+
+def test_a_chat_decoding_speculatively_says_the_same_and_caches_alike(tiny):
+    """Two greedy turns with the MTP layer drafting: the same replies as without, and the cache (the
+    MTP layer's included) cut back and reused between turns alike."""
+    model, tok = tiny
+    sessions = [ChatSession(model, tok, think=False, temp=0.0, max_tokens=12, mtp=mtp) for mtp in (False, True)]
+    for text in ("Hello!", "And then?"):
+        for s in sessions:
+            s.add_user(text)
+            drain(s.stream_reply())
+        plain, spec = sessions
+        assert spec.messages == plain.messages
+        assert spec.cached == plain.cached and spec.last.prompt_tokens == plain.last.prompt_tokens
+        assert [c.offset for c in spec.cache] == [len(spec.cached)] * len(spec.cache)
+    assert spec.last.tally[0] > 0  # drafts were checked
+    assert "MTP drafts" in spec.last.line()
