@@ -8,6 +8,7 @@ import sys
 
 import mlx.core as mx
 import numpy as np
+import pytest
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
@@ -153,3 +154,22 @@ def test_the_cli_batches_400_ops_a_cuda_graph_unless_told_otherwise(monkeypatch)
     Cuda.available = False  # Metal or the CPU: MLX's own default
     cli.use_cuda_graph_default()
     assert "MLX_MAX_OPS_PER_BUFFER" not in os.environ
+
+
+def test_mtp_bench_times_both_kinds_of_pass(capsys, monkeypatch):
+    # scripts/mtp_bench.py on the small shape: a pass keeping its draft, one rejecting it, plain decode
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        import mtp_bench
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(sys, "argv", ["mtp_bench", "--shape", "small", "--layers", "1", "--contexts", "0,32",
+                                      "--tokens", "6"])
+    mtp_bench.main()
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["context"] for r in rows] == [0, 32]
+    for r in rows:
+        assert r["plain_tps"] > 0 and r["pass_kept_s"] > 0 and r["pass_rejected_s"] > 0
+        assert r["spec_tps"]["1.0"] == pytest.approx(2 / r["pass_kept_s"])
