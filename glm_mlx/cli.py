@@ -385,7 +385,7 @@ def demo(
             fail(str(e))
     convert(str(ckpt), out, "mixed", None, None)
     generate(model=out, prompt=prompt, token_ids=None, max_tokens=max_tokens, temp=0.0, top_p=1.0,
-             seed=0, think=False, system=None, dtype=None, adapter=None, expert_memory=None, kv_bits=None)
+             seed=0, think=False, system=None, dtype=None, adapter=None, expert_memory=None, kv_bits=None, mtp=False)
 
 
 def main() -> None:

@@ -183,3 +183,11 @@ def test_generate_command_decodes_speculatively_on_request(converted):
     plain, spec = cli(*args, check_ok=True), cli(*args, "--mtp", check_ok=True)
     assert spec.stdout == plain.stdout
     assert "MTP drafts:" in spec.stderr.strip().splitlines()[-1] and "MTP" not in plain.stderr
+
+
+def test_the_demo_runs_end_to_end_with_plain_decoding(tmp_path):
+    """The quick start's command: a tiny checkpoint written, converted and run; every option it does not
+    set is the generate command's default (a typer default left unset is a truthy object, not False)."""
+    p = cli("demo", "--dir", str(tmp_path / "demo"), "-n", "8", check_ok=True)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.stdout.strip() and "tokens/s" in last and "MTP" not in last
