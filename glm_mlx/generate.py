@@ -38,17 +38,22 @@ def make_sampler(temp: float = 0.0, top_p: float = 1.0):
             return mx.argmax(logits, axis=-1)
         logprobs = logits.astype(mx.float32) / temp
         if top_p < 1.0:
-            order = mx.argsort(-logprobs, axis=-1)
-            sorted_lp = mx.take_along_axis(logprobs, order, axis=-1)
-            probs = mx.softmax(sorted_lp, axis=-1)
-            # keep the smallest prefix whose mass reaches top_p (the first token always)
-            keep = (mx.cumsum(probs, axis=-1) - probs) < top_p
-            sorted_lp = mx.where(keep, sorted_lp, -mx.inf)
+            order, sorted_lp = _nucleus(logprobs, top_p)
             choice = mx.random.categorical(sorted_lp, axis=-1)
             return mx.take_along_axis(order, choice[..., None], axis=-1)[..., 0]
         return mx.random.categorical(logprobs, axis=-1)
 
     return sample
+
+
+def _nucleus(logprobs: mx.array, top_p: float) -> tuple[mx.array, mx.array]:
+    """(order, sorted): the vocabulary by falling logprob, and the logprobs in that order with all but the
+    smallest prefix whose mass reaches top_p (the first token always) set to -inf."""
+    order = mx.argsort(-logprobs, axis=-1)
+    sorted_lp = mx.take_along_axis(logprobs, order, axis=-1)
+    probs = mx.softmax(sorted_lp, axis=-1)
+    keep = (mx.cumsum(probs, axis=-1) - probs) < top_p
+    return order, mx.where(keep, sorted_lp, -mx.inf)
 
 
 def make_dist(temp: float, top_p: float = 1.0):
@@ -58,12 +63,8 @@ def make_dist(temp: float, top_p: float = 1.0):
         lp = logits.astype(mx.float32) / temp
         if top_p >= 1.0:
             return mx.softmax(lp, axis=-1)
-        order = mx.argsort(-lp, axis=-1)
-        sorted_lp = mx.take_along_axis(lp, order, axis=-1)
-        probs = mx.softmax(sorted_lp, axis=-1)
-        keep = (mx.cumsum(probs, axis=-1) - probs) < top_p
-        kept = mx.softmax(mx.where(keep, sorted_lp, -mx.inf), axis=-1)
-        return mx.put_along_axis(mx.zeros_like(lp), order, kept, axis=-1)
+        order, sorted_lp = _nucleus(lp, top_p)
+        return mx.put_along_axis(mx.zeros_like(lp), order, mx.softmax(sorted_lp, axis=-1), axis=-1)
 
     return dist
 
@@ -82,12 +83,19 @@ def accept_draft(p: mx.array, q: mx.array, d: mx.array, u: mx.array) -> tuple[mx
     return ok, mx.where(ok, d, mx.random.categorical(mx.log(rest), axis=-1).astype(d.dtype))
 
 
-def prefill(model: Model, tokens: mx.array, cache, chunk: int = PREFILL_CHUNK) -> mx.array:
-    """Run checked prompt tokens [1, T] through the model in chunks, a layer at a time
-    (what one layer's prefill makes, such as its experts dequantized whole, is freed
-    before the next layer's is); the logits of the last position only."""
+def prefill_chunks(model: Model, tokens: mx.array, cache, chunk: int = PREFILL_CHUNK) -> Iterator[tuple]:
+    """Run checked prompt tokens [1, T] through the model in chunks, a layer at a time (what one
+    layer's prefill makes, such as its experts dequantized whole, is freed before the next layer's
+    is): (start, end, the chunk's final hidden states) for each chunk."""
     for start in range(0, tokens.shape[1], chunk):
-        h = model.model(tokens[:, start : start + chunk], cache, eval_layers=True)
+        end = min(tokens.shape[1], start + chunk)
+        yield start, end, model.model(tokens[:, start:end], cache, eval_layers=True)
+
+
+def prefill(model: Model, tokens: mx.array, cache, chunk: int = PREFILL_CHUNK) -> mx.array:
+    """prefill_chunks over the prompt: the logits of the last position only."""
+    for _, _, h in prefill_chunks(model, tokens, cache, chunk):
+        pass
     return model.logits(h[:, -1:, :])[:, -1, :]
 
 
@@ -159,11 +167,8 @@ def speculative_tokens(model: Model, prompt: list[int], cache: list, *, temp: fl
         return h, ok, t1, pick(logits[1:2])
 
     tokens = validate_tokens([prompt], model.args.vocab_size)
-    n = tokens.shape[1]
-    for start in range(0, n, PREFILL_CHUNK):  # the trunk's prefill, the MTP layer fed each chunk's pairs
-        end = min(n, start + PREFILL_CHUNK)
-        h = model.model(tokens[:, start:end], trunk, eval_layers=True)
-        if end < n:
+    for start, end, h in prefill_chunks(model, tokens, trunk):  # the MTP layer fed each chunk's pairs
+        if end < tokens.shape[1]:
             mx.eval(head.hidden(h, tokens[:, start + 1 : end + 1], embed, mcache))
     y = pick(model.logits(h[:, -1:, :])[:, -1, :])[:, None]
     d, q = draft(h, mx.concatenate([tokens[:, start + 1 : end], y.astype(tokens.dtype)], axis=1))

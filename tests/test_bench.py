@@ -110,15 +110,21 @@ def test_bytes_per_step_is_the_arrays_a_token_reads():
     assert kv_bytes_per_position(cache) == a.num_hidden_layers * 2 * hkv * s
 
 
-def test_decode_trace_counts_a_steps_ops_for_both_runtimes(capsys, monkeypatch):
-    # scripts/decode_trace.py on the small shape, without the device trace (no CUDA here)
+def _script(name: str):
+    """A module of scripts/, imported."""
+    import importlib
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     try:
-        import decode_trace
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
+
+
+def test_decode_trace_counts_a_steps_ops_for_both_runtimes(capsys, monkeypatch):
+    # scripts/decode_trace.py on the small shape, without the device trace (no CUDA here)
+    decode_trace = _script("decode_trace")
     monkeypatch.setattr(sys, "argv", ["decode_trace", "--shape", "small", "--layers", "1", "--context", "32",
                                       "--steps", "2", "--no-trace"])
     decode_trace.main()
@@ -158,13 +164,7 @@ def test_the_cli_batches_400_ops_a_cuda_graph_unless_told_otherwise(monkeypatch)
 
 def test_mtp_bench_times_both_kinds_of_pass(capsys, monkeypatch):
     # scripts/mtp_bench.py on the small shape: a pass keeping its draft, one rejecting it, plain decode
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    try:
-        import mtp_bench
-    finally:
-        sys.path.pop(0)
+    mtp_bench = _script("mtp_bench")
     monkeypatch.setattr(sys, "argv", ["mtp_bench", "--shape", "small", "--layers", "1", "--contexts", "0,32",
                                       "--tokens", "6"])
     mtp_bench.main()
