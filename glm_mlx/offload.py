@@ -38,6 +38,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import uvm
 from .experts import QuantizedSwitchLinear, Switch, SwitchGLU
 from .loading import MX_DTYPES, STORED_DTYPES, model_key, stored_array
 
@@ -140,6 +141,7 @@ def split(views: list[memoryview], size: int) -> list[list[memoryview]]:
     return pieces + ([cur] if cur else [])
 
 
+HINTS = True  # CUDA managed memory's hints around a read into a slot (glm_mlx.uvm); off to measure what they buy
 PIECE = 512 << 10  # an expert is read as pieces of this size in parallel: a disk serves several at once (BENCHMARKS.md)
 WORKERS = 32  # reads in flight at once (threads: each mostly waits on the disk)
 
@@ -161,9 +163,13 @@ class ExpertFile:
         spec = self.parts[part]
         return int(np.prod(spec["shape"])) * np.dtype(STORED_DTYPES[spec["dtype"]]).itemsize
 
-    def read_piece(self, views: list[memoryview], offset: int) -> tuple[int, int]:
-        """(bytes read, their crc32) of one piece at `offset` within an expert's range."""
+    def read_piece(self, views: list[memoryview], offset: int, hints: bool = False) -> tuple[int, int]:
+        """(bytes read, their crc32) of one piece at `offset` within an expert's range. `hints`: the views
+        are CUDA managed memory, sent to the card in bulk once read, rather than a page fault at a time
+        when a kernel first reads them (glm_mlx.uvm)."""
         n = preadv_all(self.fd, views, offset)
+        if hints:
+            uvm.after_write(views)
         crc = 0
         for v in views:
             crc = zlib.crc32(v, crc)
@@ -171,11 +177,11 @@ class ExpertFile:
             os.posix_fadvise(self.fd, offset, sum(v.nbytes for v in views), os.POSIX_FADV_DONTNEED)
         return n, crc
 
-    def start_read(self, pool, e: int, views: list[memoryview]) -> "ExpertRead":
+    def start_read(self, pool, e: int, views: list[memoryview], hints: bool = False) -> "ExpertRead":
         """Start reading expert e into `views` (writable bytes, in file order), in pieces."""
         offset, futures = self.start + e * self.stride, []
         for piece in split(views, PIECE):
-            futures.append((pool.submit(self.read_piece, piece, offset), sum(v.nbytes for v in piece)))
+            futures.append((pool.submit(self.read_piece, piece, offset, hints), sum(v.nbytes for v in piece)))
             offset += futures[-1][1]
         return ExpertRead(self, e, futures)
 
@@ -280,6 +286,7 @@ class OffloadedExperts(nn.Module):
                      for p in file.order}
             object.__setattr__(self, "views", [[whole[p][s * file.nbytes(p): (s + 1) * file.nbytes(p)]
                                                 for p in file.order] for s in range(slots)])
+        object.__setattr__(self, "hints", HINTS and direct and uvm.available(glu.gate_proj.weight))
         self.slots, self.policy, self.pin = slots, policy, pin
         E = entry["num_experts"]
         self.slot_of = np.full(E, -1, dtype=np.int64)
@@ -318,7 +325,7 @@ class OffloadedExperts(nn.Module):
         """Start reading expert e: straight into its slot, or into a buffer to convert.
         (expert, slot, ExpertRead, buffer or None)."""
         if self.views is not None:
-            return e, slot, self.file.start_read(self.pool, e, self.views[slot]), None
+            return e, slot, self.file.start_read(self.pool, e, self.views[slot], self.hints), None
         blob = bytearray(self.file.stride)
         return e, slot, self.file.start_read(self.pool, e, [memoryview(blob)]), blob
 

@@ -165,12 +165,13 @@ def guess(tr: np.ndarray, accuracy: float, E: int, seed: int) -> np.ndarray:
 
 
 DEFAULT_PIECE = DEFAULT_WORKERS = None  # set from glm_mlx.offload in main
-VARIANTS = {  # name: (eviction, pin, prefetch accuracy or None)
-    "lru": ("lru", False, None),
-    "lfu": ("lfu", False, None),
-    "lfu+pin": ("lfu", True, None),
-    "lfu+pin+prefetch 100%": ("lfu", True, 1.0),
-    "lfu+pin+prefetch 50%": ("lfu", True, 0.5),
+VARIANTS = {  # name: (eviction, pin, prefetch accuracy or None, CUDA managed memory's hints)
+    "lru": ("lru", False, None, True),
+    "lfu": ("lfu", False, None, True),
+    "lfu+pin": ("lfu", True, None, True),
+    "lfu+pin (no hints)": ("lfu", True, None, False),
+    "lfu+pin+prefetch 100%": ("lfu", True, 1.0, True),
+    "lfu+pin+prefetch 50%": ("lfu", True, 0.5, True),
 }
 
 
@@ -179,8 +180,8 @@ def run(folder: Path, budget_frac: float, kind: str, tokens: int, warm: int, var
     import glm_mlx.offload as offload
     from glm_mlx.loading import expert_bytes, load_model
 
-    policy, pin, accuracy = VARIANTS[variant]
-    offload.POLICY, offload.PIN, offload.PREFETCH = policy, pin, False
+    policy, pin, accuracy, hints = VARIANTS[variant]
+    offload.POLICY, offload.PIN, offload.PREFETCH, offload.HINTS = policy, pin, False, hints
     offload.PIECE = piece or DEFAULT_PIECE
     offload.WORKERS = workers or DEFAULT_WORKERS
     manifest = json.loads((folder / MANIFEST).read_text())

@@ -309,3 +309,34 @@ def test_a_grouped_step_starts_with_the_experts_already_in_the_bank(converted):
     needed = np.unique(np.array(inds)).size
     assert needed > 2 * bank.slots and bank.stats.misses - before == needed - bank.slots
     np.testing.assert_array_equal(first, second)
+
+
+def test_reads_into_the_bank_are_sent_to_the_card_once_read(converted, monkeypatch):
+    """On CUDA each piece read into a slot is sent to the card once read (glm_mlx.uvm; a no-op here, so
+    recorded): every piece of every read, the file's bytes in it by then; the logits still the resident
+    model's."""
+    from glm_mlx import uvm
+
+    folder = converted("glm45-tiny", "mixed")
+    resident, _ = load_model(folder)
+    toks = np.random.default_rng(0).integers(0, resident.args.vocab_size, size=(1, 16))
+    want = run_all(resident, toks)
+    calls = []
+    monkeypatch.setattr(uvm, "available", lambda a=None: True)
+    monkeypatch.setattr(uvm, "after_write", lambda views: calls.append(("after", [bytes(v) for v in views])))
+    model, _ = load_model(folder, expert_memory=budget_for(folder, 2))
+    banks = offloaded_banks(model)
+    assert all(b.hints and b.views is not None for b in banks)
+    for a, b in zip(run_all(model, toks), want):
+        np.testing.assert_array_equal(a, b)
+    st = offloaded_stats(model)
+    afters = [c[1] for c in calls]
+    assert len(afters) >= st.misses > 0 and st.bytes == sum(len(b) for bs in afters for b in bs)
+    experts = [b.file.path.read_bytes()[b.file.start + e * b.file.stride:][: b.file.stride]
+               for b in banks for e in range(b.slot_of.size)]
+    assert all(any(b"".join(bs) in x for x in experts) for bs in afters)  # each piece holds the file's bytes
+    monkeypatch.setattr(glm_mlx.offload, "HINTS", False)
+    calls.clear()
+    model, _ = load_model(folder, expert_memory=budget_for(folder, 2))
+    run_all(model, toks)
+    assert not calls and not any(b.hints for b in offloaded_banks(model))

@@ -1,0 +1,130 @@
+"""Hints to CUDA's managed memory, for an offloaded bank's slots (no-ops elsewhere).
+
+MLX's CUDA buffers are managed memory: each page lives on the host or on the
+card, and moves when the other side touches it, a fault at a time. A bank slot
+the card has computed on sits on the card; the host's read from disk into it
+faults every page back first (moving bytes about to be overwritten), and the
+card's next kernel faults them back again. The second move can be a bulk
+transfer started as soon as the bytes are in (cuMemPrefetchAsync): the card's
+kernel then finds them there. A hint never changes data, only where it lives:
+a failed one costs time, not correctness. (Measured in scripts/uvm_probe.py,
+beside hints tried and dropped: moving or discarding the pages to the host
+before the read, piece by piece, cost more than the faults it saved; advising
+read-mostly made the host's writes ten times slower.)
+
+MLX does not expose these; this calls the CUDA driver through ctypes. On a Mac
+(unified memory, nothing to move) and on the CPU, `available()` is False and
+every call returns at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import threading
+
+import mlx.core as mx
+
+_HOST, _DEVICE = 2, 1  # CUmemLocationType
+_READ_MOSTLY = 1  # CUmem_advise
+_IS_MANAGED = 8  # CUpointer_attribute
+
+
+class _Location(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+
+@functools.cache
+def _driver():
+    """(libcuda, the card's ordinal), or None off CUDA."""
+    if mx.default_device() != mx.gpu or not mx.cuda.is_available():
+        return None
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    dev = ctypes.c_int()
+    if lib.cuInit(0) or lib.cuDeviceGet(ctypes.byref(dev), 0):
+        return None
+    return lib, dev.value
+
+
+_local, _lock, _shared = threading.local(), threading.Lock(), []
+
+
+def _stream(lib, dev: int) -> ctypes.c_void_p:
+    """The one stream hints go on (reads' pool threads share it), with the primary context (MLX's)
+    current on this thread."""
+    if not getattr(_local, "ctx", False):
+        ctx = ctypes.c_void_p()
+        lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev)
+        lib.cuCtxSetCurrent(ctx)
+        _local.ctx = True
+    with _lock:
+        if not _shared:
+            st = ctypes.c_void_p()
+            lib.cuStreamCreate(ctypes.byref(st), 1)  # CU_STREAM_NON_BLOCKING
+            _shared.append(st)
+    return _shared[0]
+
+
+def _range(a) -> tuple[int, int]:
+    """(address, bytes) of an evaluated array or a writable memoryview of one."""
+    v = memoryview(a).cast("B") if isinstance(a, mx.array) else a
+    return ctypes.addressof(ctypes.c_char.from_buffer(v)), v.nbytes
+
+
+def available(a: mx.array | None = None) -> bool:
+    """Whether hints reach the driver here (for `a`'s memory: it is managed)."""
+    d = _driver()
+    if d is None or a is None:
+        return d is not None
+    lib, dev = d
+    _stream(lib, dev)
+    managed = ctypes.c_uint()
+    err = lib.cuPointerGetAttribute(ctypes.byref(managed), _IS_MANAGED, ctypes.c_uint64(_range(a)[0]))
+    return err == 0 and bool(managed.value)
+
+
+# Each returns the driver's result: 0, or a CUresult a caller may report (the data is never at stake).
+def _prefetch(a, where: int, wait: bool) -> int:
+    d = _driver()
+    if d is None:
+        return 0
+    lib, dev = d
+    st = _stream(lib, dev)
+    ptr, n = _range(a)
+    loc = _Location(where, dev if where == _DEVICE else 0)
+    err = lib.cuMemPrefetchAsync_v2(ctypes.c_uint64(ptr), ctypes.c_size_t(n), loc, ctypes.c_uint(0), st)
+    return err or (lib.cuStreamSynchronize(st) if wait else 0)
+
+
+def after_write(views) -> int:
+    """Start moving the pages of `views` (memoryviews of managed arrays) to the card in bulk, once the
+    host has written them; the card's first kernel on them waits for any still on the way."""
+    err = 0
+    for v in views:
+        err = err or _prefetch(v, _DEVICE, False)
+    return err
+
+
+# The alternatives scripts/uvm_probe.py measured beside after_write (neither is used: see the docstring).
+def to_host(a) -> int:
+    """Move a's pages to the host in bulk, and wait (before the host writes them)."""
+    return _prefetch(a, _HOST, True)
+
+
+def to_device(a) -> int:
+    """Start moving a's pages to the card in bulk (after the host wrote them)."""
+    return _prefetch(a, _DEVICE, False)
+
+
+def advise_read_mostly(a) -> int:
+    """The card reads a duplicate of a's pages; a host write drops it rather than moving it back."""
+    d = _driver()
+    if d is None:
+        return 0
+    lib, dev = d
+    _stream(lib, dev)
+    ptr, n = _range(a)
+    return lib.cuMemAdvise_v2(ctypes.c_uint64(ptr), ctypes.c_size_t(n), _READ_MOSTLY, _Location(_DEVICE, dev))

@@ -1,0 +1,103 @@
+"""What an offloaded expert's read costs in CUDA's managed memory, and what the driver's hints buy.
+
+    python3 scripts/uvm_probe.py --slots 16 --rounds 3
+
+MLX's CUDA buffers are managed memory: a page lives on the host or on the card
+and moves on a fault. A bank slot the card last read sits on the card; a read
+from disk into it faults each page back to the host first, and the card's next
+kernel faults it back again. This times, per round over `slots` Air-sized
+experts (9.2 MB each, read in 512 KB pieces by 32 threads, as offload.py does):
+- read: preadv of every slot from a file (in the page cache, or from the disk
+  with --cold), into the slots or into plain host memory (the reference);
+- use: a kernel reading every slot afterwards (the migration back);
+under variants: plain; the slots prefetched to the host before the read and to
+the card after it (cuMemPrefetchAsync); "hints", offload.py's: each piece's
+pages sent to the card as soon as it is read (glm_mlx.uvm); the slots advised
+read-mostly (last: the advice stays with the memory, which MLX's buffer cache
+hands on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import mlx.core as mx
+import numpy as np
+
+from glm_mlx import uvm
+
+STRIDE = 3 * 1408 * 4096 // 2 + 3 * 1408 * 4096 // 64 * 4  # an Air expert: 4-bit codes, bf16 scales and biases
+PIECE = 512 << 10
+
+
+def read_into(fd: int, views: list[memoryview], pool, cold: bool, hints: bool = False) -> float:
+    def one(i: int, v: memoryview) -> None:
+        for o in range(0, v.nbytes, PIECE):
+            piece = [v[o: o + PIECE]]
+            os.preadv(fd, piece, i * STRIDE + o)
+            if hints:  # as offload.ExpertFile.read_piece does
+                uvm.after_write(piece)
+        if cold:
+            os.posix_fadvise(fd, i * STRIDE, STRIDE, os.POSIX_FADV_DONTNEED)
+
+    t = time.perf_counter()
+    list(pool.map(lambda iv: one(*iv), enumerate(views)))
+    return time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--slots", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--file", default="/tmp/uvm-probe.bin")
+    ap.add_argument("--cold", action="store_true", help="drop each expert's pages: read from the disk")
+    a = ap.parse_args()
+    S = a.slots
+    if not os.path.exists(a.file) or os.path.getsize(a.file) < S * STRIDE:
+        with open(a.file, "wb") as f:
+            f.write(np.random.default_rng(0).integers(0, 255, S * STRIDE, dtype=np.uint8).tobytes())
+    fd = os.open(a.file, os.O_RDONLY)
+    pool = ThreadPoolExecutor(32)
+    host = np.zeros(S * STRIDE, np.uint8)
+    probe = mx.zeros((4,), mx.uint8)
+    mx.eval(probe)
+    print(f"{mx.default_device()}, hints: {uvm.available()}, managed: {uvm.available(probe)}, "
+          f"slots {S} x {STRIDE / 1e6:.1f} MB, {'disk' if a.cold else 'page cache'}")
+    plain = [memoryview(host)[i * STRIDE:(i + 1) * STRIDE] for i in range(S)]
+    print(f"host memory: read {min(read_into(fd, plain, pool, a.cold) for _ in range(a.rounds)) * 1e3:.1f} ms")
+    for variant in ("plain", "hints", "prefetch", "plain", "hints", "read-mostly"):
+        bank = mx.zeros((S, STRIDE), mx.uint8)
+        mx.eval(bank)
+        errors = set()
+        if "read-mostly" in variant:
+            errors.add(uvm.advise_read_mostly(bank))
+        views = [memoryview(bank).cast("B")[i * STRIDE:(i + 1) * STRIDE] for i in range(S)]
+        rows = []
+        for _ in range(a.rounds):
+            mx.eval(mx.sum(bank.view(mx.uint32), axis=1))  # the card reads every slot: its pages move there
+            t0 = time.perf_counter()
+            if "prefetch" in variant:
+                errors.add(uvm.to_host(bank))
+            t1 = time.perf_counter()
+            read = read_into(fd, views, pool, a.cold, variant == "hints")
+            t2 = time.perf_counter()
+            if "prefetch" in variant:
+                errors.add(uvm.to_device(bank))
+            if variant == "hints":
+                errors.add(uvm.after_write(views[:1]))  # (the code it returns; the reads drop theirs)
+            s = mx.sum(bank.view(mx.uint32)[:, :8], axis=1)  # the card touches every slot
+            mx.eval(mx.sum(bank.view(mx.uint32), axis=1), s)
+            t3 = time.perf_counter()
+            rows.append((t1 - t0, read, t3 - t2))
+        ok = bool(np.array_equal(np.array(bank[S - 1, :4096]), host[(S - 1) * STRIDE: (S - 1) * STRIDE + 4096]))
+        best = min(rows, key=lambda r: sum(r))
+        print(f"{variant:22s} to host {best[0] * 1e3:7.1f} ms  read {best[1] * 1e3:7.1f} ms  "
+              f"use {best[2] * 1e3:7.1f} ms  total {sum(best) * 1e3:7.1f} ms  bytes right: {ok}  "
+              f"driver errors: {sorted(errors - {0}) or 'none'}")
+
+
+if __name__ == "__main__":
+    main()
