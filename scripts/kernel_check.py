@@ -261,8 +261,51 @@ def check_grouped(rows: list):
                       f"(relative difference {end_to_end:.1e}); gather_qmm, gate alone {t_qmm * 1e3:6.2f}", flush=True)
 
 
+def check_attention(rows: list):
+    """The Air's attention projections: q|k|v with biases, the input norm and RoPE in one launch; o_proj
+    with the residual in one."""
+    D, NQ, NK = 4096, 12288, 1024
+    n = copies((NQ + 2 * NK) * D * 0.5625 / 1e9)
+    qkv = [tuple(quantized_linear((m, D), bias=True) for m in (NQ, NK, NK)) for _ in range(n)]
+    os_ = [quantized_linear((D, NQ)) for _ in range(copies(NQ * D * 0.5625 / 1e9))]
+    x, a, res = rand((D,), 1.0), rand((NQ,), 1.0), rand((D,), 1.0)
+    mx.eval([[m.parameters() for m in t] for t in qkv], [o.parameters() for o in os_], x, a, res)
+    shapes = ((1, 96, 1, 128), (1, 8, 1, 128), (1, 8, 1, 128))
+    q, k, v = qkv[0]
+    norm = rms_norm(D)
+
+    def flat(ts):
+        return mx.concatenate([t.reshape(-1) for t in ts]).astype(mx.float32)
+    gb = sum(val.nbytes for m in (q, k, v) for _, val in tree_flatten(m.parameters())) / 1e9
+    # RoPE as the Air's (64 of 128 dims, base 1e6) at a short and a long position; without RoPE and the
+    # norm (GLM-4.5 normalises q and k per head first, so RoPE stays outside)
+    for label, nm, rope in (("norm, RoPE at 1000", norm, (64, 1e6, 1000)),
+                            ("norm, RoPE at 120000", norm, (64, 1e6, mx.array(120000, mx.int32))),
+                            ("norm, no RoPE", norm, None), ("no norm, no RoPE", None, None)):
+        want = flat(qkv_decode_reference(x, q, k, v, shapes, nm, rope))
+        err = worst(lambda i: flat(qkv_decode(x, q, k, v, shapes, nm, rope)), want)
+
+        def mlx_qkv(i, nm=nm, rope=rope):
+            xn = x[None] if nm is None else nm(x[None])
+            out = [m(xn).reshape(shape) for m, shape in zip(qkv[i % n], shapes)]
+            if rope is not None:
+                out[:2] = [mx.fast.rope(t, rope[0], traditional=False, base=rope[1], scale=1.0, offset=rope[2])
+                           for t in out[:2]]
+            return out
+        report(rows, f"Air q|k|v + biases, {label}", err,
+               sweep(lambda i, nm=nm, rope=rope: qkv_decode(x, *qkv[i % n], shapes, nm, rope)),
+               per_call(mlx_qkv), "MLX ops", gb, TOL_BF16)
+    o = os_[0]
+    want = linear_decode_reference(a, o, res).astype(mx.float32)
+    err = worst(lambda i: linear_decode(a, o, res).astype(mx.float32), want)
+    gb = sum(val.nbytes for _, val in tree_flatten(o.parameters())) / 1e9
+    report(rows, "Air o_proj + residual, 12288 -> 4096", err,
+           sweep(lambda i: linear_decode(a, os_[i % len(os_)], res)),
+           per_call(lambda i: res + os_[i % len(os_)](a[None])[0]), "QuantizedLinear + add", gb, TOL_BF16)
+
+
 def main():
-    global RPWS, SPLITS, SMALL, VERBOSE
+    global RPWS, SPLITS, SMALL, VERBOSE, CACHE_BYTES
     ap = argparse.ArgumentParser()
     ap.add_argument("--rpw", default=str(kernels.RPW), help="rows per row set to time, e.g. 4,8")
     ap.add_argument("--split", default="auto", help="simdgroups per row set to time, e.g. auto,1,2,4,8")
@@ -270,15 +313,22 @@ def main():
     ap.add_argument("--grouped", action="store_true", help="check the prefill's grouped experts (tensor cores) only")
     ap.add_argument("--small", action="store_true", help="--grouped at a small shape first")
     ap.add_argument("--verbose", action="store_true", help="say each step as it runs")
+    ap.add_argument("--attention", action="store_true", help="check the attention projections only")
+    ap.add_argument("--footprint", type=float, default=CACHE_BYTES / 1e9,
+                    help="GB of weight copies a timing cycles through (a model's layers: Air's 46 are ~7 GB)")
     a = ap.parse_args()
     RPWS = [int(r) for r in a.rpw.split(",")]
-    SMALL, VERBOSE = a.small, a.verbose
+    SMALL, VERBOSE, CACHE_BYTES = a.small, a.verbose, a.footprint * 1e9
     SPLITS = [None if s == "auto" else int(s) for s in a.split.split(",")]
     mx.random.seed(0)
     print(mx.default_device(), "kernel backend:", backend())
     rows = []
     if a.grouped:
         check_grouped(rows)
+        print(json.dumps(rows))
+        return
+    if a.attention:
+        check_attention(rows)
         print(json.dumps(rows))
         return
     check_dequantize(rows)
@@ -328,46 +378,7 @@ def main():
             return res + (out * wts[None, None, :, None].astype(out.dtype)).sum(-2).reshape(-1) + shared[i % n](xn)
         ours = sweep(lambda i: moe_decode(x, glu, sets[i % n], wts, shared[i % n], res, norm))
         report(rows, name + " + norm", err, ours, per_call(mlx_block), "MLX ops", gb, TOL_BF16)
-    # The Air's attention projections: q|k|v with biases, the input norm and RoPE in one launch; o_proj
-    # with the residual in one
-    D, NQ, NK = 4096, 12288, 1024
-    n = copies((NQ + 2 * NK) * D * 0.5625 / 1e9)
-    qkv = [tuple(quantized_linear((m, D), bias=True) for m in (NQ, NK, NK)) for _ in range(n)]
-    os_ = [quantized_linear((D, NQ)) for _ in range(copies(NQ * D * 0.5625 / 1e9))]
-    x, a, res = rand((D,), 1.0), rand((NQ,), 1.0), rand((D,), 1.0)
-    mx.eval([[m.parameters() for m in t] for t in qkv], [o.parameters() for o in os_], x, a, res)
-    shapes = ((1, 96, 1, 128), (1, 8, 1, 128), (1, 8, 1, 128))
-    q, k, v = qkv[0]
-    norm = rms_norm(D)
-
-    def flat(ts):
-        return mx.concatenate([t.reshape(-1) for t in ts]).astype(mx.float32)
-    gb = sum(val.nbytes for m in (q, k, v) for _, val in tree_flatten(m.parameters())) / 1e9
-    # RoPE as the Air's (64 of 128 dims, base 1e6) at a short and a long position; without RoPE and the
-    # norm (GLM-4.5 normalises q and k per head first, so RoPE stays outside)
-    for label, nm, rope in (("norm, RoPE at 1000", norm, (64, 1e6, 1000)),
-                            ("norm, RoPE at 120000", norm, (64, 1e6, mx.array(120000, mx.int32))),
-                            ("norm, no RoPE", norm, None), ("no norm, no RoPE", None, None)):
-        want = flat(qkv_decode_reference(x, q, k, v, shapes, nm, rope))
-        err = worst(lambda i: flat(qkv_decode(x, q, k, v, shapes, nm, rope)), want)
-
-        def mlx_qkv(i, nm=nm, rope=rope):
-            xn = x[None] if nm is None else nm(x[None])
-            out = [m(xn).reshape(shape) for m, shape in zip(qkv[i % n], shapes)]
-            if rope is not None:
-                out[:2] = [mx.fast.rope(t, rope[0], traditional=False, base=rope[1], scale=1.0, offset=rope[2])
-                           for t in out[:2]]
-            return out
-        report(rows, f"Air q|k|v + biases, {label}", err,
-               sweep(lambda i, nm=nm, rope=rope: qkv_decode(x, *qkv[i % n], shapes, nm, rope)),
-               per_call(mlx_qkv), "MLX ops", gb, TOL_BF16)
-    o = os_[0]
-    want = linear_decode_reference(a, o, res).astype(mx.float32)
-    err = worst(lambda i: linear_decode(a, o, res).astype(mx.float32), want)
-    gb = sum(val.nbytes for _, val in tree_flatten(o.parameters())) / 1e9
-    report(rows, "Air o_proj + residual, 12288 -> 4096", err,
-           sweep(lambda i: linear_decode(a, os_[i % len(os_)], res)),
-           per_call(lambda i: res + os_[i % len(os_)](a[None])[0]), "QuantizedLinear + add", gb, TOL_BF16)
+    check_attention(rows)
     # The router's logits with the norm, float32 weights
     for name, E, D in (("Air router logits + norm, 128 x 4096", 128, 4096), ("GLM-4.5 router logits + norm, 160 x 5120",
                                                                            160, 5120)):
