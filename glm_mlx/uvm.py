@@ -37,7 +37,8 @@ class _Location(ctypes.Structure):
 @functools.cache
 def _driver():
     """(libcuda, the card's ordinal), or None off CUDA."""
-    if mx.default_device() != mx.gpu or not mx.cuda.is_available():
+    cuda = getattr(mx, "cuda", None)  # (not in every build)
+    if mx.default_device() != mx.gpu or cuda is None or not cuda.is_available():
         return None
     try:
         lib = ctypes.CDLL("libcuda.so.1")

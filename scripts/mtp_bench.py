@@ -51,9 +51,11 @@ PROMPT = [1, 2, 3, 4]
 
 def forced_runs(model, args: ModelArgs, ctx: int, tokens: int, dtype: mx.Dtype, seed: int) -> tuple[float, float]:
     """(t2, t1): seconds a pass takes that keeps its draft and one that rejects it, decoding `tokens`
-    tokens after a 4-token prompt at context ctx: once with the drafts the trunk's own next-but-one
-    tokens (from a plain greedy run first), once with every draft wrong. t2 and t1 from the two runs'
-    times and their kept and rejected passes (bf16 rounding can make a 'right' draft lose a tie)."""
+    tokens after a 4-token prompt at context ctx. First with every draft wrong (one past a plain greedy
+    run's next-but-one token); then with the drafts the tokens that run gave. Those come from the
+    speculative pass's own two-row arithmetic, which can round differently from plain decode's one-row
+    kernels and break bf16 ties the other way: drafted from plain decode, few 'right' drafts survived
+    on the GPU. t2 and t1 from the two runs' times and their kept and rejected passes."""
     V, caches = args.vocab_size, []
 
     def filled(mtp: bool) -> list:
@@ -68,17 +70,17 @@ def forced_runs(model, args: ModelArgs, ctx: int, tokens: int, dtype: mx.Dtype, 
 
     model.mtp[0].logits = oracle
     runs = []
-    for shift[0] in (0, 1):
+    for shift[0] in (1, 0):
         caches[:] = [filled(True)]
         mx.clear_cache()
         tally = [0, 0]
         gen = generate_tokens(model, PROMPT, caches[-1], max_tokens=tokens, tally=tally)
-        next(gen)  # the prompt's token: its prefill is not timed
+        got = [next(gen)]  # the prompt's token: its prefill is not timed
         t0 = time.perf_counter()
-        for _ in gen:
-            pass
+        got += list(gen)
         runs.append((time.perf_counter() - t0, tally[1], tally[0] - tally[1]))
-    (dr, kr, rr), (dw, _, rw) = runs
+        seq[:] = PROMPT + got + [0, 0]  # the right drafts: what the speculative pass itself decodes
+    (dw, _, rw), (dr, kr, rr) = runs
     t1 = dw / rw
     return ((dr - rr * t1) / kr if kr else float("nan")), t1
 

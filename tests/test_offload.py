@@ -317,6 +317,7 @@ def test_reads_into_the_bank_are_sent_to_the_card_once_read(converted, monkeypat
     model's."""
     from glm_mlx import uvm
 
+    assert not uvm.available() and uvm.after_write([memoryview(bytearray(8))]) == 0  # off CUDA: no hints, no-ops
     folder = converted("glm45-tiny", "mixed")
     resident, _ = load_model(folder)
     toks = np.random.default_rng(0).integers(0, resident.args.vocab_size, size=(1, 16))
