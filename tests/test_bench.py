@@ -173,3 +173,12 @@ def test_mtp_bench_times_both_kinds_of_pass(capsys, monkeypatch):
     for r in rows:
         assert r["plain_tps"] > 0 and r["pass_kept_s"] > 0 and r["pass_rejected_s"] > 0
         assert r["spec_tps"]["1.0"] == pytest.approx(2 / r["pass_kept_s"])
+
+
+def test_footprint_probe_packs_small_arrays_without_changing_the_logits(capsys, monkeypatch):
+    # scripts/footprint_probe.py's model A/B on the small shape: pack_small keeps every value
+    probe = _script("footprint_probe")
+    monkeypatch.setattr(sys, "argv", ["footprint_probe", "--footprints", "", "--model-layers", "1"])
+    probe.main()
+    out = capsys.readouterr().out
+    assert "packed" in out and out.strip().endswith("last logits equal: True")
