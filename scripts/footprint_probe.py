@@ -110,6 +110,7 @@ def main():
     print(mx.default_device())
     if a.model_layers:
         model_ab(a.model_layers, int(a.small * 1024))
+        mx.clear_cache()  # the model's 60 GB gone before the copies come
     for fp in (float(f) for f in a.footprints.split(",") if f):
         n = max(2, int(fp * 1e9 / ((NQ + 2 * NK) * D * 0.5625)))
         own = [[linear(m, mx.zeros((m,), mx.bfloat16)) for m in (NQ, NK, NK)] for _ in range(n)]
