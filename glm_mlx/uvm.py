@@ -101,7 +101,7 @@ def _prefetch(a, where: int, wait: bool) -> int:
 
 
 def after_write(views) -> int:
-    """Start moving the pages of `views` (memoryviews of managed arrays) to the card in bulk, once the
+    """Start moving the pages of `views` (memoryviews of managed arrays, or the arrays) to the card in bulk, once the
     host has written them; the card's first kernel on them waits for any still on the way."""
     err = 0
     for v in views:
@@ -113,11 +113,6 @@ def after_write(views) -> int:
 def to_host(a) -> int:
     """Move a's pages to the host in bulk, and wait (before the host writes them)."""
     return _prefetch(a, _HOST, True)
-
-
-def to_device(a) -> int:
-    """Start moving a's pages to the card in bulk (after the host wrote them)."""
-    return _prefetch(a, _DEVICE, False)
 
 
 def advise_read_mostly(a) -> int:

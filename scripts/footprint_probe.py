@@ -28,7 +28,6 @@ loading); the last logits of both must be equal.
 from __future__ import annotations
 
 import argparse
-import time
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -36,20 +35,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from glm_mlx.bench import bench_config, build_ours, decode_seconds, random_weights
 from glm_mlx.kernels import qkv_decode
+from kernel_check import per_call
 
 D, NQ, NK = 4096, 12288, 1024
 SHAPES = ((1, 96, 1, 128), (1, 8, 1, 128), (1, 8, 1, 128))
-
-
-def per_call(fn, reps: int = 50, rounds: int = 5) -> float:
-    mx.eval([fn(i) for i in range(reps)])
-    best = float("inf")
-    for _ in range(rounds):
-        outs = [fn(i) for i in range(reps)]
-        t0 = time.perf_counter()
-        mx.eval(outs)
-        best = min(best, (time.perf_counter() - t0) / reps)
-    return best * 1e6
 
 
 def linear(n: int, bias: mx.array) -> nn.QuantizedLinear:

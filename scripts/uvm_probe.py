@@ -85,7 +85,7 @@ def main():
             read = read_into(fd, views, pool, a.cold, variant == "hints")
             t2 = time.perf_counter()
             if "prefetch" in variant:
-                errors.add(uvm.to_device(bank))
+                errors.add(uvm.after_write([bank]))
             if variant == "hints":
                 errors.add(uvm.after_write(views[:1]))  # (the code it returns; the reads drop theirs)
             s = mx.sum(bank.view(mx.uint32)[:, :8], axis=1)  # the card touches every slot
