@@ -21,8 +21,9 @@ once at close to the card's bandwidth:
 
 Weights are affine-quantized in MLX's layout (4 or 8 bits, groups along the
 input). A threadgroup of WARPS simdgroups (Metal) / warps (CUDA) computes RPW
-outputs: its lanes stride over the rows 8 values at a time, load each x
-chunk once for all RPW rows, dequantize the words in registers and sum with
+outputs: its lanes stride over the rows 32 values at a time (one 16-byte load
+a row at 4 bits; groups a multiple of 32), load each x chunk once for all RPW
+rows, dequantize the words in registers and sum with
 the group's scale and bias; one reduction across the lanes and one across
 the simdgroups per output. All the simdgroups of a threadgroup share its rows
 so that a launch has thousands of threadgroups reading at once: read from the
@@ -54,9 +55,9 @@ WARPS_IN_FLIGHT = 4096  # simdgroups a launch aims for (_split): 132 SMs x 32 on
 SPLIT = None  # simdgroups per row set, None for _split's choice (scripts/kernel_check.py --split)
 
 # One lane's share of R quantized rows' dot products with x[xbase : xbase + K], weighted by
-# wt, for one chunk c of 8 values (one 32-bit word per row at 4 bits, two at 8).
+# wt, for one chunk c of 32 values (16 bytes per row at 4 bits, 32 at 8).
 # The lanes of a row set take chunks sid, sid + 32 * SPLIT, ...: each row's bytes are read
-# contiguously by the whole set, and each x chunk (one 16-byte load of bf16, or two of
+# contiguously by the whole set, and each x chunk (four 16-byte loads of bf16, or eight of
 # float) serves all R rows. Dequantized in registers:
 # sum_j (scale * q_j + bias) * x_j = scale * sum_j q_j x_j + bias * sum_j x_j.
 _DOT = """
@@ -98,41 +99,73 @@ FN uint4 bf16x8(LOC const float* v) {
     o.w = bf16x2(v[6], v[7]);
     return o;
 }
+// A code q < 2^23 as a float, exactly: its bits set in the mantissa of 2^23, and 2^23 taken away.
+// Two full-rate instructions, where NVIDIA's int-to-float conversion runs at a quarter of the rate
+// and bound the 4-bit matvecs (scripts/qmv_probe.py).
+FN float code_f(uint q) { return AS_FLOAT(q | 0x4B000000u) - 8388608.0f; }
 // Chunk c of a quantized row w (its 8 codes: one 32-bit word at 4 bits, two at 8) as floats in q.
 template <int BITS>
 FN void codes8(const DEV uint* w, ulong c, LOC float* q) {
     if (BITS == 4) {
         uint word = w[c];
-        for (int j = 0; j < 8; j++) q[j] = (float)((word >> (4 * j)) & 15u);
+        for (int j = 0; j < 8; j++) q[j] = code_f((word >> (4 * j)) & 15u);
     } else {
         uint2 word = ((const DEV uint2*)w)[c];
-        for (int j = 0; j < 4; j++) q[j] = (float)((word.x >> (8 * j)) & 255u);
-        for (int j = 0; j < 4; j++) q[4 + j] = (float)((word.y >> (8 * j)) & 255u);
+        for (int j = 0; j < 4; j++) q[j] = code_f((word.x >> (8 * j)) & 255u);
+        for (int j = 0; j < 4; j++) q[4 + j] = code_f((word.y >> (8 * j)) & 255u);
     }
 }
-// x's chunk c (8 values from xbase + 8 c) as floats in v: from the threadgroup's normalised copy
-// xn when NORM, else from x. Returns their sum.
+// x's chunk c of 8 values (from xbase + 8 c) as floats in v: from the threadgroup's normalised
+// copy xn when NORM, else from x.
 template <bool NORM, typename X>
-FN float ld_x(const DEV X* x, ulong xbase, uint c, const TG uint4* xn, LOC float* v) {
+FN void ld_x8(const DEV X* x, ulong xbase, uint c, const TG uint4* xn, LOC float* v) {
     if (NORM) ld8(xn, c, v);
     else ld8(x, xbase + c * 8, v);
-    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
-// One lane's share of R quantized rows' dot products with x, for one chunk c of 8 values xv
-// (summing to xs), weighted by wt. Rows row0, row0 + 1, ..., the second half of them `gap`
-// further on (a RoPE pair's second row: 0 elsewhere).
+// x's chunk c of 32 values (from xbase + 32 c), the same way. Returns their sum.
+template <bool NORM, typename X>
+FN float ld_x(const DEV X* x, ulong xbase, uint c, const TG uint4* xn, LOC float* v) {
+    float s = 0.0f;
+    for (int k = 0; k < 4; k++) {
+        LOC float* p = v + 8 * k;
+        ld_x8<NORM>(x, xbase, c * 4 + k, xn, p);
+        s += ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+    }
+    return s;
+}
+// One lane's share of R quantized rows' dot products with x, for one chunk c of 32 values xv
+// (summing to xs; in one group, GROUP a multiple of 32), weighted by wt. Rows row0, row0 + 1, ...,
+// the second half of them `gap` further on (a RoPE pair's second row: 0 elsewhere). Each row's
+// chunk is one 16-byte load at 4 bits (two at 8), and all R rows' loads, scales and biases are
+// issued before any arithmetic: read a word (8 codes) a row at a time, the 4-bit matvecs moved
+// 1.0-1.2 TB/s of the card's 2.77, and 1.3-1.6 this way (scripts/qmv_probe.py).
 template <int K, int GROUP, int BITS, int R, typename S>
 FN void dot_chunk(const DEV uint* w, const DEV S* scales, const DEV S* biases, ulong row0, uint gap, uint rows,
                   uint c, LOC const float* xv, float xs, float wt, LOC float* acc) {
     const uint wpr = K * BITS / 32;  // words per row
+    uint4 wa[R], wb[R];
+    float sc[R], bi[R];
     for (int r = 0; r < R; r++) {
         if ((uint)r < rows) {
             ulong row = row0 + r + (r >= R / 2 ? gap : 0);
-            ulong g = row * (K / GROUP) + (c * 8) / GROUP;
-            float q[8], dot = 0.0f;
-            codes8<BITS>(w + row * wpr, c, q);
-            for (int j = 0; j < 8; j++) dot += q[j] * xv[j];
-            acc[r] += wt * (BF16(scales, g) * dot + BF16(biases, g) * xs);
+            const DEV uint4* p = (const DEV uint4*)(w + row * wpr) + c * (BITS / 4);
+            wa[r] = p[0];
+            if (BITS == 8) wb[r] = p[1];
+            ulong g = row * (K / GROUP) + (c * 32) / GROUP;
+            sc[r] = BF16(scales, g);
+            bi[r] = BF16(biases, g);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        if ((uint)r < rows) {
+            uint u[8];  // BITS words: 32 / BITS codes each
+            u[0] = wa[r].x; u[1] = wa[r].y; u[2] = wa[r].z; u[3] = wa[r].w;
+            if (BITS == 8) { u[4] = wb[r].x; u[5] = wb[r].y; u[6] = wb[r].z; u[7] = wb[r].w; }
+            float dot = 0.0f;
+            for (int k = 0; k < BITS; k++)
+                for (int j = 0; j < 32 / BITS; j++)
+                    dot += code_f((u[k] >> (BITS * j)) & ((1u << BITS) - 1u)) * xv[k * (32 / BITS) + j];
+            acc[r] += wt * (sc[r] * dot + bi[r] * xs);
         }
     }
 }
@@ -141,8 +174,8 @@ FN void dot_chunk(const DEV uint* w, const DEV S* scales, const DEV S* biases, u
 template <int K, int GROUP, int BITS, int R, bool NORM, typename S, typename X>
 FN void dot_rows(const DEV uint* w, const DEV S* scales, const DEV S* biases, ulong row0, uint gap, uint rows,
                  const DEV X* x, ulong xbase, const TG uint4* xn, uint sid, uint threads, LOC float* acc) {
-    for (uint c = sid; c < K / 8; c += threads) {
-        float xv[8];
+    for (uint c = sid; c < K / 32; c += threads) {
+        float xv[32];
         float xs = ld_x<NORM>(x, xbase, c, xn, xv);
         dot_chunk<K, GROUP, BITS, R>(w, scales, biases, row0, gap, rows, c, xv, xs, 1.0f, acc);
     }
@@ -281,15 +314,15 @@ _UP_BODY = _ROWS + _NORM_X + """
     for (int i = 0; i < RPW; i++) u[i] = 0.0f;
     if (r < ROWS) {  // a loop for each: one with both kinds of projection in it ran slower
         ulong row0 = (ulong)inds[r] * N + n0;
-        for (uint c = sid; c < K / 8; c += threads) {
-            float xv[8];
+        for (uint c = sid; c < K / 32; c += threads) {
+            float xv[32];
             float xs = ld_x<NORM>(x, 0, c, xn, xv);
             dot_chunk<K, GROUP, BITS, RPW>(gw, gs, gb, row0, 0, rows, c, xv, xs, 1.0f, acc);
             dot_chunk<K, GROUP, BITS, RPW>(uw, us, ub, row0, 0, rows, c, xv, xs, 1.0f, u);
         }
     } else {
-        for (uint c = sid; c < K / 8; c += threads) {
-            float xv[8];
+        for (uint c = sid; c < K / 32; c += threads) {
+            float xv[32];
             float xs = ld_x<NORM>(x, 0, c, xn, xv);
             dot_chunk<K, SGROUP, SBITS, RPW>(sgw, sgs, sgb, n0, 0, rows, c, xv, xs, 1.0f, acc);
             dot_chunk<K, SGROUP, SBITS, RPW>(suw, sus, sub, n0, 0, rows, c, xv, xs, 1.0f, u);
@@ -305,9 +338,9 @@ _UP_BODY = _ROWS + _NORM_X + """
 # The threadgroup's lanes take the (expert, chunk) pairs in turn.
 _DOWN_BODY = _ROWS + """
     uint rows = n0 < N ? min((uint)RPW, N - n0) : 0;
-    for (uint i = sid; i < ROWS * (K / 8); i += threads) {
-        uint r = i / (K / 8), c = i - r * (K / 8);
-        float xv[8];
+    for (uint i = sid; i < ROWS * (K / 32); i += threads) {
+        uint r = i / (K / 32), c = i - r * (K / 32);
+        float xv[32];
         float xs = ld_x<false>(h, (ulong)r * K, c, sh_none, xv);
         dot_chunk<K, GROUP, BITS, RPW>(w, scales, biases, (ulong)inds[r] * N + n0, 0, rows, c, xv, xs,
                                            weights[r], acc);
@@ -324,7 +357,7 @@ _LOGITS_BODY = _ROWS + _NORM_X + """
     uint rows = n0 < N ? min((uint)RPW, N - n0) : 0;
     for (uint c = sid; c < K / 8; c += threads) {
         float xv[8], wv[8];
-        ld_x<NORM>(x, 0, c, xn, xv);
+        ld_x8<NORM>(x, 0, c, xn, xv);
         for (int i = 0; i < RPW; i++) {
             if ((uint)i < rows) {
                 ld8(w, (ulong)(n0 + i) * K + c * 8, wv);
@@ -665,20 +698,22 @@ def _kernel(kind: str, name: str):
     return _kernels[kind, name]
 
 
-def _split(sets: int, chunks: int) -> int:
+def _split(sets: int, values: int, per_lane: int) -> int:
     """Simdgroups per row set (SPLIT, a power of two up to WARPS), for `sets` row sets each summing
-    `chunks` chunks of 8 values: doubled while fewer than WARPS_IN_FLIGHT simdgroups would run
-    and each lane still gets two chunks or more."""
+    `values` products: doubled while fewer than WARPS_IN_FLIGHT simdgroups would run and each lane
+    of the doubled set still gets `per_lane` values or more."""
     s = 1
-    while s < WARPS and sets * s < WARPS_IN_FLIGHT and chunks >= 64 * s:
+    while s < WARPS and sets * s < WARPS_IN_FLIGHT and values >= 64 * s * per_lane:
         s *= 2
     return SPLIT or s
 
 
-def _run(kind: str, name: str, inputs: list, rows: int, M: int, outputs: list, terms: int = 1, **template):
-    """`rows` outputs (x M) in row sets of RPW, each summing `terms` dot products of length K."""
+def _run(kind: str, name: str, inputs: list, rows: int, M: int, outputs: list, terms: int = 1, per_lane: int = 64,
+         **template):
+    """`rows` outputs (x M) in row sets of RPW, each summing `terms` dot products of length K; a lane
+    takes chunks of 32 values (8 for the router's float weights: per_lane 8), two or more."""
     sets = -(-rows // RPW)
-    split = _split(sets * M, terms * template["K"] // 8)
+    split = _split(sets * M, terms * template["K"], per_lane)
     return _kernel(kind, name)(
         inputs=inputs, template=list({**template, "WARPS": WARPS, "RPW": RPW, "SPLIT": split}.items()),
         grid=(-(-sets * split // WARPS) * 32 * WARPS, M, 1), threadgroup=(32 * WARPS, 1, 1),
@@ -713,7 +748,7 @@ def _q(layer) -> tuple:
 
 def _fits(layer, K: int) -> bool:
     """Whether the kernels take this layer (quantized, input width K) on a bf16 input."""
-    if "scales" not in layer or layer.bits not in (4, 8) or layer.group_size % 8 or K % layer.group_size:
+    if "scales" not in layer or layer.bits not in (4, 8) or layer.group_size % 32 or K % layer.group_size:
         return False
     w, s, _ = _q(layer)
     return s.dtype == mx.bfloat16 and w.shape[-1] * 32 // layer.bits == K
@@ -839,7 +874,7 @@ def gather_qmv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, ind
     """x [1 or M, K] (bf16), w [E, N, K*bits/32] (uint32), scales and biases
     [E, N, K/group] (bf16), inds [M] -> [M, N] float32."""
     kind = _gpu(x)
-    ok = bits in (4, 8) and group_size % 8 == 0 and x.shape[-1] % group_size == 0 and scales.dtype == mx.bfloat16
+    ok = bits in (4, 8) and group_size % 32 == 0 and x.shape[-1] % group_size == 0 and scales.dtype == mx.bfloat16
     if kind is None or not ok:
         return gather_qmv_reference(x, w, scales, biases, inds, group_size, bits)
     M, K, N = inds.size, x.shape[-1], w.shape[-2]
@@ -937,7 +972,7 @@ def router_logits(x: mx.array, weight: mx.array, norm=None) -> mx.array:
     if kind is None or nw is None or weight.dtype != mx.float32 or weight.shape[-1] != K:
         return router_logits_reference(x, weight, norm)
     E = weight.shape[0]
-    return _run(kind, "glm_router_logits", [x, weight, *nw], E, 1, [((E,), mx.float32)], K=K, N=E,
+    return _run(kind, "glm_router_logits", [x, weight, *nw], E, 1, [((E,), mx.float32)], per_lane=8, K=K, N=E,
                 NORM=int(norm is not None))[0]
 
 
