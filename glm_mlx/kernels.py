@@ -100,8 +100,8 @@ FN uint4 bf16x8(LOC const float* v) {
     return o;
 }
 // A code q < 2^23 as a float, exactly: its bits set in the mantissa of 2^23, and 2^23 taken away.
-// Two full-rate instructions, where NVIDIA's int-to-float conversion runs at a quarter of the rate
-// and bound the 4-bit matvecs (scripts/qmv_probe.py).
+// Two full-rate instructions where NVIDIA's int-to-float conversion runs at a quarter of the rate;
+// on the H100 the matvecs measured the same either way (BENCHMARKS.md, session 16): not their bound.
 FN float code_f(uint q) { return AS_FLOAT(q | 0x4B000000u) - 8388608.0f; }
 // Chunk c of a quantized row w (its 8 codes: one 32-bit word at 4 bits, two at 8) as floats in q.
 template <int BITS>

@@ -19,6 +19,10 @@ QuantizedLinear) over copies with their own bias arrays, and over the same copie
 sliced from one buffer. If the sliced ones stay fast at 7 GB, the fix is to pack a model's small
 per-layer arrays into one buffer at load (loading.prepare_model) and hand the layers slices.
 
+Measured in session 16 (BENCHMARKS.md): it does not hold. At 7 GB the sliced biases gained 3 us a
+call, and the whole Air with its 276 small arrays packed decoded no faster (120.7 / 109.5 / 120.6
+against 122.8 / 118.1 / 112.6 tok/s). pack_small stays here and goes nowhere else.
+
 --model-layers N asks the same of a model: N Air layers (glm_mlx.bench's random weights), decode
 tokens/s (pipelined, as the bench times it) with its arrays as loaded, then with every array of
 at most --small KB packed into one buffer per dtype (`pack_small`, here until it earns a place in
