@@ -1,0 +1,52 @@
+"""Every CUDA kernel the project launches compiles under NVRTC, as MLX compiles it on the GPU machine:
+no GPU needed (scripts/cuda_compile.py). The Metal twins share the bodies; no Metal compiler runs here."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from glm_mlx import kernels
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import cuda_compile  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def launches():
+    """Each distinct launch of the small shape's prefill and decode (4-bit and mixed recipes), plus
+    gather_qmv and dequantize (not on a model's path here) at 4 and 8 bits."""
+    out = cuda_compile.model_launches("small", "uniform4") + cuda_compile.model_launches("small", "mixed")
+    with cuda_compile.recording() as extra:
+        for bits in (4, 8):
+            w, s, b = mx.quantize(mx.random.normal((3, 64, 256)), 64, bits)
+            s, b = s.astype(mx.bfloat16), b.astype(mx.bfloat16)
+            kernels.gather_qmv(mx.zeros((1, 256), mx.bfloat16), w, s, b, mx.array([2], mx.uint32), 64, bits)
+            kernels.dequantize(w, s, b, 64, bits)
+    return list(dict.fromkeys(out + extra))
+
+
+def test_every_kernel_is_launched_and_checked(launches):
+    names = {launch.name for launch in launches}
+    assert names == set(kernels.KERNELS) | set(kernels.CUDA_KERNELS)
+    assert {dict(launch.template).get("BITS") for launch in launches} >= {4, 8}
+
+
+def test_every_launch_compiles_under_nvrtc_for_the_h100(launches):
+    failed = []
+    for launch in launches:
+        c = cuda_compile.compile_launch(launch, "sm_90")
+        if not c.ok:
+            failed.append(f"{launch.kernel}:\n{c.log}")
+        else:
+            assert c.registers is not None  # ptxas reported on it
+    assert not failed, "\n\n".join(failed)
+
+
+def test_a_broken_body_is_caught():
+    launch = cuda_compile.Launch("broken", "y[0] = undefined_name;", "", (("x", "float"),), (("y", "float"),), ())
+    c = cuda_compile.compile_launch(launch)
+    assert not c.ok and "undefined_name" in c.log
