@@ -97,7 +97,7 @@ def model_launches(shape: str, recipe: str = "uniform4", prompt: int = 64) -> li
     from glm_mlx.bench import bench_config, build_ours, random_weights
     from glm_mlx.generate import prefill
 
-    cfg = bench_config(shape, 2)  # the first layer dense, the second MoE
+    cfg = dict(bench_config(shape, 2), first_k_dense_replace=1)  # a dense layer, then a MoE one (GLM-4.5 has 3)
     m = build_ours(cfg, random_weights(cfg, recipe, 0, mx.bfloat16), recipe)
     with recording() as launches:
         cache = m.make_cache()
