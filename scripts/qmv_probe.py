@@ -44,14 +44,7 @@ FN void dot_word(const DEV uint* w, const DEV S* scales, const DEV S* biases, ul
 }
 """
 
-WORD_BODY = """
-    const uint threads = 32 * SPLIT;
-    uint sid = tid % threads;
-    uint n0 = (bx * (WARPS / SPLIT) + warp / SPLIT) * RPW;
-    float acc[RPW];
-    for (int i = 0; i < RPW; i++) acc[i] = 0.0f;
-    TGMEM float sh[WARPS * RPW];
-    TGMEM uint4 sh_none[1];
+WORD_BODY = kernels._ROWS + """
     uint rows = n0 < N ? min((uint)RPW, N - n0) : 0;
     for (uint c = sid; c < K / 8; c += threads) {
         float xv[8];

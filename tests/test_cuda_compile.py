@@ -50,3 +50,14 @@ def test_a_broken_body_is_caught():
     launch = cuda_compile.Launch("broken", "y[0] = undefined_name;", "", (("x", "float"),), (("y", "float"),), ())
     c = cuda_compile.compile_launch(launch)
     assert not c.ok and "undefined_name" in c.log
+
+
+def test_the_probes_previous_body_compiles():
+    import qmv_probe  # scripts/qmv_probe.py keeps the matvec body the kernels had before, to compare
+
+    with cuda_compile.recording() as launches:
+        for bits in (4, 8):
+            w, s, b = mx.quantize(mx.random.normal((64, 256)), 64, bits)
+            qmv_probe.word(mx.zeros((1, 256), mx.bfloat16), w, s.astype(mx.bfloat16), b.astype(mx.bfloat16),
+                           bits, 64, 8, 2)
+    assert len(launches) == 2 and all(cuda_compile.compile_launch(launch).ok for launch in launches)
