@@ -51,7 +51,10 @@ import numpy as np
 
 WARPS = 8  # simdgroups (warps) per threadgroup of 256 threads
 RPW = 8  # output rows per row set: x is loaded once for all of them (scripts/kernel_check.py --rpw)
-WARPS_IN_FLIGHT = 4096  # simdgroups a launch aims for (_split): 132 SMs x 32 on an H100
+# Simdgroups a launch aims for (_split): 132 SMs x 32 on an H100. Since the 16-byte body, q|k|v and
+# the up half take ~128 registers a thread, so an SM holds 16 of theirs and a launch of 4096 runs in
+# two waves (scripts/cuda_compile.py; BENCHMARKS.md, session 16): to be swept on the GPU, not guessed.
+WARPS_IN_FLIGHT = 4096
 SPLIT = None  # simdgroups per row set, None for _split's choice (scripts/kernel_check.py --split)
 
 # One lane's share of R quantized rows' dot products with x[xbase : xbase + K], weighted by
