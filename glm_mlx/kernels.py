@@ -140,8 +140,8 @@ FN float ld_x(const DEV X* x, ulong xbase, uint c, const TG uint4* xn, LOC float
 // (summing to xs; in one group, GROUP a multiple of 32), weighted by wt. Rows row0, row0 + 1, ...,
 // the second half of them `gap` further on (a RoPE pair's second row: 0 elsewhere). Each row's
 // chunk is one 16-byte load at 4 bits (two at 8), and all R rows' loads, scales and biases are
-// issued before any arithmetic: read a word (8 codes) a row at a time, the 4-bit matvecs moved
-// 1.0-1.2 TB/s of the card's 2.77, and 1.3-1.6 this way (scripts/qmv_probe.py).
+// issued before any arithmetic: read a word (8 codes) a row at a time, a 46-layer Air step kept the
+// H100 busy 8894 us, this way 7735-8038 (BENCHMARKS.md, session 16; the down half alone slower).
 template <int K, int GROUP, int BITS, int R, typename S>
 FN void dot_chunk(const DEV uint* w, const DEV S* scales, const DEV S* biases, ulong row0, uint gap, uint rows,
                   uint c, LOC const float* xv, float xs, float wt, LOC float* acc) {
@@ -687,17 +687,21 @@ CUDA_KERNELS = {  # the same, with no Metal twin (tensor-core instructions): the
 }
 
 
+def build(kind: str, name: str, inputs: list, outputs: list, body: str, header: str = ""):
+    """A kernel for backend `kind` from a shared body: the backend's prologue before it, and in the
+    header its macros, then the helpers (_DOT), then `header` (scripts build their variants so)."""
+    if kind == "cuda":
+        make, prologue, macros, extra = mx.fast.cuda_kernel, _CUDA_PROLOGUE, _CUDA_HEADER, _CUDA_GROUPED
+    else:
+        make, prologue, macros, extra = mx.fast.metal_kernel, _METAL_PROLOGUE, _METAL_HEADER, ""
+    return make(name=name, input_names=inputs, output_names=outputs, source=prologue + body,
+                header=macros + _DOT + extra + header)
+
+
 def _kernel(kind: str, name: str):
-    """The kernel `name` for backend `kind`, built once. The helpers (_DOT) go in
-    the header after the backend's macros; the body is the same for both."""
+    """The kernel `name` for backend `kind`, built once."""
     if (kind, name) not in _kernels:
-        inputs, outputs, body = KERNELS[name] if name in KERNELS else CUDA_KERNELS[name]
-        if kind == "cuda":
-            make, prologue, header, extra = mx.fast.cuda_kernel, _CUDA_PROLOGUE, _CUDA_HEADER, _CUDA_GROUPED
-        else:
-            make, prologue, header, extra = mx.fast.metal_kernel, _METAL_PROLOGUE, _METAL_HEADER, ""
-        _kernels[kind, name] = make(name=name, input_names=inputs, output_names=outputs, source=prologue + body,
-                                    header=header + _DOT + extra)
+        _kernels[kind, name] = build(kind, name, *(KERNELS[name] if name in KERNELS else CUDA_KERNELS[name]))
     return _kernels[kind, name]
 
 

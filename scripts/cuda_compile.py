@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import re
 import sys
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ def model_launches(shape: str, recipe: str = "uniform4", prompt: int = 64) -> li
     return list(dict.fromkeys(launches))
 
 
+@functools.cache
 def _nvrtc():
     """libnvrtc and the CUDA include folder, from pip's nvidia-cuda-nvrtc / nvidia-cuda-runtime."""
     import nvidia

@@ -63,10 +63,7 @@ def word(x, w, scales, biases, bits, group, rpw, split):
     """x [1, K] bf16 through dense quantized w [N, K*bits/32] -> [1, N] float32, the previous body."""
     kind = kernels.backend()
     if kind not in _word:
-        make, prologue, header = ((mx.fast.cuda_kernel, kernels._CUDA_PROLOGUE, kernels._CUDA_HEADER) if kind == "cuda"
-                                  else (mx.fast.metal_kernel, kernels._METAL_PROLOGUE, kernels._METAL_HEADER))
-        _word[kind] = make(name="glm_qmv_word", input_names=["x", "w", "scales", "biases"], output_names=["y"],
-                           source=prologue + WORD_BODY, header=header + kernels._DOT + WORD)
+        _word[kind] = kernels.build(kind, "glm_qmv_word", ["x", "w", "scales", "biases"], ["y"], WORD_BODY, WORD)
     N, K, warps = w.shape[0], x.shape[-1], kernels.WARPS
     sets = -(-N // rpw)
     return _word[kind](inputs=[x, w, scales, biases],
