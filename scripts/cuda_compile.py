@@ -130,8 +130,9 @@ class Compiled:
     smem: int | None = None
 
 
-def compile_launch(launch: Launch, arch: str = "sm_90") -> Compiled:
-    """NVRTC's verdict on the launch's source, with ptxas's resource report."""
+def compile_launch(launch: Launch, arch: str = "sm_90", cubin: Path | None = None) -> Compiled:
+    """NVRTC's verdict on the launch's source, with ptxas's resource report (and the machine code
+    written to `cubin` if given)."""
     lib, include = _nvrtc()
     prog = ctypes.c_void_p()
     src = launch.cuda().encode()
@@ -145,6 +146,11 @@ def compile_launch(launch: Launch, arch: str = "sm_90") -> Compiled:
         lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
         buf = ctypes.create_string_buffer(n.value)
         lib.nvrtcGetProgramLog(prog, buf)
+        if cubin is not None and status == 0:
+            lib.nvrtcGetCUBINSize(prog, ctypes.byref(n))
+            code = ctypes.create_string_buffer(n.value)
+            lib.nvrtcGetCUBIN(prog, code)
+            cubin.write_bytes(code.raw)
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
     log = buf.value.decode(errors="replace")
@@ -158,11 +164,41 @@ def compile_launch(launch: Launch, arch: str = "sm_90") -> Compiled:
     return out
 
 
+def sass(launch: Launch, arch: str = "sm_90") -> list[str]:
+    """The launch's machine code (SASS), one instruction a line, from nvdisasm (pip's
+    nvidia-cuda-nvdisasm: an analysis tool, not a dependency)."""
+    import subprocess
+    import tempfile
+
+    import nvidia
+
+    tool = next((t for p in nvidia.__path__ for t in Path(p).glob("*/bin/nvdisasm")), None)
+    if tool is None:
+        raise RuntimeError("no nvdisasm: pip install nvidia-cuda-nvdisasm")
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "k.cubin"
+        if not compile_launch(launch, arch, f).ok:
+            raise RuntimeError(f"{launch.kernel} does not compile")
+        text = subprocess.run([str(tool), "-c", str(f)], capture_output=True, text=True, check=True).stdout
+    return [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+([^;]+);", text)]
+
+
+def opcodes(lines: list[str]) -> dict[str, int]:
+    """Instructions by opcode (predicates and modifiers dropped), most frequent first."""
+    counts: dict[str, int] = {}
+    for line in lines:
+        op = re.sub(r"^@!?U?P\w+\s+", "", line.strip()).split()[0].split(".")[0]
+        counts[op] = counts.get(op, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="air", help="a bench shape: small, air, glm45")
     ap.add_argument("--recipe", default="uniform4", help="a quantization recipe: uniform4, mixed")
     ap.add_argument("--arch", default="sm_90", help="NVRTC's --gpu-architecture (H100: sm_90)")
+    ap.add_argument("--sass", default="", help="also count the machine instructions of kernels whose name "
+                    "contains this (needs nvidia-cuda-nvdisasm)")
     a = ap.parse_args()
     failed = 0
     for launch in model_launches(a.shape, a.recipe):
@@ -175,6 +211,9 @@ def main() -> int:
             types = ",".join(ty.replace("__nv_bfloat16", "bf16") for _, ty in launch.inputs + launch.outputs)
             print(f"{launch.name:18s} {c.registers:4d} registers, spills {c.spill_stores}/{c.spill_loads} bytes, "
                   f"{c.smem} B shared | {t} | {types}")
+            if a.sass and a.sass in launch.name:
+                ops = opcodes(sass(launch, a.arch))
+                print(f"    {sum(ops.values())} instructions: " + ", ".join(f"{k} {v}" for k, v in ops.items()))
     return 1 if failed else 0
 
 

@@ -52,12 +52,18 @@ def test_a_broken_body_is_caught():
     assert not c.ok and "undefined_name" in c.log
 
 
-def test_the_probes_previous_body_compiles():
-    import qmv_probe  # scripts/qmv_probe.py keeps the matvec body the kernels had before, to compare
+def test_the_probes_variant_bodies_compile():
+    import qmv_probe  # scripts/qmv_probe.py keeps the matvec bodies the kernels had before, to compare
 
     with cuda_compile.recording() as launches:
         for bits in (4, 8):
             w, s, b = mx.quantize(mx.random.normal((64, 256)), 64, bits)
-            qmv_probe.word(mx.zeros((1, 256), mx.bfloat16), w, s.astype(mx.bfloat16), b.astype(mx.bfloat16),
-                           bits, 64, 8, 2)
-    assert len(launches) == 2 and all(cuda_compile.compile_launch(launch).ok for launch in launches)
+            for name in ("word", "exact", "loads"):
+                qmv_probe.variant(name, mx.zeros((1, 256), mx.bfloat16), w, s.astype(mx.bfloat16),
+                                  b.astype(mx.bfloat16), bits, 64, 8, 2)
+    assert len(launches) == 6 and all(cuda_compile.compile_launch(launch).ok for launch in launches)
+
+
+def test_opcodes_counts_instructions_without_predicates_or_modifiers():
+    lines = ["@P0 LDG.E.128 R4, desc[UR6][R2.64]", "FFMA R1, R2, R3, R4", "@!PT BRA 0x10", "FFMA.FTZ R5, R6, R7, R8"]
+    assert cuda_compile.opcodes(lines) == {"FFMA": 2, "LDG": 1, "BRA": 1}
