@@ -42,8 +42,8 @@ def pipelined(step, cache, steps: int) -> float:
     return decode_seconds(step, cache, steps) / steps
 
 
-def trace(work, steps: int) -> dict | None:
-    """The device's side of work() (`steps` steps of it), from a CUPTI trace (None without torch on CUDA)."""
+def cupti(work) -> list | None:
+    """The events of a CUPTI trace of work() through torch.profiler (None without torch on CUDA)."""
     try:
         import torch
         from torch.profiler import ProfilerActivity, profile
@@ -55,7 +55,20 @@ def trace(work, steps: int) -> dict | None:
         work()
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        events = json.load(open(f.name))["traceEvents"]
+        return json.load(open(f.name))["traceEvents"]
+
+
+def device_kernels(work) -> list | None:
+    """The kernels work() ran on the device (CUPTI's events, by start), None where it cannot tell."""
+    events = cupti(work)
+    return None if events is None else sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+
+
+def trace(work, steps: int) -> dict | None:
+    """The device's side of work() (`steps` steps of it), from a CUPTI trace (None without torch on CUDA)."""
+    events = cupti(work)
+    if events is None:
+        return None
     kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
     if not kernels:
         return {"kernels": 0}

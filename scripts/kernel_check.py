@@ -47,11 +47,12 @@ from glm_mlx.kernels import (
     tile_map,
 )
 from glm_mlx.model import MLP
+from decode_trace import device_kernels
 
 RPWS, SPLITS = [kernels.RPW], [None]
 TOL = 1e-4  # float32 sums in another order than the reference's (both dequantize in float32)
 TOL_BF16 = 2**-8  # outputs rounded to bf16 by both: sums in another order may round one step apart
-VERBOSE = SMALL = False
+VERBOSE = SMALL = DEVICE_TIME = False
 TOL_GROUPED = 2**-7  # bf16 out, and SwiGLU of gate and up each rounded to bf16: one step of each apart
 
 
@@ -72,11 +73,18 @@ def expert_sets(E: int, M: int, n: int) -> list[mx.array]:
 def per_call(fn, reps=50, rounds=5):
     """Microseconds per call of fn(i) -> array for i = 0 .. reps - 1 (fn cycles through copies of its
     weights): `reps` independent calls in one evaluation (run one after another on the stream, as a
-    step's kernels are), best of `rounds`."""
+    step's kernels are), best of `rounds`. With DEVICE_TIME, the device's time in the calls' kernels
+    (CUPTI): wall time includes the host's encoding, about as long as a small kernel on CUDA."""
     mx.eval([fn(i) for i in range(reps)])
     best = float("inf")
     for _ in range(rounds):
         outs = [fn(i) for i in range(reps)]
+        if DEVICE_TIME:
+            ks = device_kernels(lambda: mx.eval(outs))
+            if ks is None:
+                raise SystemExit("--device-time needs torch with CUDA beside MLX's")
+            best = min(best, sum(e["dur"] for e in ks) * 1e-6)
+            continue
         t0 = time.perf_counter()
         mx.eval(outs)
         best = min(best, time.perf_counter() - t0)
@@ -305,7 +313,7 @@ def check_attention(rows: list):
 
 
 def main():
-    global RPWS, SPLITS, SMALL, VERBOSE, CACHE_BYTES
+    global RPWS, SPLITS, SMALL, VERBOSE, CACHE_BYTES, DEVICE_TIME
     ap = argparse.ArgumentParser()
     ap.add_argument("--rpw", default=str(kernels.RPW), help="rows per row set to time, e.g. 4,8")
     ap.add_argument("--split", default="auto", help="simdgroups per row set to time, e.g. auto,1,2,4,8")
@@ -316,7 +324,10 @@ def main():
     ap.add_argument("--attention", action="store_true", help="check the attention projections only")
     ap.add_argument("--footprint", type=float, default=CACHE_BYTES / 1e9,
                     help="GB of weight copies a timing cycles through (a model's layers: Air's 46 are ~7 GB)")
+    ap.add_argument("--device-time", action="store_true", help="time the kernels on the device (CUPTI, through "
+                    "torch), not the calls' wall time")
     a = ap.parse_args()
+    DEVICE_TIME = a.device_time
     RPWS = [int(r) for r in a.rpw.split(",")]
     SMALL, VERBOSE, CACHE_BYTES = a.small, a.verbose, a.footprint * 1e9
     SPLITS = [None if s == "auto" else int(s) for s in a.split.split(",")]
