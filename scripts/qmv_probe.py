@@ -1,6 +1,6 @@
-"""Our decode matvec (a lane loads 16 bytes of a row at once) against the one it replaced (a 32-bit word).
+"""Our decode matvec against variants of its body: what bounds it, the memory or the instructions.
 
-    python3 scripts/qmv_probe.py --footprints 0.256,7
+    python3 scripts/qmv_probe.py --footprints 7 --device-time
 
 At full Air size the decode step is bound by the device (BENCHMARKS.md, session 15), and its
 matvecs read at 0.5-1.2 TB/s of 2.77. Until session 16 each lane loaded one 32-bit word (8 codes)
@@ -8,9 +8,17 @@ of each of a row set's rows per step, with its group's scale and bias (`word` be
 compare). kernels._DOT now loads 16 bytes (32 codes) of each row, all rows' loads issued before
 any arithmetic. This times, on dense 4-bit (and 8-bit) weights cycled through `footprint` GB of
 copies (each its own allocation, or with --stacked slices of one):
-- "ours": kernels.gather_qmv, the body every decode matvec is built on (SPLIT by its dispatch);
-- "word rRsS": the previous body, R rows per row set, S simdgroups per set;
+- "ours rRsS": kernels.gather_qmv, the body every decode matvec is built on, R rows per row set,
+  S simdgroups per set (auto: the dispatch's choice);
+- "exact": the same loads, each code converted to float (code_f) and its products summed, as in
+  session 16: four instructions a code where kernels.codes_dot takes three. Measured the same
+  (BENCHMARKS.md, session 17): the instructions are not what bounds the matvecs;
+- "loads": the same loads and x, next to no arithmetic (wrong numbers): the memory's bound for
+  this pattern of reads. Ours near "loads" means the instructions are not what bounds it;
+- "word rRsS": the body before session 16, a 32-bit word of a row at a time;
 - MLX's quantized_matmul.
+With --device-time each is the device's time in its kernels (CUPTI, through torch), not the wall
+time, which on CUDA includes the host's encoding of each launch.
 Operands are shaped before the timing, so that a call is one launch. Each is checked against the
 float32 reference (worst relative error printed).
 """
@@ -23,7 +31,6 @@ import mlx.core as mx
 
 from glm_mlx import kernels
 from glm_mlx.kernels import gather_qmv, gather_qmv_reference
-from kernel_check import per_call
 
 # The previous chunk of 8 values: one 32-bit word of each row at 4 bits (two at 8).
 WORD = """
@@ -56,34 +63,112 @@ WORD_BODY = kernels._ROWS + """
     if (sid < rows) y[n0 + sid] = v;
 """
 
-_word = {}
+# The 16-byte body's loads with session 16's arithmetic ("exact"), or with next to none ("loads").
+CHUNKS = """
+template <int K, int GROUP, int BITS, int R, typename S>
+FN void chunk_loads(const DEV uint* w, const DEV S* scales, const DEV S* biases, ulong row0, uint rows, uint c,
+                    LOC uint4* wa, LOC uint4* wb, LOC float* sc, LOC float* bi) {
+    for (int r = 0; r < R; r++) {
+        if ((uint)r < rows) {
+            ulong row = row0 + r;
+            const DEV uint4* p = (const DEV uint4*)(w + row * (K * BITS / 32)) + c * (BITS / 4);
+            wa[r] = p[0];
+            if (BITS == 8) wb[r] = p[1];
+            ulong g = row * (K / GROUP) + (c * 32) / GROUP;
+            sc[r] = BF16(scales, g);
+            bi[r] = BF16(biases, g);
+        }
+    }
+}
+template <int K, int GROUP, int BITS, int R, typename S>
+FN void chunk_exact(const DEV uint* w, const DEV S* scales, const DEV S* biases, ulong row0, uint rows, uint c,
+                    LOC const float* xv, float xs, LOC float* acc) {
+    uint4 wa[R], wb[R];
+    float sc[R], bi[R];
+    chunk_loads<K, GROUP, BITS, R>(w, scales, biases, row0, rows, c, wa, wb, sc, bi);
+    for (int r = 0; r < R; r++) {
+        if ((uint)r < rows) {
+            uint u[8];
+            u[0] = wa[r].x; u[1] = wa[r].y; u[2] = wa[r].z; u[3] = wa[r].w;
+            if (BITS == 8) { u[4] = wb[r].x; u[5] = wb[r].y; u[6] = wb[r].z; u[7] = wb[r].w; }
+            float dot = 0.0f;
+            for (int k = 0; k < BITS; k++)
+                for (int j = 0; j < 32 / BITS; j++)
+                    dot += code_f((u[k] >> (BITS * j)) & ((1u << BITS) - 1u)) * xv[k * (32 / BITS) + j];
+            acc[r] += sc[r] * dot + bi[r] * xs;
+        }
+    }
+}
+template <int K, int GROUP, int BITS, int R, typename S>
+FN void chunk_none(const DEV uint* w, const DEV S* scales, const DEV S* biases, ulong row0, uint rows, uint c,
+                   LOC const float* xv, float xs, LOC float* acc) {
+    uint4 wa[R], wb[R];
+    float sc[R], bi[R];
+    chunk_loads<K, GROUP, BITS, R>(w, scales, biases, row0, rows, c, wa, wb, sc, bi);
+    for (int r = 0; r < R; r++) {
+        if ((uint)r < rows) {
+            uint h = wa[r].x ^ wa[r].y ^ wa[r].z ^ wa[r].w;
+            if (BITS == 8) h ^= wb[r].x ^ wb[r].y ^ wb[r].z ^ wb[r].w;
+            acc[r] += sc[r] * AS_FLOAT(h & 0x3FFFFFFFu) * xv[r % 32] + bi[r] * xs;
+        }
+    }
+}
+"""
+
+CHUNK_BODY = kernels._ROWS + """
+    uint rows = n0 < N ? min((uint)RPW, N - n0) : 0;
+    for (uint c = sid; c < K / 32; c += threads) {
+        float xv[32];
+        float xs = ld_x<false>(x, 0, c, sh_none, xv);
+        CHUNK<K, GROUP, BITS, RPW>(w, scales, biases, n0, rows, c, xv, xs, acc);
+    }
+    float v = set_sum<RPW, SPLIT>(acc, sh, lane, warp, sid);
+    if (sid < rows) y[n0 + sid] = v;
+"""
+
+_built = {}
 
 
-def word(x, w, scales, biases, bits, group, rpw, split):
-    """x [1, K] bf16 through dense quantized w [N, K*bits/32] -> [1, N] float32, the previous body."""
+def variant(name: str, x, w, scales, biases, bits, group, rpw, split):
+    """x [1, K] bf16 through dense quantized w [N, K*bits/32] -> [1, N] float32, through a variant body:
+    "word" (WORD), "exact" or "loads" (CHUNKS)."""
     kind = kernels.backend()
-    if kind not in _word:
-        _word[kind] = kernels.build(kind, "glm_qmv_word", ["x", "w", "scales", "biases"], ["y"], WORD_BODY, WORD)
+    if (kind, name) not in _built:
+        body = WORD_BODY if name == "word" else CHUNK_BODY.replace("CHUNK", {"exact": "chunk_exact",
+                                                                            "loads": "chunk_none"}[name])
+        _built[kind, name] = kernels.build(kind, f"glm_qmv_{name}", ["x", "w", "scales", "biases"], ["y"], body,
+                                           WORD + CHUNKS)
     N, K, warps = w.shape[0], x.shape[-1], kernels.WARPS
     sets = -(-N // rpw)
-    return _word[kind](inputs=[x, w, scales, biases],
-                       template=[("K", K), ("N", N), ("GROUP", group), ("BITS", bits), ("WARPS", warps),
-                                 ("RPW", rpw), ("SPLIT", split)],
-                       grid=(-(-sets * split // warps) * 32 * warps, 1, 1), threadgroup=(32 * warps, 1, 1),
-                       output_shapes=[(1, N)], output_dtypes=[mx.float32])[0]
+    return _built[kind, name](inputs=[x, w, scales, biases],
+                              template=[("K", K), ("N", N), ("GROUP", group), ("BITS", bits), ("WARPS", warps),
+                                        ("RPW", rpw), ("SPLIT", split)],
+                              grid=(-(-sets * split // warps) * 32 * warps, 1, 1), threadgroup=(32 * warps, 1, 1),
+                              output_shapes=[(1, N)], output_dtypes=[mx.float32])[0]
+
+
+def settings(text: str) -> list[tuple[int, int | None]]:
+    """"8x2,4xauto" -> [(8, 2), (4, None)]: rows per row set x simdgroups per set."""
+    return [(int(r), None if sp == "auto" else int(sp)) for r, sp in (t.split("x") for t in text.split(",") if t)]
 
 
 def main():
+    import kernel_check
+
     ap = argparse.ArgumentParser()
-    ap.add_argument("--footprints", default="0.256,7")
-    ap.add_argument("--settings", default="8x2,8x4,8x8", help="RPWxSPLIT for the previous body")
+    ap.add_argument("--footprints", default="7")
+    ap.add_argument("--ours", default="8xauto,4xauto,8x1,4x1", help="RPWxSPLIT settings for ours")
+    ap.add_argument("--variants", default="exact,loads", help="bodies beside ours, at the dispatch's first setting")
+    ap.add_argument("--word", default="8x2", help="RPWxSPLIT settings for the body before session 16")
     ap.add_argument("--stacked", action="store_true", help="the copies sliced from one array each, not their own")
     ap.add_argument("--shapes", default="0,1,2,3", help="which shapes, by index")
+    ap.add_argument("--device-time", action="store_true", help="the kernels' device time (CUPTI), not wall time")
     a = ap.parse_args()
-    print(mx.default_device())
-    settings = [tuple(int(v) for v in s.split("x")) for s in a.settings.split(",")]
+    kernel_check.DEVICE_TIME = a.device_time
+    print(mx.default_device(), "device time" if a.device_time else "wall time")
     shapes = [("q|k|v 4096 -> 14336, 4-bit", 4096, 14336, 4), ("o_proj 12288 -> 4096, 4-bit", 12288, 4096, 4),
-              ("gate|up one expert x8 4096 -> 22528, 4-bit", 4096, 22528, 4), ("q|k|v, 8-bit", 4096, 14336, 8)]
+              ("gate|up one expert x8 4096 -> 22528, 4-bit", 4096, 22528, 4), ("q|k|v, 8-bit", 4096, 14336, 8),
+              ("down one expert x8 1408 -> 32768, 4-bit", 1408, 32768, 4)]
     for fp in (float(f) for f in a.footprints.split(",") if f):
         for name, K, N, bits in (shapes[int(i)] for i in a.shapes.split(",")):
             nbytes = N * K * bits / 8 * (1 + 4 / 64 / bits * 8)
@@ -106,13 +191,22 @@ def main():
             def err(y):
                 return (mx.abs(y - want).max() / mx.abs(want).max()).item()
 
-            ours = lambda i: gather_qmv(x, *experts[i % n], zero, 64, bits)  # noqa: E731
-            rows["ours"] = (per_call(ours), err(ours(0)))
-            for rpw, split in settings:
-                f = lambda i, r=rpw, s=split: word(x, *copies[i % n], bits, 64, r, s)  # noqa: E731
-                rows[f"word r{rpw}s{split}"] = (per_call(f), err(f(0)))
+            saved = kernels.RPW, kernels.SPLIT
+            for rpw, split in settings(a.ours):
+                kernels.RPW, kernels.SPLIT = rpw, split
+                ours = lambda i: gather_qmv(x, *experts[i % n], zero, 64, bits)  # noqa: E731
+                rows[f"ours r{rpw}s{split or 'auto'}"] = (kernel_check.per_call(ours), err(ours(0)))
+            kernels.RPW, kernels.SPLIT = saved
+            rpw, split = settings(a.ours)[0]
+            split = split or kernels._split(-(-N // rpw), K, 64)
+            for v in (v for v in a.variants.split(",") if v):
+                f = lambda i, v=v: variant(v, x, *copies[i % n], bits, 64, rpw, split)  # noqa: E731
+                rows[f"{v} r{rpw}s{split}"] = (kernel_check.per_call(f), err(f(0)))
+            for rpw, split in settings(a.word):
+                f = lambda i, r=rpw, s=split: variant("word", x, *copies[i % n], bits, 64, r, s)  # noqa: E731
+                rows[f"word r{rpw}s{split}"] = (kernel_check.per_call(f), err(f(0)))
             mlx = lambda i: mx.quantized_matmul(x, *copies[i % n], transpose=True, group_size=64, bits=bits)  # noqa: E731
-            rows["mlx"] = (per_call(mlx), err(mlx(0).astype(mx.float32)))
+            rows["mlx"] = (kernel_check.per_call(mlx), err(mlx(0).astype(mx.float32)))
             cells = ", ".join(f"{k} {us:.1f} us ({nbytes / us / 1e6:.2f} TB/s, err {e:.1e})"
                               for k, (us, e) in rows.items())
             print(f"{fp:g} GB, {name}: {cells}", flush=True)
