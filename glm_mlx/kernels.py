@@ -136,6 +136,42 @@ FN float ld_x(const DEV X* x, ulong xbase, uint c, const TG uint4* xn, LOC float
     }
     return s;
 }
+// A chunk's 32 codes (4 words at 4 bits, 8 at 8) dotted with its 32 values xv (summing to xs), with
+// no conversion: each code's bits shifted to the top of the mantissa of 1.0 (one shift, one and-or)
+// make 1 + q / 16 (1 + q / 256 at 8 bits), so sum_j q_j x_j = 16 (sum_j (1 + q_j / 16) x_j - xs).
+// Three instructions a code where code_f and its product take four (scripts/cuda_compile.py --sass).
+// Measured on the H100 no faster and no slower (scripts/qmv_probe.py, BENCHMARKS.md session 17: the
+// bound is the reads' latency, not the instructions); kept as the body the session's runs measured.
+// The offset costs the float32 sums 4 (8) of their 24 bits; bf16's output keeps 8.
+FN float m1(uint v, uint mask) { return AS_FLOAT((v & mask) | 0x3F800000u); }
+template <int BITS>
+FN float codes_dot(LOC const uint* u, LOC const float* xv, float xs) {
+    float a = 0.0f;
+    if (BITS == 4) {  // code j of a word (bits 4j..) at bits 19..22
+        for (int k = 0; k < 4; k++) {
+            uint w = u[k];
+            LOC const float* x = xv + 8 * k;
+            a += m1(w << 19, 0x780000u) * x[0];
+            a += m1(w << 15, 0x780000u) * x[1];
+            a += m1(w << 11, 0x780000u) * x[2];
+            a += m1(w << 7, 0x780000u) * x[3];
+            a += m1(w << 3, 0x780000u) * x[4];
+            a += m1(w >> 1, 0x780000u) * x[5];
+            a += m1(w >> 5, 0x780000u) * x[6];
+            a += m1(w >> 9, 0x780000u) * x[7];
+        }
+        return 16.0f * (a - xs);
+    }
+    for (int k = 0; k < 8; k++) {  // 8 bits: code j (bits 8j..) at bits 15..22
+        uint w = u[k];
+        LOC const float* x = xv + 4 * k;
+        a += m1(w << 15, 0x7F8000u) * x[0];
+        a += m1(w << 7, 0x7F8000u) * x[1];
+        a += m1(w >> 1, 0x7F8000u) * x[2];
+        a += m1(w >> 9, 0x7F8000u) * x[3];
+    }
+    return 256.0f * (a - xs);
+}
 // One lane's share of R quantized rows' dot products with x, for one chunk c of 32 values xv
 // (summing to xs; in one group, GROUP a multiple of 32), weighted by wt. Rows row0, row0 + 1, ...,
 // the second half of them `gap` further on (a RoPE pair's second row: 0 elsewhere). Each row's
@@ -161,14 +197,10 @@ FN void dot_chunk(const DEV uint* w, const DEV S* scales, const DEV S* biases, u
     }
     for (int r = 0; r < R; r++) {
         if ((uint)r < rows) {
-            uint u[8];  // BITS words: 32 / BITS codes each
+            uint u[8];
             u[0] = wa[r].x; u[1] = wa[r].y; u[2] = wa[r].z; u[3] = wa[r].w;
             if (BITS == 8) { u[4] = wb[r].x; u[5] = wb[r].y; u[6] = wb[r].z; u[7] = wb[r].w; }
-            float dot = 0.0f;
-            for (int k = 0; k < BITS; k++)
-                for (int j = 0; j < 32 / BITS; j++)
-                    dot += code_f((u[k] >> (BITS * j)) & ((1u << BITS) - 1u)) * xv[k * (32 / BITS) + j];
-            acc[r] += wt * (sc[r] * dot + bi[r] * xs);
+            acc[r] += wt * (sc[r] * codes_dot<BITS>(u, xv, xs) + bi[r] * xs);
         }
     }
 }
