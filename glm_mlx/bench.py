@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import inspect
 import os
+import statistics
 import time
 import zlib
 from collections.abc import Callable
@@ -213,9 +214,10 @@ def kv_bytes_per_position(cache: list) -> float:
     return sum(c.keys.nbytes / c.keys.shape[2] + c.values.nbytes / c.values.shape[2] for c in cache)
 
 
-def mean_context(context: int, steps: int) -> float:
-    """Positions attention reads per step, averaged over `steps` steps after `context`."""
-    return context + (steps + 1) / 2
+def mean_context(context: int, steps: int, rounds: int = 1) -> float:
+    """Positions attention reads per step, averaged over `rounds` rounds of `steps` steps that follow
+    a warm-up round of `steps` after `context`, all on one cache."""
+    return context + steps + steps * (rounds - 1) / 2 + (steps + 1) / 2
 
 
 def fill_cache(cache: list, args: ModelArgs, context: int, room: int, dtype: mx.Dtype, seed: int) -> list:
@@ -302,7 +304,7 @@ def make_runtime(name: str, cfg: dict, weights, recipe: str) -> Runtime:
 
 
 def measure(name: str, cfg: dict, recipe: str, prompts: list[int], contexts: list[int], steps: int,
-            seed: int, dtype: mx.Dtype, log: Callable[[str], None]) -> tuple[dict, mx.array]:
+            seed: int, dtype: mx.Dtype, log: Callable[[str], None], rounds: int = 5) -> tuple[dict, mx.array]:
     """Build one runtime, measure it, and let it go: (its numbers, its logits on the check prompt)."""
     args = ModelArgs.from_dict(cfg)
     t0 = time.perf_counter()
@@ -327,24 +329,29 @@ def measure(name: str, cfg: dict, recipe: str, prompts: list[int], contexts: lis
         rec["prefill_tps"][str(T)] = T / dt
         log(f"{name}: prefill {T}: {T / dt:.1f} tok/s")
 
+    rec["decode_rounds"] = {}
     for ctx in contexts:
-        for timed in (False, True):
-            gc.collect()
-            mx.clear_cache()  # what prefill left in MLX's buffer cache (MLX's CUDA memory is managed:
-            # with the 60 GB model on an 80 GB card, that cache pushes pages out to the host)
-            cache = fill_cache(rt.make_cache(), args, ctx, steps, dtype, seed)
-            dt = decode_seconds(rt.step, cache, steps)
-            del cache
-        rec["decode_tps"][str(ctx)] = steps / dt
-        rec["decode_bytes_per_step"][str(ctx)] = rec["weight_bytes_per_step"] + kv * mean_context(ctx, steps)
-        log(f"{name}: decode at {ctx}: {steps / dt:.1f} tok/s")
+        gc.collect()
+        mx.clear_cache()  # what prefill left in MLX's buffer cache (MLX's CUDA memory is managed:
+        # with the 60 GB model on an 80 GB card, that cache pushes pages out to the host)
+        cache = fill_cache(rt.make_cache(), args, ctx, steps * (rounds + 1), dtype, seed)
+        decode_seconds(rt.step, cache, steps)  # warm-up: new shapes JIT-compile on the GPU
+        tps = [steps / decode_seconds(rt.step, cache, steps) for _ in range(rounds)]
+        del cache
+        # One round of 32 steps on the H100 varied 85-144 tok/s from round to round (BENCHMARKS.md,
+        # session 17): the median of several, with all of them kept.
+        rec["decode_tps"][str(ctx)] = statistics.median(tps)
+        rec["decode_rounds"][str(ctx)] = tps
+        rec["decode_bytes_per_step"][str(ctx)] = rec["weight_bytes_per_step"] + kv * mean_context(ctx, steps, rounds)
+        log(f"{name}: decode at {ctx}: {statistics.median(tps):.1f} tok/s (median of "
+            + " / ".join(f"{v:.1f}" for v in tps) + ")")
     rec["peak_bytes"] = mx.get_peak_memory()
     return rec, logits
 
 
 def run_bench(shape: str | None = None, layers: int | None = None, recipe: str = "uniform4",
               prompts: list[int] = (512, 4096), contexts: list[int] = (0, 4096, 32768), steps: int = 32,
-              runtime: str = "both", seed: int = 0, dtype: str | None = None,
+              rounds: int = 5, runtime: str = "both", seed: int = 0, dtype: str | None = None,
               log: Callable[[str], None] = lambda s: None) -> dict:
     """Every number of one bench run, as a JSON-ready dict (see the module's docstring)."""
     on_cpu = mx.default_device() == mx.cpu
@@ -358,8 +365,8 @@ def run_bench(shape: str | None = None, layers: int | None = None, recipe: str =
         raise ValueError(f"unknown runtime {runtime!r} (choose from both, {', '.join(RUNTIMES)})")
     if not prompts and not contexts:
         raise ValueError("nothing to measure: give --prompts or --contexts")
-    if min([*prompts, *contexts, steps - 1]) < 0 or 0 in prompts:
-        raise ValueError("prompt lengths and --steps must be positive, contexts not negative")
+    if min([*prompts, *contexts, steps - 1, rounds - 1]) < 0 or 0 in prompts:
+        raise ValueError("prompt lengths, --steps and --rounds must be positive, contexts not negative")
     # CPU quantized matmuls accumulate in the input dtype: bf16 there would make the check noise.
     dtype = dtype or ("float32" if on_cpu else "bfloat16")
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -375,7 +382,7 @@ def run_bench(shape: str | None = None, layers: int | None = None, recipe: str =
     info = mx.device_info()
     out = {"device": f"{mx.default_device()} ({info.get('device_name', '?')})", "shape": shape,
            "layers": args.num_hidden_layers, "recipe": recipe, "dtype": dtype, "seed": seed, "steps": steps,
-           "prompts": list(prompts), "contexts": list(contexts), "config": cfg,
+           "rounds": rounds, "prompts": list(prompts), "contexts": list(contexts), "config": cfg,
            "env": {k: v for k, v in os.environ.items() if k.startswith("MLX_")}}
     copy_bytes = 2**26 if on_cpu else 2**31
     out["ceiling_gbps"] = copy_bandwidth(copy_bytes) / 1e9
@@ -386,7 +393,7 @@ def run_bench(shape: str | None = None, layers: int | None = None, recipe: str =
     out["runtimes"], logits = {}, {}
     for name in names:  # one at a time: each peak is its own
         rec, logits[name] = measure(name, cfg, recipe, list(prompts), list(contexts), steps, seed,
-                                    getattr(mx, dtype), log)
+                                    getattr(mx, dtype), log, rounds)
         gc.collect()
         mx.clear_cache()
         per_step = rec["decode_bytes_per_step"]
@@ -439,8 +446,9 @@ def render(r: dict) -> str:
     lines.append("")
     for name, x in r["runtimes"].items():
         lines.append(f"prefill ({name}): {x['prefill_note']}, fresh cache, one run after a warm-up")
-    lines.append(f"decode: {r['steps']} greedy steps, pipelined (the next queued before this one is read), after a "
-                 "warm-up run; the KV cache filled with random keys and values to the context")
+    lines.append(f"decode: the median of {r['rounds']} rounds of {r['steps']} greedy steps, pipelined (the next "
+                 "queued before this one is read), on one KV cache after a warm-up round; the cache filled with "
+                 "random keys and values to the context")
     if lg := r.get("logits"):
         lines.append(f"logits, ours vs mlx-lm on the same weights ({lg['positions']} positions, {lg['compute_dtype']}):"
                      f" relative difference {lg['rel_diff']:.2e}, argmax agreement {lg['argmax_agreement']:.3f}")

@@ -283,7 +283,8 @@ def bench(
     prompts: str = typer.Option("512,4096", "--prompts", help="prefill lengths, comma-separated"),
     contexts: str = typer.Option("0,4096,32768", "--contexts", help="decode contexts, comma-separated (the KV "
                                  "cache is filled with random keys and values)"),
-    steps: int = typer.Option(32, "--steps", help="decode steps timed at each context"),
+    steps: int = typer.Option(32, "--steps", help="decode steps a round"),
+    rounds: int = typer.Option(5, "--rounds", help="timed decode rounds at each context (the median is reported)"),
     runtime: str = typer.Option("both", "--runtime", help="both, ours or mlx-lm"),
     seed: int = typer.Option(0, "--seed", help="seed of the random weights"),
     dtype: Optional[str] = typer.Option(None, help="compute dtype (default: float32 on the CPU, else bfloat16)"),
@@ -294,7 +295,7 @@ def bench(
 
     try:
         result = run_bench(shape, layers, recipe, int_list("--prompts", prompts), int_list("--contexts", contexts),
-                           steps, runtime, seed, dtype, log=lambda s: typer.echo(s, err=True))
+                           steps, rounds, runtime, seed, dtype, log=lambda s: typer.echo(s, err=True))
     except USER_ERRORS as e:
         fail(str(e))
     typer.echo(json.dumps(result) if as_json else render(result))

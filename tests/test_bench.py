@@ -25,7 +25,7 @@ from glm_mlx.cli import app
 from glm_mlx.config import ModelArgs
 
 SMALL_RUN = ["bench", "--shape", "small", "--json", "--layers", "2", "--prompts", "16", "--contexts", "0,64",
-             "--steps", "2"]
+             "--steps", "2", "--rounds", "3"]
 
 
 def bench_json(*extra):
@@ -42,6 +42,7 @@ def test_bench_json_has_both_runtimes_and_their_logits_agree():
         assert x["prefill_tps"]["16"] > 0 and x["peak_bytes"] > 0
         for c in ("0", "64"):
             assert x["decode_tps"][c] > 0 and x["decode_gbps"][c] > 0 and x["ceiling_tps"][c] > 0
+            assert len(x["decode_rounds"][c]) == 3 and x["decode_tps"][c] == sorted(x["decode_rounds"][c])[1]
         # 64 context positions cost their KV bytes on top of the weights
         assert x["decode_bytes_per_step"]["64"] - x["decode_bytes_per_step"]["0"] == 64 * x["kv_bytes_per_position"]
     # uniform4 stores every tensor alike in both, router included: the same bytes per step
