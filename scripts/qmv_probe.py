@@ -15,6 +15,9 @@ copies (each its own allocation, or with --stacked slices of one):
   (BENCHMARKS.md, session 17): the instructions are not what bounds the matvecs;
 - "loads": the same loads and x, next to no arithmetic (wrong numbers): the memory's bound for
   this pattern of reads. Ours near "loads" means the instructions are not what bounds it;
+- "pipe": ours with each lane's next chunk's loads issued before this chunk's arithmetic. Faster
+  alone (o_proj 29.5 -> 20.2 us at 4 rows a set), slower in the model when put in the kernels
+  (BENCHMARKS.md, session 17);
 - "word rRsS": the body before session 16, a 32-bit word of a row at a time;
 - MLX's quantized_matmul.
 With --device-time each is the device's time in its kernels (CUPTI, through torch), not the wall
@@ -115,6 +118,47 @@ FN void chunk_none(const DEV uint* w, const DEV S* scales, const DEV S* biases, 
 }
 """
 
+# A lane's next chunk's loads issued before this chunk's arithmetic ("pipe"): the reads of one
+# overlap the sums of the other, for two chunks' worth of registers.
+PIPE = """
+template <int K, int GROUP, int BITS, int R, typename S>
+FN void rows_pipe(const DEV uint* w, const DEV S* scales, const DEV S* biases, ulong row0, uint rows,
+                  const DEV BF16_T* x, const TG uint4* xn, uint sid, uint threads, LOC float* acc) {
+    uint4 wa[R], wb[R];
+    float sc[R], bi[R];
+    if (sid < K / 32) chunk_loads<K, GROUP, BITS, R>(w, scales, biases, row0, rows, sid, wa, wb, sc, bi);
+    for (uint c = sid; c < K / 32; c += threads) {
+        uint4 na[R], nb[R];
+        float nsc[R], nbi[R];
+        if (c + threads < K / 32) chunk_loads<K, GROUP, BITS, R>(w, scales, biases, row0, rows, c + threads, na, nb,
+                                                                 nsc, nbi);
+        float xv[32];
+        float xs = ld_x<false>(x, 0, c, xn, xv);
+        for (int r = 0; r < R; r++) {
+            if ((uint)r < rows) {
+                uint u[8];
+                u[0] = wa[r].x; u[1] = wa[r].y; u[2] = wa[r].z; u[3] = wa[r].w;
+                if (BITS == 8) { u[4] = wb[r].x; u[5] = wb[r].y; u[6] = wb[r].z; u[7] = wb[r].w; }
+                acc[r] += sc[r] * codes_dot<BITS>(u, xv, xs) + bi[r] * xs;
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            wa[r] = na[r];
+            wb[r] = nb[r];
+            sc[r] = nsc[r];
+            bi[r] = nbi[r];
+        }
+    }
+}
+"""
+
+PIPE_BODY = kernels._ROWS + """
+    uint rows = n0 < N ? min((uint)RPW, N - n0) : 0;
+    rows_pipe<K, GROUP, BITS, RPW>(w, scales, biases, n0, rows, x, sh_none, sid, threads, acc);
+    float v = set_sum<RPW, SPLIT>(acc, sh, lane, warp, sid);
+    if (sid < rows) y[n0 + sid] = v;
+"""
+
 CHUNK_BODY = kernels._ROWS + """
     uint rows = n0 < N ? min((uint)RPW, N - n0) : 0;
     for (uint c = sid; c < K / 32; c += threads) {
@@ -131,13 +175,13 @@ _built = {}
 
 def variant(name: str, x, w, scales, biases, bits, group, rpw, split):
     """x [1, K] bf16 through dense quantized w [N, K*bits/32] -> [1, N] float32, through a variant body:
-    "word" (WORD), "exact" or "loads" (CHUNKS)."""
+    "word" (WORD), "exact" or "loads" (CHUNKS), "pipe" (PIPE)."""
     kind = kernels.backend()
     if (kind, name) not in _built:
-        body = WORD_BODY if name == "word" else CHUNK_BODY.replace("CHUNK", {"exact": "chunk_exact",
-                                                                            "loads": "chunk_none"}[name])
+        body = {"word": WORD_BODY, "pipe": PIPE_BODY}.get(name) or CHUNK_BODY.replace(
+            "CHUNK", {"exact": "chunk_exact", "loads": "chunk_none"}[name])
         _built[kind, name] = kernels.build(kind, f"glm_qmv_{name}", ["x", "w", "scales", "biases"], ["y"], body,
-                                           WORD + CHUNKS)
+                                           WORD + CHUNKS + PIPE)
     N, K, warps = w.shape[0], x.shape[-1], kernels.WARPS
     sets = -(-N // rpw)
     return _built[kind, name](inputs=[x, w, scales, biases],
@@ -158,7 +202,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--footprints", default="7")
     ap.add_argument("--ours", default="8xauto,4xauto,8x1,4x1", help="RPWxSPLIT settings for ours")
-    ap.add_argument("--variants", default="exact,loads", help="bodies beside ours, at the dispatch's first setting")
+    ap.add_argument("--variants", default="exact,loads,pipe:4xauto", help="bodies beside ours, each at its own setting "
+                    "(pipe:4xauto) or ours' first")
     ap.add_argument("--word", default="8x2", help="RPWxSPLIT settings for the body before session 16")
     ap.add_argument("--stacked", action="store_true", help="the copies sliced from one array each, not their own")
     ap.add_argument("--shapes", default="0,1,2,3", help="which shapes, by index")
@@ -197,10 +242,11 @@ def main():
                 ours = lambda i: gather_qmv(x, *experts[i % n], zero, 64, bits)  # noqa: E731
                 rows[f"ours r{rpw}s{split or 'auto'}"] = (kernel_check.per_call(ours), err(ours(0)))
             kernels.RPW, kernels.SPLIT = saved
-            rpw, split = settings(a.ours)[0]
-            split = split or kernels._split(-(-N // rpw), K, 64)
-            for v in (v for v in a.variants.split(",") if v):
-                f = lambda i, v=v: variant(v, x, *copies[i % n], bits, 64, rpw, split)  # noqa: E731
+            for v in (v for v in a.variants.split(",") if v):  # "name" or "name:RPWxSPLIT"
+                v, _, setting = v.partition(":")
+                rpw, split = settings(setting or a.ours)[0]
+                split = split or kernels._split(-(-N // rpw), K, 64)
+                f = lambda i, v=v, r=rpw, s=split: variant(v, x, *copies[i % n], bits, 64, r, s)  # noqa: E731
                 rows[f"{v} r{rpw}s{split}"] = (kernel_check.per_call(f), err(f(0)))
             for rpw, split in settings(a.word):
                 f = lambda i, r=rpw, s=split: variant("word", x, *copies[i % n], bits, 64, r, s)  # noqa: E731

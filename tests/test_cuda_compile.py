@@ -58,10 +58,10 @@ def test_the_probes_variant_bodies_compile():
     with cuda_compile.recording() as launches:
         for bits in (4, 8):
             w, s, b = mx.quantize(mx.random.normal((64, 256)), 64, bits)
-            for name in ("word", "exact", "loads"):
+            for name in ("word", "exact", "loads", "pipe"):
                 qmv_probe.variant(name, mx.zeros((1, 256), mx.bfloat16), w, s.astype(mx.bfloat16),
                                   b.astype(mx.bfloat16), bits, 64, 8, 2)
-    assert len(launches) == 6 and all(cuda_compile.compile_launch(launch).ok for launch in launches)
+    assert len(launches) == 8 and all(cuda_compile.compile_launch(launch).ok for launch in launches)
 
 
 def test_opcodes_counts_instructions_without_predicates_or_modifiers():
