@@ -18,6 +18,7 @@ from glm_mlx.bench import (
     build_ours,
     fill_cache,
     kv_bytes_per_position,
+    mean_context,
     random_weights,
     weight_bytes_per_token,
 )
@@ -183,3 +184,10 @@ def test_footprint_probe_packs_small_arrays_without_changing_the_logits(capsys, 
     probe.main()
     out = capsys.readouterr().out
     assert "packed" in out and out.strip().endswith("last logits equal: True")
+
+
+def test_mean_context_counts_the_warm_up_round_and_every_timed_round():
+    for ctx, steps, rounds in ((0, 32, 5), (4096, 8, 1), (7, 3, 4)):
+        # step k of the run (warm-up first) reads the context, the k tokens before it and its own
+        timed = [ctx + k + 1 for k in range(steps, steps * (rounds + 1))]
+        assert mean_context(ctx, steps, rounds) == sum(timed) / len(timed)
