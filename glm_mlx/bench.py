@@ -9,7 +9,8 @@ mlx-lm's glm4_moe and once for ours, one model at a time (a 4-bit Air is
 - decode tokens/s at each context, the KV cache filled with random keys and
   values instead of a prefill (a 32K context costs nothing to set up), greedy
   tokens pipelined as both runtimes' own generate loops do (the next step
-  queued before this one's token is read);
+  queued before this one's token is read); the median of several rounds on one
+  cache after a warm-up round, since one round can be a third slower than the next;
 - peak memory, and decode's GB/s: the bytes one decode step must read (the
   non-expert weights, k of E routed experts per MoE layer, one embedding row,
   the KV cache at that context; from the arrays' nbytes) over its time, set
