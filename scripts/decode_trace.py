@@ -58,10 +58,15 @@ def cupti(work) -> list | None:
         return json.load(open(f.name))["traceEvents"]
 
 
+def kernel_events(events: list) -> list:
+    """The kernels among a CUPTI trace's events, by start."""
+    return sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+
+
 def device_kernels(work) -> list | None:
     """The kernels work() ran on the device (CUPTI's events, by start), None where it cannot tell."""
     events = cupti(work)
-    return None if events is None else sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    return None if events is None else kernel_events(events)
 
 
 def trace(work, steps: int) -> dict | None:
@@ -69,7 +74,7 @@ def trace(work, steps: int) -> dict | None:
     events = cupti(work)
     if events is None:
         return None
-    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    kernels = kernel_events(events)
     if not kernels:
         return {"kernels": 0}
     busy, end = 0.0, -1.0

@@ -83,8 +83,9 @@ FN void chunk_loads(const DEV uint* w, const DEV S* scales, const DEV S* biases,
         }
     }
 }
-template <int K, int GROUP, int BITS, int R, typename S>
-FN void chunk_exact(const DEV uint* w, const DEV S* scales, const DEV S* biases, ulong row0, uint rows, uint c,
+// The chunk's loads, then per row session 16's arithmetic (NONE false) or next to none (NONE true).
+template <int K, int GROUP, int BITS, int R, bool NONE, typename S>
+FN void chunk_probe(const DEV uint* w, const DEV S* scales, const DEV S* biases, ulong row0, uint rows, uint c,
                     LOC const float* xv, float xs, LOC float* acc) {
     uint4 wa[R], wb[R];
     float sc[R], bi[R];
@@ -94,25 +95,17 @@ FN void chunk_exact(const DEV uint* w, const DEV S* scales, const DEV S* biases,
             uint u[8];
             u[0] = wa[r].x; u[1] = wa[r].y; u[2] = wa[r].z; u[3] = wa[r].w;
             if (BITS == 8) { u[4] = wb[r].x; u[5] = wb[r].y; u[6] = wb[r].z; u[7] = wb[r].w; }
+            if (NONE) {
+                uint h = u[0] ^ u[1] ^ u[2] ^ u[3];
+                if (BITS == 8) h ^= u[4] ^ u[5] ^ u[6] ^ u[7];
+                acc[r] += sc[r] * AS_FLOAT(h & 0x3FFFFFFFu) * xv[r % 32] + bi[r] * xs;
+                continue;
+            }
             float dot = 0.0f;
             for (int k = 0; k < BITS; k++)
                 for (int j = 0; j < 32 / BITS; j++)
                     dot += code_f((u[k] >> (BITS * j)) & ((1u << BITS) - 1u)) * xv[k * (32 / BITS) + j];
             acc[r] += sc[r] * dot + bi[r] * xs;
-        }
-    }
-}
-template <int K, int GROUP, int BITS, int R, typename S>
-FN void chunk_none(const DEV uint* w, const DEV S* scales, const DEV S* biases, ulong row0, uint rows, uint c,
-                   LOC const float* xv, float xs, LOC float* acc) {
-    uint4 wa[R], wb[R];
-    float sc[R], bi[R];
-    chunk_loads<K, GROUP, BITS, R>(w, scales, biases, row0, rows, c, wa, wb, sc, bi);
-    for (int r = 0; r < R; r++) {
-        if ((uint)r < rows) {
-            uint h = wa[r].x ^ wa[r].y ^ wa[r].z ^ wa[r].w;
-            if (BITS == 8) h ^= wb[r].x ^ wb[r].y ^ wb[r].z ^ wb[r].w;
-            acc[r] += sc[r] * AS_FLOAT(h & 0x3FFFFFFFu) * xv[r % 32] + bi[r] * xs;
         }
     }
 }
@@ -164,7 +157,7 @@ CHUNK_BODY = kernels._ROWS + """
     for (uint c = sid; c < K / 32; c += threads) {
         float xv[32];
         float xs = ld_x<false>(x, 0, c, sh_none, xv);
-        CHUNK<K, GROUP, BITS, RPW>(w, scales, biases, n0, rows, c, xv, xs, acc);
+        chunk_probe<K, GROUP, BITS, RPW, NONE>(w, scales, biases, n0, rows, c, xv, xs, acc);
     }
     float v = set_sum<RPW, SPLIT>(acc, sh, lane, warp, sid);
     if (sid < rows) y[n0 + sid] = v;
@@ -179,7 +172,7 @@ def variant(name: str, x, w, scales, biases, bits, group, rpw, split):
     kind = kernels.backend()
     if (kind, name) not in _built:
         body = {"word": WORD_BODY, "pipe": PIPE_BODY}.get(name) or CHUNK_BODY.replace(
-            "CHUNK", {"exact": "chunk_exact", "loads": "chunk_none"}[name])
+            "NONE", {"exact": "false", "loads": "true"}[name])
         _built[kind, name] = kernels.build(kind, f"glm_qmv_{name}", ["x", "w", "scales", "biases"], ["y"], body,
                                            WORD + CHUNKS + PIPE)
     N, K, warps = w.shape[0], x.shape[-1], kernels.WARPS
