@@ -14,12 +14,13 @@ import mlx.core as mx
 KV_BITS = (8, 4)
 
 
-def _room(old: mx.array | None, new: mx.array, prev: int, n: int) -> mx.array:
-    """A buffer of n positions shaped and typed like new [B, H, T, D], old's first prev positions kept."""
-    B, H, _, D = new.shape
+def _room(old: mx.array | None, shape: tuple, dtype: mx.Dtype, prev: int, n: int) -> mx.array:
+    """A buffer of n positions shaped [B, H, n, D] (shape: [B, H, T, D]) in dtype, old's first prev
+    positions kept: row-contiguous, as a launch that writes into it needs (kernels.qkv_decode_cached)."""
+    B, H, _, D = shape
     if old is None:
-        return mx.zeros((B, H, n, D), new.dtype)
-    return mx.concatenate([old[..., :prev, :], mx.zeros((B, H, n - prev, D), new.dtype)], axis=2)
+        return mx.zeros((B, H, n, D), dtype)
+    return mx.concatenate([old[..., :prev, :], mx.zeros((B, H, n - prev, D), dtype)], axis=2)
 
 
 class KVCache:
@@ -32,12 +33,25 @@ class KVCache:
     def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         """Append k, v [B, H, T, D]; return everything cached so far."""
         prev, T = self.offset, k.shape[2]
-        if self.keys is None or prev + T > self.keys.shape[2]:
-            n = -(-(prev + T) // self.step) * self.step
-            self.keys, self.values = _room(self.keys, k, prev, n), _room(self.values, v, prev, n)
+        self.room(k.shape, k.dtype)
         self.offset += T
         self.keys[..., prev : self.offset, :] = k
         self.values[..., prev : self.offset, :] = v
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def room(self, shape: tuple, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+        """The key and value buffers, grown to hold T more positions (shape: [B, H, T, D])."""
+        prev, T = self.offset, shape[2]
+        if self.keys is None or prev + T > self.keys.shape[2]:
+            n = -(-(prev + T) // self.step) * self.step
+            self.keys, self.values = _room(self.keys, shape, dtype, prev, n), _room(self.values, shape, dtype, prev, n)
+        return self.keys, self.values
+
+    def advance(self, keys: mx.array, values: mx.array, T: int) -> tuple[mx.array, mx.array]:
+        """Take back the buffers (from room) with T positions written at the offset; return everything
+        cached so far."""
+        self.keys, self.values = keys, values
+        self.offset += T
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
     def trim(self, n: int) -> None:
@@ -81,8 +95,8 @@ class QuantizedKVCache:
         if self.keys is None or prev + T > self.keys[0].shape[2]:
             n = -(-(prev + T) // self.step) * self.step
             old_k, old_v = self.keys or (None,) * 3, self.values or (None,) * 3
-            self.keys = tuple(_room(o, x, prev, n) for o, x in zip(old_k, qk))
-            self.values = tuple(_room(o, x, prev, n) for o, x in zip(old_v, qv))
+            self.keys = tuple(_room(o, x.shape, x.dtype, prev, n) for o, x in zip(old_k, qk))
+            self.values = tuple(_room(o, x.shape, x.dtype, prev, n) for o, x in zip(old_v, qv))
         self.offset += T
         for buf, x in zip(self.keys + self.values, qk + qv):
             buf[..., prev : self.offset, :] = x

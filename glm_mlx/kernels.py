@@ -303,6 +303,8 @@ _QMV_BODY = _ROWS + """
 """
 
 # q|k|v = Wq x' + bq | Wk x' + bk | Wv x' + bv, x' = x normalised (RMSNorm, weights nw) when NORM:
+# (with CACHE, k and v also written into the KV cache buffers kc, vc at position pos[0]: inputs the
+# launch writes, which MLX does not know; qkv_decode_cached says why that is safe)
 # rows [0, NQ) of q, then NK of k, NK of v (NQ and NK multiples of RPW: a threadgroup's rows lie
 # in one projection). With ROPE > 0, q and k leave RoPE'd at position pos[0] (rotate-half over
 # the first ROPE of each head's HD rows, base 2^lbase[0]): row d pairs with d + ROPE / 2, so a
@@ -335,6 +337,10 @@ _QKV_BODY = _ROWS + _NORM_X + """
         if (part == 0) put(yq, m, v);
         else if (part == 1) put(yk, m, v);
         else put(yv, m, v);
+        if (CACHE && part > 0) {  // k and v also into the KV cache [1, NK / HD, kc_shape[2], HD] at pos[0]
+            ulong at = ((ulong)(m / HD) * kc_shape[2] + (ulong)pos[0]) * HD + m % HD;
+            put((DEV BF16_T*)(part == 1 ? kc : vc), at, v);
+        }
     }
 """
 
@@ -704,7 +710,7 @@ def backend() -> str:
 KERNELS = {  # name: (inputs, outputs, body)
     "glm_gather_qmv": (["x", "w", "scales", "biases", "inds"], ["y"], _QMV_BODY),
     "glm_qkv": (["x", "qw", "qs", "qb", "qbias", "kw", "ks", "kb", "kbias", "vw", "vs", "vb", "vbias", "nw", "eps",
-                 "pos", "lbase"], ["yq", "yk", "yv"], _QKV_BODY),
+                 "pos", "lbase", "kc", "vc"], ["yq", "yk", "yv"], _QKV_BODY),
     "glm_expert_up": (["x", "gw", "gs", "gb", "uw", "us", "ub", "inds", "sgw", "sgs", "sgb", "suw", "sus", "sub", "nw",
                        "eps"], ["y"], _UP_BODY),
     "glm_router_logits": (["x", "w", "nw", "eps"], ["y"], _LOGITS_BODY),
@@ -980,28 +986,61 @@ def linear_decode(x: mx.array, layer, residual: mx.array | None = None) -> mx.ar
                 SHARED=1, RES=int(residual is not None))[0]
 
 
-def qkv_decode(x: mx.array, q, k, v, shapes: tuple, norm=None,
-               rope: tuple | None = None) -> tuple[mx.array, mx.array, mx.array]:
-    """qkv_decode_reference's numbers in one launch on a GPU, the norm and RoPE included."""
-    kind, K = _gpu(x), x.size
+def _qkv_fits(x: mx.array, q, k, v, shapes: tuple, norm, rope: tuple | None) -> bool:
+    """Whether the q|k|v kernel takes these operands (else qkv_decode computes its reference)."""
+    K = x.size
     NQ, NK, HD = q["weight"].shape[0], k["weight"].shape[0], shapes[0][-1]
     bias = ["bias" in p for p in (q, k, v)]
-    nw = _norm_inputs(norm, K)
-    ok = (kind is not None and nw is not None and all(_fits(p, K) for p in (q, k, v)) and v["weight"].shape[0] == NK
-          and NQ % RPW == 0 and NK % RPW == 0 and len(set(bias)) == 1
+    ok = (_gpu(x) is not None and _norm_inputs(norm, K) is not None and all(_fits(p, K) for p in (q, k, v))
+          and v["weight"].shape[0] == NK and NQ % RPW == 0 and NK % RPW == 0 and len(set(bias)) == 1
           and len({(p.bits, p.group_size) for p in (q, k, v)}) == 1)
     if rope is not None:  # a row set takes RPW / 2 rows of each half of a head's rotated part
         ok = ok and rope[0] % RPW == 0 and rope[0] <= HD and HD % RPW == 0 and NQ % HD == 0 and NK % HD == 0
-    if not ok:
-        return qkv_decode_reference(x, q, k, v, shapes, norm, rope)
-    b = [p["bias"] if bias[0] else _dummy(mx.float32) for p in (q, k, v)]
+    return ok
+
+
+def _qkv_launch(x: mx.array, q, k, v, shapes: tuple, norm, rope: tuple | None, cache: tuple | None = None):
+    """The q|k|v launch (operands that _qkv_fits); with cache = (kc, vc), k and v written into them too."""
+    kind, K = _gpu(x), x.size
+    NQ, NK, HD = q["weight"].shape[0], k["weight"].shape[0], shapes[0][-1]
+    bias = "bias" in q
+    b = [p["bias"] if bias else _dummy(mx.float32) for p in (q, k, v)]
     dims, base, offset = rope if rope is not None else (0, 1.0, None)
     pos = (_dummy(mx.int32) if offset is None else offset.astype(mx.int32) if isinstance(offset, mx.array)
            else mx.array([offset], mx.int32))
-    return tuple(_run(kind, "glm_qkv", [x, *_q(q), b[0], *_q(k), b[1], *_q(v), b[2], *nw, pos,
-                                        _const(math.log2(base), mx.float32)], NQ + 2 * NK, 1,
+    kc, vc = cache if cache is not None else (_dummy(x.dtype), _dummy(x.dtype))
+    return tuple(_run(kind, "glm_qkv", [x, *_q(q), b[0], *_q(k), b[1], *_q(v), b[2], *_norm_inputs(norm, K), pos,
+                                        _const(math.log2(base), mx.float32), kc, vc], NQ + 2 * NK, 1,
                       [(shape, x.dtype) for shape in shapes], K=K, NQ=NQ, NK=NK, GROUP=q.group_size, BITS=q.bits,
-                      BIAS=int(bias[0]), NORM=int(norm is not None), ROPE=dims, HD=HD))
+                      BIAS=int(bias), NORM=int(norm is not None), ROPE=dims, HD=HD, CACHE=int(cache is not None)))
+
+
+def qkv_decode(x: mx.array, q, k, v, shapes: tuple, norm=None,
+               rope: tuple | None = None) -> tuple[mx.array, mx.array, mx.array]:
+    """qkv_decode_reference's numbers in one launch on a GPU, the norm and RoPE included."""
+    if not _qkv_fits(x, q, k, v, shapes, norm, rope):
+        return qkv_decode_reference(x, q, k, v, shapes, norm, rope)
+    return _qkv_launch(x, q, k, v, shapes, norm, rope)
+
+
+def qkv_decode_cached(x: mx.array, q, k, v, shapes: tuple, norm, rope: tuple, keys: mx.array,
+                      values: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """(q, keys, values): qkv_decode's q, and the KV cache's buffers [1, kv heads, capacity, head_dim]
+    with this token's k and v at position rope[2] (an int array). On a GPU the q|k|v launch writes them
+    into the buffers it is given and hands those back: the two cache writes (a slice update each, two
+    ops to build and encode a layer, of a step's 513; BENCHMARKS.md, session 18) go. Elsewhere, slice
+    updates of the reference's k and v.
+
+    MLX does not know that a launch writes its inputs, so this holds only as the decode step uses it:
+    the buffers are row-contiguous (KVCache makes them so; MLX would otherwise hand the kernel a
+    copy), held by the cache (so never donated to another op), and read after this only through the
+    attention of this token, which takes the launch's q and so runs after it; earlier steps' readers
+    read other positions."""
+    if not (_qkv_fits(x, q, k, v, shapes, norm, rope) and keys.dtype == values.dtype == x.dtype):
+        qn, kn, vn = qkv_decode_reference(x, q, k, v, shapes, norm, rope)
+        pos = rope[2].reshape(1).astype(mx.int32)
+        return (qn, mx.slice_update(keys, kn, pos, axes=(2,)), mx.slice_update(values, vn, pos, axes=(2,)))
+    return _qkv_launch(x, q, k, v, shapes, norm, rope, (keys, values))[0], keys, values
 
 
 def router_logits(x: mx.array, weight: mx.array, norm=None) -> mx.array:

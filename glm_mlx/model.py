@@ -20,7 +20,7 @@ import numpy as np
 from .cache import KVCache, attend, make_caches
 from .config import ModelArgs
 from .experts import QuantizedSwitchLinear, SwitchGLU, prefilling
-from .kernels import backend, linear_decode, moe_decode, qkv_decode, router_logits, router_select
+from .kernels import backend, linear_decode, moe_decode, qkv_decode, qkv_decode_cached, router_logits, router_select
 
 
 class Attention(nn.Module):
@@ -75,6 +75,21 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         # RoPE on the first rope_dims of each head, rotate-half form; the rest passes.
         return mx.fast.rope(q, **rope), mx.fast.rope(k, **rope), v
+
+    def writes_cache(self, cache) -> bool:
+        """Whether one token's q|k|v launch can write k and v into this cache itself
+        (project_cached): a float KVCache, plain quantized projections, RoPE in the launch."""
+        return (KV_IN_KERNEL and type(cache) is KVCache and not self.use_qk_norm
+                and decode_kernels(self.q_proj, self.k_proj, self.v_proj))
+
+    def project_cached(self, x: mx.array, offset: mx.array, keys: mx.array, values: mx.array,
+                       norm: nn.RMSNorm | None = None) -> tuple[mx.array, mx.array, mx.array]:
+        """One token's q [1, heads, 1, head_dim], and the KV cache's buffers with its k and v at position
+        `offset` (an int array): kernels.qkv_decode_cached."""
+        hd = self.head_dim
+        return qkv_decode_cached(x, self.q_proj, self.k_proj, self.v_proj,
+                                 ((1, self.n_heads, 1, hd), (1, self.n_kv_heads, 1, hd), (1, self.n_kv_heads, 1, hd)),
+                                 norm, (self.rope_dims, self.rope_theta, offset), keys, values)
 
     def output(self, o: mx.array, residual: mx.array | None = None) -> mx.array:
         """o_proj of the heads' outputs o [B, heads, T, head_dim] -> [B, T, D], plus `residual` when given."""
@@ -216,16 +231,26 @@ class DecoderLayer(nn.Module):
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
         if (x.size == x.shape[-1] and cache is not None and COMPILED_DECODE and decode_kernels()
                 and not _host_side(self.mlp)):  # one token on a GPU
-            project, finish = self._decode_plan()
-            q, k, v = project(x, mx.array(cache.offset, mx.int32))
-            k, v = cache.update_and_fetch(k, v)
-            return finish(attend(q, k, v, cache, self.self_attn.scale, causal=False), x)
+            project, project_cached, finish = self._decode_plan()
+            attn, offset = self.self_attn, mx.array(cache.offset, mx.int32)
+            if attn.writes_cache(cache):
+                keys, values = cache.room((1, attn.n_kv_heads, 1, attn.head_dim), x.dtype)
+                q, keys, values = project_cached(x, offset, keys, values)
+                k, v = cache.advance(keys, values, 1)
+            else:
+                q, k, v = project(x, offset)
+                k, v = cache.update_and_fetch(k, v)
+            return finish(attend(q, k, v, cache, attn.scale, causal=False), x)
         h = self.self_attn(x, cache, residual=x, norm=self.input_layernorm)
         return self._mlp_half(h)
 
     # The norms go in with their inputs: one token's kernels apply them as they read x.
     def _project(self, x: mx.array, offset: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         return self.self_attn.project(x, offset, self.input_layernorm)
+
+    def _project_cached(self, x: mx.array, offset: mx.array, keys: mx.array,
+                        values: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        return self.self_attn.project_cached(x, offset, keys, values, self.input_layernorm)
 
     def _finish(self, o: mx.array, x: mx.array) -> mx.array:
         return self._mlp_half(self.self_attn.output(o, residual=x))
@@ -234,19 +259,24 @@ class DecoderLayer(nn.Module):
         return self.mlp(h, residual=h, norm=self.post_attention_layernorm)
 
     def _decode_plan(self):
-        """One token's layer as two compiled halves around the KV cache: (norm, q|k|v, RoPE) and
-        (o_proj + residual, norm, MLP + residual). Their ops are rebuilt from a trace in C++ rather
-        than by Python on every token: a decode step is bound by the host (scripts/compile_probe.py).
+        """One token's layer as two compiled halves around the KV cache: (norm, q|k|v, RoPE; the
+        cache write too where the launch makes it) and (o_proj + residual, norm, MLP + residual).
+        Their ops are rebuilt from a trace in C++ rather than by Python on every token: a decode
+        step is bound by the host (scripts/compile_probe.py).
         A trace holds the weights it saw, so both are traced again whenever any module or array of
         the layer is another one (weights loaded, an adapter applied or fused, a dtype set) or
         FUSED_DECODE changes."""
-        key = (FUSED_DECODE, _identity(self))
         plan = self.__dict__.get("_plan")
-        if plan is None or plan[0] != key:
-            plan = (key, (mx.compile(self._project), mx.compile(self._finish)))
+        if plan is None or plan[0] != FUSED_DECODE or not plan[1].holds():
+            plan = (FUSED_DECODE, _Tree(self), (mx.compile(self._project), mx.compile(self._project_cached),
+                                                mx.compile(self._finish)))
             object.__setattr__(self, "_plan", plan)  # a plain attribute, not a parameter
-        return plan[1]
+        return plan[2]
 
+
+# One token's q|k|v launch writes k and v into a float KV cache itself (Attention.writes_cache): two ops
+# a layer fewer. A switch for scripts/launch_probe.py to measure it against the cache's own writes.
+KV_IN_KERNEL = True
 
 # Off with GLM_MLX_COMPILED_DECODE=0: an escape hatch where a backend mishandles the traces (the Metal
 # kernels inside mx.compile were never run here, for want of a Mac).
@@ -261,20 +291,27 @@ def _host_side(mlp) -> bool:
     return experts is not None and _fused_glu(experts) is not experts
 
 
-def _identity(tree) -> tuple:
-    """The ids of a module's submodules and arrays, in order: equal only while it holds the same ones.
-    A trace keeps the arrays it saw alive, so their ids are not reused while it is in use; a module
-    replaced by another brings other arrays with it."""
-    out, stack = [], [tree]
-    while stack:
-        t = stack.pop()
-        out.append(id(t))
-        for v in t.values() if isinstance(t, dict) else t:
-            if isinstance(v, mx.array):
-                out.append(id(v))
-            elif isinstance(v, (dict, list, tuple)):
-                stack.append(v)
-    return tuple(out)
+class _Tree:
+    """What a module holds, to tell cheaply whether it still holds it: every edge from a container
+    (module, dict, list, tuple) to an array or container under it, and each container's size. A
+    replaced array or module breaks an edge; an added one changes a size. A trace keeps the arrays
+    it saw alive, so the snapshot's references cost nothing more. Checked once a layer a token: a
+    walk rebuilding the ids took 15 us a layer on the CPU here, this 6 (a decode step is bound by
+    the host as much as by the device: BENCHMARKS.md, session 18)."""
+
+    def __init__(self, tree):
+        self.edges, stack = [], [tree]
+        while stack:
+            t = stack.pop()
+            for k, v in t.items() if isinstance(t, dict) else enumerate(t):
+                if isinstance(v, (mx.array, dict, list, tuple)):
+                    self.edges.append((t, k, v))
+                    if not isinstance(v, mx.array):
+                        stack.append(v)
+        self.sizes = [(c, len(c)) for c in {id(c): c for c, _, _ in self.edges}.values()] + [(tree, len(tree))]
+
+    def holds(self) -> bool:
+        return all(c[k] is v for c, k, v in self.edges) and all(len(c) == n for c, n in self.sizes)
 
 
 class SharedHead(nn.Module):

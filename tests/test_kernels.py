@@ -219,15 +219,38 @@ def test_compiled_decode_equals_the_plain_path_and_follows_new_weights(converted
     plain, compiled = decode(False), decode(True)
     layers = model.model.layers
     assert all("_plan" in layer.__dict__ for layer in layers)  # the compiled path was taken
+    assert all(layer.self_attn.writes_cache(c) for layer, c in zip(layers, model.make_cache()))  # k, v in the launch
     assert rel_err(compiled, plain) < 1e-6
-    traces = [layer.__dict__["_plan"][1] for layer in layers]
+    traces = [layer.__dict__["_plan"][2] for layer in layers]
     norm = layers[-1].post_attention_layernorm
     norm.weight = norm.weight * 3  # another array under the last layer's MLP half
     plain2, compiled2 = decode(False), decode(True)
     assert rel_err(plain2, plain) > 1e-3  # the change matters...
     assert rel_err(compiled2, plain2) < 1e-6  # ...and the compiled path follows it
-    assert [layer.__dict__["_plan"][1] is t for layer, t in zip(layers, traces)] == \
+    assert [layer.__dict__["_plan"][2] is t for layer, t in zip(layers, traces)] == \
         [True] * (len(layers) - 1) + [False]  # only that layer traced again
+
+
+def test_a_layer_snapshot_sees_every_replaced_or_added_array_or_module(converted):
+    """The compiled decode's check that a layer still holds what its trace saw (model._Tree): an array
+    replaced anywhere under it, a module replaced, an array or module added, and a list's entry."""
+    model, _ = load_model(converted("air-tiny", "mixed"), "float32")
+    layer = model.model.layers[-1]
+    layer.extra = [nn.Linear(2, 2)]
+
+    def changes():
+        yield lambda: setattr(layer.post_attention_layernorm, "weight", layer.post_attention_layernorm.weight + 0)
+        yield lambda: setattr(layer.mlp.experts, "gate_proj", layer.mlp.experts.gate_proj)  # the same: no change
+        yield lambda: setattr(layer.self_attn, "o_proj", nn.Linear(4, 4))
+        yield lambda: setattr(layer.mlp.gate, "added", mx.zeros(3))
+        yield lambda: layer.extra.__setitem__(0, nn.Linear(2, 2))
+        yield lambda: layer.extra[0].update({"weight": mx.zeros((2, 2))})
+        yield lambda: layer.extra.append(mx.zeros(1))
+    for i, change in enumerate(changes()):
+        snap = model_mod._Tree(layer)
+        assert snap.holds()
+        change()
+        assert snap.holds() == (i == 1), i
 
 
 def test_every_kernel_body_uses_only_the_shared_names():
