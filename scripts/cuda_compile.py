@@ -39,6 +39,10 @@ PRELUDE = """
 typedef unsigned int uint32_t;
 typedef int int32_t;
 typedef unsigned char uint8_t;
+struct Shape {  // MLX's (a cuda::std::array of MAX_NDIM int32), as a launch's {name}_shape argument
+    int32_t v[10];
+    __device__ int32_t operator[](int i) const { return v[i]; }
+};
 """
 
 
@@ -58,7 +62,9 @@ class Launch:
 
     def cuda(self) -> str:
         """The source MLX's custom_kernel.cpp compiles for this launch (PRELUDE for its device header)."""
-        args = [f"    const {t}* {n}" for n, t in self.inputs] + [f"    {t}* {n}" for n, t in self.outputs]
+        args = [a for n, t in self.inputs for a in [f"    const {t}* {n}"]
+                + ([f"    const __grid_constant__ Shape {n}_shape"] if f"{n}_shape" in self.source else [])]
+        args += [f"    {t}* {n}" for n, t in self.outputs]
         consts = "".join(f"  constexpr int {n} = {v};\n" for n, v in self.template)
         return (PRELUDE + self.header + "namespace mlx::core::cu {\n\n"
                 + f"__global__ void {self.kernel}(\n" + ",\n".join(args) + ") {\n" + consts + "\n"
