@@ -231,11 +231,11 @@ class DecoderLayer(nn.Module):
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
         if (x.size == x.shape[-1] and cache is not None and COMPILED_DECODE and decode_kernels()
                 and not _host_side(self.mlp)):  # one token on a GPU
-            project, project_cached, finish = self._decode_plan()
+            project, finish = self._decode_plan()
             attn, offset = self.self_attn, mx.array(cache.offset, mx.int32)
             if attn.writes_cache(cache):
                 keys, values = cache.room((1, attn.n_kv_heads, 1, attn.head_dim), x.dtype)
-                q, keys, values = project_cached(x, offset, keys, values)
+                q, keys, values = self._cached_projection(keys.shape[2])(x, offset, keys, values)
                 k, v = cache.advance(keys, values, 1)
             else:
                 q, k, v = project(x, offset)
@@ -268,10 +268,20 @@ class DecoderLayer(nn.Module):
         FUSED_DECODE changes."""
         plan = self.__dict__.get("_plan")
         if plan is None or plan[0] != FUSED_DECODE or not plan[1].holds():
-            plan = (FUSED_DECODE, _Tree(self), (mx.compile(self._project), mx.compile(self._project_cached),
-                                                mx.compile(self._finish)))
+            plan = (FUSED_DECODE, _Tree(self), (mx.compile(self._project), mx.compile(self._finish)))
             object.__setattr__(self, "_plan", plan)  # a plain attribute, not a parameter
         return plan[2]
+
+    def _cached_projection(self, capacity: int):
+        """_project_cached compiled for the cache's current capacity (call after _decode_plan). Its
+        inputs are the cache's buffers, so each capacity is another trace; kept for all, they would
+        pile up as the cache grows (one every KVCache.step positions), each call searching them. So
+        only the latest is kept, traced again with the plan or when the capacity changes."""
+        plan, kept = self.__dict__["_plan"], self.__dict__.get("_cached")
+        if kept is None or kept[0] is not plan or kept[1] != capacity:
+            kept = (plan, capacity, mx.compile(self._project_cached))
+            object.__setattr__(self, "_cached", kept)
+        return kept[2]
 
 
 # One token's q|k|v launch writes k and v into a float KV cache itself (Attention.writes_cache): two ops

@@ -220,6 +220,7 @@ def test_compiled_decode_equals_the_plain_path_and_follows_new_weights(converted
     layers = model.model.layers
     assert all("_plan" in layer.__dict__ for layer in layers)  # the compiled path was taken
     assert all(layer.self_attn.writes_cache(c) for layer, c in zip(layers, model.make_cache()))  # k, v in the launch
+    assert all(layer.__dict__["_cached"][1] == 256 for layer in layers)  # one trace, for the cache's capacity
     assert rel_err(compiled, plain) < 1e-6
     traces = [layer.__dict__["_plan"][2] for layer in layers]
     norm = layers[-1].post_attention_layernorm
