@@ -33,11 +33,10 @@ class KVCache:
     def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         """Append k, v [B, H, T, D]; return everything cached so far."""
         prev, T = self.offset, k.shape[2]
-        self.room(k.shape, k.dtype)
-        self.offset += T
-        self.keys[..., prev : self.offset, :] = k
-        self.values[..., prev : self.offset, :] = v
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+        keys, values = self.room(k.shape, k.dtype)
+        keys[..., prev : prev + T, :] = k
+        values[..., prev : prev + T, :] = v
+        return self.advance(keys, values, T)
 
     def room(self, shape: tuple, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
         """The key and value buffers, grown to hold T more positions (shape: [B, H, T, D])."""

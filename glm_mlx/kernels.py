@@ -986,41 +986,38 @@ def linear_decode(x: mx.array, layer, residual: mx.array | None = None) -> mx.ar
                 SHARED=1, RES=int(residual is not None))[0]
 
 
-def _qkv_fits(x: mx.array, q, k, v, shapes: tuple, norm, rope: tuple | None) -> bool:
-    """Whether the q|k|v kernel takes these operands (else qkv_decode computes its reference)."""
-    K = x.size
-    NQ, NK, HD = q["weight"].shape[0], k["weight"].shape[0], shapes[0][-1]
-    bias = ["bias" in p for p in (q, k, v)]
-    ok = (_gpu(x) is not None and _norm_inputs(norm, K) is not None and all(_fits(p, K) for p in (q, k, v))
-          and v["weight"].shape[0] == NK and NQ % RPW == 0 and NK % RPW == 0 and len(set(bias)) == 1
-          and len({(p.bits, p.group_size) for p in (q, k, v)}) == 1)
-    if rope is not None:  # a row set takes RPW / 2 rows of each half of a head's rotated part
-        ok = ok and rope[0] % RPW == 0 and rope[0] <= HD and HD % RPW == 0 and NQ % HD == 0 and NK % HD == 0
-    return ok
-
-
-def _qkv_launch(x: mx.array, q, k, v, shapes: tuple, norm, rope: tuple | None, cache: tuple | None = None):
-    """The q|k|v launch (operands that _qkv_fits); with cache = (kc, vc), k and v written into them too."""
+def _qkv_launch(x: mx.array, q, k, v, shapes: tuple, norm, rope: tuple | None,
+                cache: tuple | None = None) -> tuple | None:
+    """The q|k|v launch's (q, k, v); with cache = (kc, vc), k and v written into them too. None where the
+    kernel does not take these operands (then the callers compute the reference)."""
     kind, K = _gpu(x), x.size
     NQ, NK, HD = q["weight"].shape[0], k["weight"].shape[0], shapes[0][-1]
-    bias = "bias" in q
-    b = [p["bias"] if bias else _dummy(mx.float32) for p in (q, k, v)]
+    bias = ["bias" in p for p in (q, k, v)]
+    nw = _norm_inputs(norm, K)
+    ok = (kind is not None and nw is not None and all(_fits(p, K) for p in (q, k, v)) and v["weight"].shape[0] == NK
+          and NQ % RPW == 0 and NK % RPW == 0 and len(set(bias)) == 1
+          and len({(p.bits, p.group_size) for p in (q, k, v)}) == 1
+          and (cache is None or all(c.dtype == x.dtype for c in cache)))
+    if rope is not None:  # a row set takes RPW / 2 rows of each half of a head's rotated part
+        ok = ok and rope[0] % RPW == 0 and rope[0] <= HD and HD % RPW == 0 and NQ % HD == 0 and NK % HD == 0
+    if not ok:
+        return None
+    b = [p["bias"] if bias[0] else _dummy(mx.float32) for p in (q, k, v)]
     dims, base, offset = rope if rope is not None else (0, 1.0, None)
     pos = (_dummy(mx.int32) if offset is None else offset.astype(mx.int32) if isinstance(offset, mx.array)
            else mx.array([offset], mx.int32))
     kc, vc = cache if cache is not None else (_dummy(x.dtype), _dummy(x.dtype))
-    return tuple(_run(kind, "glm_qkv", [x, *_q(q), b[0], *_q(k), b[1], *_q(v), b[2], *_norm_inputs(norm, K), pos,
+    return tuple(_run(kind, "glm_qkv", [x, *_q(q), b[0], *_q(k), b[1], *_q(v), b[2], *nw, pos,
                                         _const(math.log2(base), mx.float32), kc, vc], NQ + 2 * NK, 1,
                       [(shape, x.dtype) for shape in shapes], K=K, NQ=NQ, NK=NK, GROUP=q.group_size, BITS=q.bits,
-                      BIAS=int(bias), NORM=int(norm is not None), ROPE=dims, HD=HD, CACHE=int(cache is not None)))
+                      BIAS=int(bias[0]), NORM=int(norm is not None), ROPE=dims, HD=HD, CACHE=int(cache is not None)))
 
 
 def qkv_decode(x: mx.array, q, k, v, shapes: tuple, norm=None,
                rope: tuple | None = None) -> tuple[mx.array, mx.array, mx.array]:
     """qkv_decode_reference's numbers in one launch on a GPU, the norm and RoPE included."""
-    if not _qkv_fits(x, q, k, v, shapes, norm, rope):
-        return qkv_decode_reference(x, q, k, v, shapes, norm, rope)
-    return _qkv_launch(x, q, k, v, shapes, norm, rope)
+    out = _qkv_launch(x, q, k, v, shapes, norm, rope)
+    return out if out is not None else qkv_decode_reference(x, q, k, v, shapes, norm, rope)
 
 
 def qkv_decode_cached(x: mx.array, q, k, v, shapes: tuple, norm, rope: tuple, keys: mx.array,
@@ -1036,11 +1033,12 @@ def qkv_decode_cached(x: mx.array, q, k, v, shapes: tuple, norm, rope: tuple, ke
     copy), held by the cache (so never donated to another op), and read after this only through the
     attention of this token, which takes the launch's q and so runs after it; earlier steps' readers
     read other positions."""
-    if not (_qkv_fits(x, q, k, v, shapes, norm, rope) and keys.dtype == values.dtype == x.dtype):
-        qn, kn, vn = qkv_decode_reference(x, q, k, v, shapes, norm, rope)
-        pos = rope[2].reshape(1).astype(mx.int32)
-        return (qn, mx.slice_update(keys, kn, pos, axes=(2,)), mx.slice_update(values, vn, pos, axes=(2,)))
-    return _qkv_launch(x, q, k, v, shapes, norm, rope, (keys, values))[0], keys, values
+    out = _qkv_launch(x, q, k, v, shapes, norm, rope, (keys, values))
+    if out is not None:
+        return out[0], keys, values
+    qn, kn, vn = qkv_decode_reference(x, q, k, v, shapes, norm, rope)
+    pos = rope[2].reshape(1).astype(mx.int32)
+    return qn, mx.slice_update(keys, kn, pos, axes=(2,)), mx.slice_update(values, vn, pos, axes=(2,))
 
 
 def router_logits(x: mx.array, weight: mx.array, norm=None) -> mx.array:

@@ -310,15 +310,15 @@ class _Tree:
     the host as much as by the device: BENCHMARKS.md, session 18)."""
 
     def __init__(self, tree):
-        self.edges, stack = [], [tree]
+        self.edges, self.sizes, stack = [], [], [tree]
         while stack:
             t = stack.pop()
+            self.sizes.append((t, len(t)))
             for k, v in t.items() if isinstance(t, dict) else enumerate(t):
                 if isinstance(v, (mx.array, dict, list, tuple)):
                     self.edges.append((t, k, v))
                     if not isinstance(v, mx.array):
                         stack.append(v)
-        self.sizes = [(c, len(c)) for c in {id(c): c for c, _, _ in self.edges}.values()] + [(tree, len(tree))]
 
     def holds(self) -> bool:
         return all(c[k] is v for c, k, v in self.edges) and all(len(c) == n for c, n in self.sizes)

@@ -112,7 +112,7 @@ def main():
         rt = cache = None
         mx.clear_cache()
     for k, r in rows.items():
-        r = {k: v for k, v in r.items() if k != "pipelined_us"}
+        r = {part: us for part, us in r.items() if part != "pipelined_us"}
         total = sum(r.values())
         print(f"{k:36s} graph {r['graph_us']:8.0f} us | encode {r['encode_us']:8.0f} us | wait "
               f"{r['wait_us']:8.0f} us | total {total:8.0f} us ({r['encode_us'] / total:.0%} encoding)", flush=True)

@@ -234,10 +234,11 @@ def test_compiled_decode_equals_the_plain_path_and_follows_new_weights(converted
 
 def test_a_layer_snapshot_sees_every_replaced_or_added_array_or_module(converted):
     """The compiled decode's check that a layer still holds what its trace saw (model._Tree): an array
-    replaced anywhere under it, a module replaced, an array or module added, and a list's entry."""
+    replaced anywhere under it, a module replaced, an array or module added (to an empty list too), and a
+    list's entry."""
     model, _ = load_model(converted("air-tiny", "mixed"), "float32")
     layer = model.model.layers[-1]
-    layer.extra = [nn.Linear(2, 2)]
+    layer.extra, layer.spare = [nn.Linear(2, 2)], []
 
     def changes():
         yield lambda: setattr(layer.post_attention_layernorm, "weight", layer.post_attention_layernorm.weight + 0)
@@ -247,6 +248,7 @@ def test_a_layer_snapshot_sees_every_replaced_or_added_array_or_module(converted
         yield lambda: layer.extra.__setitem__(0, nn.Linear(2, 2))
         yield lambda: layer.extra[0].update({"weight": mx.zeros((2, 2))})
         yield lambda: layer.extra.append(mx.zeros(1))
+        yield lambda: layer.spare.append(mx.zeros(1))  # into a container that held nothing
     for i, change in enumerate(changes()):
         snap = model_mod._Tree(layer)
         assert snap.holds()
