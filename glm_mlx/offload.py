@@ -26,8 +26,13 @@ Three policies, each switchable so the benchmark can measure what it buys:
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import mmap
 import os
 import re
+import sys
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -141,40 +146,100 @@ def split(views: list[memoryview], size: int) -> list[list[memoryview]]:
     return pieces + ([cur] if cur else [])
 
 
-HINTS = True  # CUDA managed memory's hints around a read into a slot (glm_mlx.uvm); off to measure what they buy
+# CUDA managed memory's hint after a read into a slot (glm_mlx.uvm): "expert", a whole expert's slot sent to
+# the card once its read is checked (by a thread of its own, so the step does not wait on the driver);
+# "piece", each piece by its reading thread once read; False, none (the card's first kernel on a slot then
+# faults its pages over, ~0.1 ms a MB). With direct reads, "piece" lost or tied in every cell of the
+# benchmark and "expert" cut the card's time by 3-6x (BENCHMARKS.md, session 19).
+HINTS: bool | str = "expert"
+_hinting = ThreadPoolExecutor(max_workers=1)
 PIECE = 512 << 10  # an expert is read as pieces of this size in parallel: a disk serves several at once (BENCHMARKS.md)
 WORKERS = 32  # reads in flight at once (threads: each mostly waits on the disk)
+
+
+# Reads skip the page cache where they can (Linux's O_DIRECT, macOS's F_NOCACHE): experts that do not fit in
+# memory gain nothing from it, and on the lent machine's disk direct reads were 1.3-1.8x faster than
+# buffered ones (scripts/read_probe.py, BENCHMARKS.md). O_DIRECT wants the file offset, and each buffer's
+# address and length, aligned to the disk's blocks; the converter aligns the experts' bytes to ALIGN, a read
+# that is not aligned (an older folder, a small model) goes through the page cache. Off to compare.
+DIRECT = True
+ALIGN = 4096
+
+
+def _open_direct(path: Path) -> int | None:
+    """A descriptor whose reads bypass the page cache, or None where the OS or filesystem has none."""
+    try:
+        if hasattr(os, "O_DIRECT"):
+            return os.open(path, os.O_RDONLY | os.O_DIRECT)
+        if sys.platform == "darwin":
+            import fcntl
+
+            fd = os.open(path, os.O_RDONLY)
+            fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", 48), 1)
+            return fd
+    except OSError:  # (tmpfs refuses O_DIRECT)
+        pass
+    return None
+
+
+def _aligned(views: list[memoryview], offset: int) -> bool:
+    return offset % ALIGN == 0 and all(v.nbytes % ALIGN == 0 and _address(v) % ALIGN == 0 for v in views)
+
+
+def _address(v: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(v))
+
+
+def aligned_buffer(n: int) -> memoryview:
+    """n writable bytes at a page boundary (anonymous memory), which a direct read can fill."""
+    return memoryview(mmap.mmap(-1, n))
 
 
 class ExpertFile:
     """One layer's experts file: expert e is the `stride` bytes at start + e * stride,
     its parts (gate_proj.weight, gate_proj.scales, ...) back to back in `order`."""
 
-    drop_pages = False  # forget each expert's pages once read (the benchmark's honest disk)
+    drop_pages = False  # forget each expert's pages once read (the benchmark's honest disk, when buffered)
 
     def __init__(self, folder: Path, layer: int, entry: dict):
         self.path, self.layer = folder / entry["file"], layer
         self.fd = os.open(self.path, os.O_RDONLY)
+        self.direct = _open_direct(self.path) if DIRECT else None
         self.start, self.stride = entry["data_start"], entry["stride"]
         self.parts, self.crc = entry["parts"], entry.get("crc32")
         self.order = sorted(self.parts, key=lambda p: self.parts[p]["offset"])
+        self.pieces = {"direct": 0, "buffered": 0}  # how the pieces were read
+        self._count = threading.Lock()
 
     def nbytes(self, part: str) -> int:
         spec = self.parts[part]
         return int(np.prod(spec["shape"])) * np.dtype(STORED_DTYPES[spec["dtype"]]).itemsize
 
     def read_piece(self, views: list[memoryview], offset: int, hints: bool = False) -> tuple[int, int]:
-        """(bytes read, their crc32) of one piece at `offset` within an expert's range. `hints`: the views
-        are CUDA managed memory, sent to the card in bulk once read, rather than a page fault at a time
-        when a kernel first reads them (glm_mlx.uvm)."""
-        n = preadv_all(self.fd, views, offset)
+        """(bytes read, their crc32) of one piece at `offset` within an expert's range: past the page
+        cache when the piece is aligned. `hints`: the views are CUDA managed memory, sent to the card in
+        bulk once read, rather than a page fault at a time when a kernel first reads them (glm_mlx.uvm)."""
+        direct = self.direct
+        if direct is not None and _aligned(views, offset):
+            try:
+                n = preadv_all(direct, views, offset)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.direct = direct = None  # a filesystem that takes the flag but not its reads
+        else:
+            direct = None
+        if direct is None:
+            n = preadv_all(self.fd, views, offset)
+            if self.drop_pages:
+                os.posix_fadvise(self.fd, offset, sum(v.nbytes for v in views), os.POSIX_FADV_DONTNEED)
+        with self._count:
+            self.pieces["buffered" if direct is None else "direct"] += 1
         if hints:
             uvm.after_write(views)
         crc = 0
         for v in views:
             crc = zlib.crc32(v, crc)
-        if self.drop_pages:
-            os.posix_fadvise(self.fd, offset, sum(v.nbytes for v in views), os.POSIX_FADV_DONTNEED)
         return n, crc
 
     def start_read(self, pool, e: int, views: list[memoryview], hints: bool = False) -> "ExpertRead":
@@ -223,7 +288,7 @@ class ExpertRead:
         return not any(dropped)
 
 
-def arrays(file: ExpertFile, blob: bytearray) -> dict[str, np.ndarray]:
+def arrays(file: ExpertFile, blob: memoryview) -> dict[str, np.ndarray]:
     out = {}
     for part, spec in file.parts.items():
         dt = np.dtype(STORED_DTYPES[spec["dtype"]])
@@ -286,7 +351,7 @@ class OffloadedExperts(nn.Module):
                      for p in file.order}
             object.__setattr__(self, "views", [[whole[p][s * file.nbytes(p): (s + 1) * file.nbytes(p)]
                                                 for p in file.order] for s in range(slots)])
-        object.__setattr__(self, "hints", HINTS and direct and uvm.available(glu.gate_proj.weight))
+        object.__setattr__(self, "hints", HINTS if direct and uvm.available(glu.gate_proj.weight) else False)
         self.slots, self.policy, self.pin = slots, policy, pin
         E = entry["num_experts"]
         self.slot_of = np.full(E, -1, dtype=np.int64)
@@ -325,9 +390,9 @@ class OffloadedExperts(nn.Module):
         """Start reading expert e: straight into its slot, or into a buffer to convert.
         (expert, slot, ExpertRead, buffer or None)."""
         if self.views is not None:
-            return e, slot, self.file.start_read(self.pool, e, self.views[slot], self.hints), None
-        blob = bytearray(self.file.stride)
-        return e, slot, self.file.start_read(self.pool, e, [memoryview(blob)]), blob
+            return e, slot, self.file.start_read(self.pool, e, self.views[slot], self.hints == "piece"), None
+        blob = aligned_buffer(self.file.stride)
+        return e, slot, self.file.start_read(self.pool, e, [blob]), blob
 
     def _wait(self, reads: list[tuple]) -> None:
         """Wait for reads from _start; fill converted ones; a failed read empties its
@@ -343,13 +408,15 @@ class OffloadedExperts(nn.Module):
                 continue
             if blob is not None:
                 blobs.append((slot, e, blob))
+            elif self.hints == "expert":
+                _hinting.submit(uvm.after_write, self.views[slot])
         self.stats.seconds += time.perf_counter() - t0
         if blobs:
             self._fill(blobs)
         if error is not None:
             raise error
 
-    def _fill(self, blobs: list[tuple[int, int, bytearray]]) -> None:
+    def _fill(self, blobs: list[tuple[int, int, memoryview]]) -> None:
         """Converted reads into their slots, written in place like a direct read (a new array
         would be a graph node, kept whole under a gradient transform): one conversion per tensor."""
         glu = self.bank.glu

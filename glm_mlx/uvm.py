@@ -124,3 +124,19 @@ def advise_read_mostly(a) -> int:
     _stream(lib, dev)
     ptr, n = _range(a)
     return lib.cuMemAdvise_v2(ctypes.c_uint64(ptr), ctypes.c_size_t(n), _READ_MOSTLY, _Location(_DEVICE, dev))
+
+
+_PREFERRED, _ACCESSED_BY = 3, 5  # CUmem_advise
+
+
+def advise_host(a) -> int:
+    """a's pages stay on the host, mapped for the card to read across the bus: neither side's touch
+    moves them (a staging buffer the host writes and a kernel copies from)."""
+    d = _driver()
+    if d is None:
+        return 0
+    lib, dev = d
+    _stream(lib, dev)
+    ptr, n = _range(a)
+    return (lib.cuMemAdvise_v2(ctypes.c_uint64(ptr), ctypes.c_size_t(n), _PREFERRED, _Location(_HOST, 0))
+            or lib.cuMemAdvise_v2(ctypes.c_uint64(ptr), ctypes.c_size_t(n), _ACCESSED_BY, _Location(_DEVICE, dev)))

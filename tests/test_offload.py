@@ -50,9 +50,10 @@ def test_offloaded_logits_equal_the_resident_models_exactly(recipe, dtype, conve
     E, k = resident.args.n_routed_experts, resident.args.num_experts_per_tok
     import glm_mlx.offload as offload
 
+    whole = offload.PIECE
     for slots, prefetch, policy, pin in ((1, False, "lfu", True), (2, True, "lru", False), (k, False, "lfu", False),
                                          (k + 1, True, "lfu", True), (E - 1, False, "lru", True)):
-        piece = 1000 if slots % 2 else offload.PIECE  # an expert read whole, or in parallel pieces
+        piece = 1000 if slots % 2 else whole  # an expert read whole, or in parallel pieces
         for name, value in (("PREFETCH", prefetch), ("POLICY", policy), ("PIN", pin), ("PIECE", piece)):
             monkeypatch.setattr(offload, name, value)  # exact whatever is read ahead or evicted
         model, _ = load_model(folder, dtype, expert_memory=budget_for(folder, slots))
@@ -65,6 +66,9 @@ def test_offloaded_logits_equal_the_resident_models_exactly(recipe, dtype, conve
         st = offloaded_stats(model)
         assert st.misses > 0 and st.bytes == (st.misses + st.prefetched) * banks[0].file.stride
         assert (st.prefetched > 0) == (prefetch and slots > k)  # room to read ahead only beside a full step
+        if (recipe, dtype, piece) == ("none", "float32", whole) and banks[0].file.direct is not None:
+            # bf16 experts of 24 KB, whole in one aligned piece, into a page-aligned buffer: past the page cache
+            assert all(b.file.pieces["direct"] > 0 for b in banks)
     # a budget that holds every expert keeps them resident
     model, _ = load_model(folder, "float32", expert_memory=budget_for(folder, E))
     assert offloaded_stats(model) is None
@@ -133,6 +137,41 @@ def ends_in_error(p, *needles: str) -> None:
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and all(n in last for n in needles), last
+
+
+def test_aligned_reads_bypass_the_page_cache_and_the_rest_do_not(tmp_path):
+    """A piece whose file offset, buffer address and length are aligned is read with O_DIRECT (where
+    the filesystem has it); any other through the page cache; the same bytes either way."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from glm_mlx.offload import ALIGN, ExpertFile, aligned_buffer
+
+    data = np.random.default_rng(0).integers(0, 256, ALIGN + 3 * 2 * ALIGN, dtype=np.uint8).tobytes()
+    (tmp_path / "experts.bin").write_bytes(data)
+    entry = {"file": "experts.bin", "data_start": ALIGN, "stride": 2 * ALIGN,
+             "parts": {"gate_proj.weight": {"dtype": "BF16", "shape": [ALIGN], "offset": 0}}}
+    f = ExpertFile(tmp_path, 0, entry)
+    if f.direct is None:
+        pytest.skip("this filesystem has no O_DIRECT")
+    want = data[3 * ALIGN: 5 * ALIGN]  # expert 1
+    pool = ThreadPoolExecutor(2)
+    buf = aligned_buffer(2 * ALIGN)
+    f.start_read(pool, 1, [buf]).result()
+    assert bytes(buf) == want and f.pieces == {"direct": 1, "buffered": 0}
+    odd = memoryview(bytearray(2 * ALIGN + 1))[1:]  # an address off the boundary
+    f.start_read(pool, 1, [odd]).result()
+    assert bytes(odd) == want and f.pieces == {"direct": 1, "buffered": 1}
+    f.start = ALIGN + 1  # an offset off the boundary
+    f.start_read(pool, 1, [buf]).result()
+    assert bytes(buf) == data[3 * ALIGN + 1: 5 * ALIGN + 1] and f.pieces == {"direct": 1, "buffered": 2}
+
+
+def test_expert_files_start_their_data_aligned(converted):
+    """The converter pads an experts file's header so its bytes start at offload.ALIGN: reads can be direct."""
+    from glm_mlx.offload import ALIGN
+
+    m = json.loads((converted("glm45-tiny", "none") / MANIFEST).read_text())
+    assert m["experts"] and all(e["data_start"] % ALIGN == 0 for e in m["experts"].values())
 
 
 def test_crc32_of_pieces_combines_to_the_whole():
@@ -311,10 +350,11 @@ def test_a_grouped_step_starts_with_the_experts_already_in_the_bank(converted):
     np.testing.assert_array_equal(first, second)
 
 
-def test_reads_into_the_bank_are_sent_to_the_card_once_read(converted, monkeypatch):
-    """On CUDA each piece read into a slot is sent to the card once read (glm_mlx.uvm; a no-op here, so
-    recorded): every piece of every read, the file's bytes in it by then; the logits still the resident
-    model's."""
+@pytest.mark.parametrize("hints", ["piece", "expert"])
+def test_reads_into_the_bank_are_sent_to_the_card_once_read(hints, converted, monkeypatch):
+    """With HINTS on CUDA, what is read into a slot is sent to the card once read (glm_mlx.uvm; a no-op here,
+    so recorded): each piece by its reading thread ("piece"), or each expert once checked ("expert"); the
+    file's bytes in it by then; the logits still the resident model's."""
     from glm_mlx import uvm
 
     assert not uvm.available() and uvm.after_write([memoryview(bytearray(8))]) == 0  # off CUDA: no hints, no-ops
@@ -323,6 +363,13 @@ def test_reads_into_the_bank_are_sent_to_the_card_once_read(converted, monkeypat
     toks = np.random.default_rng(0).integers(0, resident.args.vocab_size, size=(1, 16))
     want = run_all(resident, toks)
     calls = []
+    monkeypatch.setattr(glm_mlx.offload, "HINTS", hints)
+
+    class Now:  # the hints' own thread, made synchronous: the bytes recorded are the read's, not a later one's
+        def submit(self, fn, *args):
+            fn(*args)
+
+    monkeypatch.setattr(glm_mlx.offload, "_hinting", Now())
     monkeypatch.setattr(uvm, "available", lambda a=None: True)
     monkeypatch.setattr(uvm, "after_write", lambda views: calls.append(("after", [bytes(v) for v in views])))
     model, _ = load_model(folder, expert_memory=budget_for(folder, 2))
@@ -336,6 +383,8 @@ def test_reads_into_the_bank_are_sent_to_the_card_once_read(converted, monkeypat
     experts = [b.file.path.read_bytes()[b.file.start + e * b.file.stride:][: b.file.stride]
                for b in banks for e in range(b.slot_of.size)]
     assert all(any(b"".join(bs) in x for x in experts) for bs in afters)  # each piece holds the file's bytes
+    if hints == "expert":  # one hint an expert, for its whole slot
+        assert len(afters) == st.misses and all(len(b"".join(bs)) == banks[0].file.stride for bs in afters)
     monkeypatch.setattr(glm_mlx.offload, "HINTS", False)
     calls.clear()
     model, _ = load_model(folder, expert_memory=budget_for(folder, 2))
