@@ -6,8 +6,9 @@ converter wrote each expert as one contiguous byte range, so a miss is one
 positional read (checked against the manifest's size and crc32), a layer's
 misses read in parallel. When the bank holds the folder's own dtypes (the
 default), a read goes straight into the slot's memory (preadv into the MLX
-arrays' buffers: no copy, no scatter); a bank in another dtype (float32 for
-tests) reads into a buffer and converts. The MoE computes on the bank with the
+arrays' buffers: no copy, no scatter), past the page cache where it is aligned
+(DIRECT); a bank in another dtype (float32 for tests) reads into a buffer and
+converts. The MoE computes on the bank with the
 router's indices mapped to slots: no per-expert Python loop. When a step needs
 more experts than there are slots (prefill), the experts go through the bank
 in groups, each read once and serving all its rows.
@@ -150,7 +151,7 @@ def split(views: list[memoryview], size: int) -> list[list[memoryview]]:
 # the card once its read is checked (by a thread of its own, so the step does not wait on the driver);
 # "piece", each piece by its reading thread once read; False, none (the card's first kernel on a slot then
 # faults its pages over, ~0.1 ms a MB). With direct reads, "piece" lost or tied in every cell of the
-# benchmark and "expert" cut the card's time by 3-6x (BENCHMARKS.md, session 19).
+# benchmark, and "expert" made the card's part of a token 2.5-6.5x shorter than none (BENCHMARKS.md, session 19).
 HINTS: bool | str = "expert"
 _hinting = ThreadPoolExecutor(max_workers=1)
 PIECE = 512 << 10  # an expert is read as pieces of this size in parallel: a disk serves several at once (BENCHMARKS.md)

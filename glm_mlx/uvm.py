@@ -131,7 +131,8 @@ _PREFERRED, _ACCESSED_BY = 3, 5  # CUmem_advise
 
 def advise_host(a) -> int:
     """a's pages stay on the host, mapped for the card to read across the bus: neither side's touch
-    moves them (a staging buffer the host writes and a kernel copies from)."""
+    moves them. (scripts/uvm_probe.py's staged variant: reads into such a buffer, then a kernel copying
+    it into slots that stay on the card. It measured no faster than reading into the slots: not used.)"""
     d = _driver()
     if d is None:
         return 0
