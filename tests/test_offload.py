@@ -139,7 +139,7 @@ def ends_in_error(p, *needles: str) -> None:
     assert last.startswith("error: ") and all(n in last for n in needles), last
 
 
-def test_aligned_reads_bypass_the_page_cache_and_the_rest_do_not(tmp_path):
+def test_aligned_reads_bypass_the_page_cache_and_the_rest_do_not(tmp_path, monkeypatch):
     """A piece whose file offset, buffer address and length are aligned is read with O_DIRECT (where
     the filesystem has it); any other through the page cache; the same bytes either way."""
     from concurrent.futures import ThreadPoolExecutor
@@ -164,6 +164,23 @@ def test_aligned_reads_bypass_the_page_cache_and_the_rest_do_not(tmp_path):
     f.start = ALIGN + 1  # an offset off the boundary
     f.start_read(pool, 1, [buf]).result()
     assert bytes(buf) == data[3 * ALIGN + 1: 5 * ALIGN + 1] and f.pieces == {"direct": 1, "buffered": 2}
+    # a filesystem that takes O_DIRECT at open but refuses its reads: the piece is read through the page
+    # cache, and the file reads so from then on
+    import errno
+
+    import glm_mlx.offload as offload
+
+    real, direct = offload.preadv_all, f.direct
+
+    def refusing(fd, views, offset):
+        if fd == direct:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, views, offset)
+
+    monkeypatch.setattr(offload, "preadv_all", refusing)
+    f.start, buf = ALIGN, aligned_buffer(2 * ALIGN)
+    f.start_read(pool, 2, [buf]).result()
+    assert bytes(buf) == data[5 * ALIGN: 7 * ALIGN] and f.direct is None and f.pieces["buffered"] == 3
 
 
 def test_expert_files_start_their_data_aligned(converted):
