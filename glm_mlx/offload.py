@@ -19,7 +19,8 @@ Three policies, each switchable so the benchmark can measure what it buys:
   most recently used. The current step's experts are never evicted (they must
   all be in the bank at once).
 - pin: the experts the previous token used are evicted last (routing is
-  temporally local), and never by a prefetch.
+  temporally local), and never by a prefetch. Off by default: with LFU it cost
+  hits on the skewed trace (scripts/policy_sim.py).
 - prefetch (decode): a layer applies the next layer's router to its own input
   and starts reading the experts it predicts, behind its own reads, so the
   disk stays busy while this layer computes.
@@ -308,6 +309,72 @@ def _detached(a: mx.array) -> mx.array:
     return mx.array(np.array(a))
 
 
+class Slots:
+    """Which expert each of a bank's slots holds, and the eviction policy's bookkeeping: no I/O, so that
+    scripts/policy_sim.py replays routing traces through it alone (hit rates, against the optimum)."""
+
+    def __init__(self, slots: int, experts: int, policy: str = "lfu", pin: bool = False):
+        if policy not in POLICIES:
+            raise ValueError(f"eviction policy {policy!r}: choose from {', '.join(POLICIES)}")
+        self.slots, self.policy, self.pin = slots, policy, pin
+        self.slot_of = np.full(experts, -1, dtype=np.int64)
+        self.expert_in = np.full(slots, -1, dtype=np.int64)
+        self.score = np.zeros(experts)
+        self.recent = np.zeros(experts, dtype=bool)  # used by the previous step
+        self.clock = 0
+
+    def use(self, needed: np.ndarray) -> None:
+        """A step needs these experts: the policy's scores updated (before their misses are admitted)."""
+        self.clock += 1
+        if self.policy == "lfu":
+            self.score *= DECAY
+            self.score[needed] += 1.0
+        else:
+            self.score[needed] = self.clock
+
+    def victim(self, protect: np.ndarray, strict_pin: bool = False) -> int | None:
+        """A slot to (re)fill: a free one, else the coldest unprotected one."""
+        free = np.flatnonzero(self.expert_in < 0)
+        if free.size:
+            return int(free[0])
+        cand = np.flatnonzero(~protect)
+        if self.pin and cand.size:
+            cold = cand[~self.recent[self.expert_in[cand]]]
+            cand = cold if cold.size or strict_pin else cand
+        if not cand.size:
+            return None
+        return int(cand[np.argmin(self.score[self.expert_in[cand]])])
+
+    def take(self, slot: int, e: int) -> None:
+        if self.expert_in[slot] >= 0:
+            self.slot_of[self.expert_in[slot]] = -1
+        self.expert_in[slot], self.slot_of[e] = e, slot
+
+    def free(self, slot: int) -> None:
+        if self.expert_in[slot] >= 0:
+            self.slot_of[self.expert_in[slot]] = -1
+        self.expert_in[slot] = -1
+
+    def admit(self, needed: np.ndarray) -> list[tuple[int, int]]:
+        """(expert, slot) for each of `needed`'s experts not resident, its slot taken for it: never one
+        holding another of `needed` (len(needed) <= slots)."""
+        protect = np.zeros(self.slots, dtype=bool)
+        protect[self.slot_of[needed][self.slot_of[needed] >= 0]] = True
+        out = []
+        for e in (int(e) for e in needed if self.slot_of[e] < 0):
+            slot = self.victim(protect)
+            self.take(slot, e)
+            protect[slot] = True
+            out.append((e, slot))
+        return out
+
+    def remember(self, needed: np.ndarray | None) -> None:
+        """The step's experts, for pin (None: a step that went through the bank in groups)."""
+        self.recent[:] = False
+        if needed is not None:
+            self.recent[needed] = True
+
+
 class _Holder:
     """Keeps the bank out of the module tree: its slots are not model parameters."""
 
@@ -319,10 +386,9 @@ class OffloadedExperts(nn.Module):
     """Stands in for a MoE layer's SwitchGLU: same call, experts read on demand."""
 
     def __init__(self, file: ExpertFile, entry: dict, dims: tuple[int, int], slots: int, dtype, pool,
-                 policy: str = "lfu", pin: bool = True):
+                 policy: str = "lfu", pin: bool = False):
         super().__init__()
-        if policy not in POLICIES:
-            raise ValueError(f"eviction policy {policy!r}: choose from {', '.join(POLICIES)}")
+        table = Slots(slots, entry["num_experts"], policy, pin)
         dim, hidden = dims
         glu = SwitchGLU(dim, hidden, slots)
         for p in PROJS:
@@ -353,39 +419,14 @@ class OffloadedExperts(nn.Module):
             object.__setattr__(self, "views", [[whole[p][s * file.nbytes(p): (s + 1) * file.nbytes(p)]
                                                 for p in file.order] for s in range(slots)])
         object.__setattr__(self, "hints", HINTS if direct and uvm.available(glu.gate_proj.weight) else False)
-        self.slots, self.policy, self.pin = slots, policy, pin
-        E = entry["num_experts"]
-        self.slot_of = np.full(E, -1, dtype=np.int64)
-        self.expert_in = np.full(slots, -1, dtype=np.int64)
-        self.score = np.zeros(E)
-        self.recent = np.zeros(E, dtype=bool)  # used by the previous step
-        self.clock = 0
-        self.stats = Stats()
+        self.slots, self.table, self.stats = slots, table, Stats()
+
+    @property
+    def slot_of(self) -> np.ndarray:
+        """Each expert's slot, -1 where it is not in the bank."""
+        return self.table.slot_of
 
     # --- slots ---------------------------------------------------------------
-
-    def _victim(self, protect: np.ndarray, strict_pin: bool = False) -> int | None:
-        """A slot to (re)fill: a free one, else the coldest unprotected one."""
-        free = np.flatnonzero(self.expert_in < 0)
-        if free.size:
-            return int(free[0])
-        cand = np.flatnonzero(~protect)
-        if self.pin and cand.size:
-            cold = cand[~self.recent[self.expert_in[cand]]]
-            cand = cold if cold.size or strict_pin else cand
-        if not cand.size:
-            return None
-        return int(cand[np.argmin(self.score[self.expert_in[cand]])])
-
-    def _take(self, slot: int, e: int) -> None:
-        if self.expert_in[slot] >= 0:
-            self.slot_of[self.expert_in[slot]] = -1
-        self.expert_in[slot], self.slot_of[e] = e, slot
-
-    def _free(self, slot: int) -> None:
-        if self.expert_in[slot] >= 0:
-            self.slot_of[self.expert_in[slot]] = -1
-        self.expert_in[slot] = -1
 
     def _start(self, e: int, slot: int) -> tuple:
         """Start reading expert e: straight into its slot, or into a buffer to convert.
@@ -405,7 +446,7 @@ class OffloadedExperts(nn.Module):
                 read.result()
             except ExpertReadError as ex:
                 error = error or ex
-                self._free(slot)
+                self.table.free(slot)
                 continue
             if blob is not None:
                 blobs.append((slot, e, blob))
@@ -447,35 +488,20 @@ class OffloadedExperts(nn.Module):
                 reads.append(r)
                 self.stats.prefetch_used += e in want
             else:
-                self._free(r[1])
+                self.table.free(r[1])
         self.pending.clear()
         return reads
-
-    def _use(self, needed: np.ndarray) -> None:
-        self.clock += 1
-        if self.policy == "lfu":
-            self.score *= DECAY
-            self.score[needed] += 1.0
-        else:
-            self.score[needed] = self.clock
 
     def ensure(self, needed: np.ndarray, then=None, under_way: list | None = None) -> None:
         """Make every expert in `needed` resident (len(needed) <= slots); `then` runs
         once this step's reads are queued (the next layer's prefetch goes behind them),
         before waiting for them and for `under_way` (this layer's prefetched reads): so
         the next layer's reads are queued while this layer's are still in flight."""
-        misses = [int(e) for e in needed if self.slot_of[e] < 0]
+        misses = self.table.admit(needed)
         self.stats.hits += len(needed) - len(misses)
         self.stats.misses += len(misses)
         self.stats.bytes += len(misses) * self.file.stride
-        protect = np.zeros(self.slots, dtype=bool)
-        protect[self.slot_of[needed][self.slot_of[needed] >= 0]] = True
-        reads = []
-        for e in misses:
-            slot = self._victim(protect)
-            self._take(slot, e)
-            protect[slot] = True
-            reads.append(self._start(e, slot))
+        reads = [self._start(e, slot) for e, slot in misses]
         if then is not None:
             then()
         self._wait((under_way or []) + reads)
@@ -489,10 +515,10 @@ class OffloadedExperts(nn.Module):
         for e in map(int, experts):
             if self.slot_of[e] >= 0:
                 continue
-            slot = self._victim(protect, strict_pin=True)
+            slot = self.table.victim(protect, strict_pin=True)
             if slot is None:
                 break
-            self._take(slot, e)
+            self.table.take(slot, e)
             protect[slot] = True
             self.pending[e] = self._start(e, slot)
             self.stats.prefetched += 1
@@ -534,14 +560,13 @@ class OffloadedExperts(nn.Module):
         """A step's bookkeeping: the previous layer's prefetches settled (the wanted ones returned,
         under way), the experts' scores updated."""
         under_way = self._settle(needed)
-        self._use(needed)
+        self.table.use(needed)
         return under_way
 
     def _resident(self, needed: np.ndarray, then) -> None:
         """A step's experts, all of which fit the bank, made resident (the misses read)."""
         self.ensure(needed, then, self._begin(needed))
-        self.recent[:] = False
-        self.recent[needed] = True
+        self.table.remember(needed)
 
     def slots_for(self, x: mx.array, inds: mx.array) -> mx.array | None:
         """For one token's fused kernels: its experts made resident and their slots (shaped
@@ -607,7 +632,7 @@ class OffloadedExperts(nn.Module):
             where, row, experts = self._pairs(idx, needed[g : g + self.slots])
             y[mx.array(where)] = self._glu(rows[mx.array(row)], self.slot_of[experts], experts)[:, 0]
             mx.eval(y)  # the next group overwrites these slots
-        self.recent[:] = False
+        self.table.remember(None)
         return y.reshape(*idx.shape, D)
 
     def _backward(self, x: mx.array, w: mx.array | None, idx: np.ndarray, needed: np.ndarray,
@@ -693,8 +718,10 @@ def parse_size(size: str | int | None, total: int, resident: int = 0, smallest: 
     return int(float(m[1]) * unit)
 
 
-# The defaults, each measured against its alternative in scripts/offload_bench.py (BENCHMARKS.md).
-POLICY, PIN, PREFETCH = "lfu", True, False
+# The defaults, each measured against its alternative (BENCHMARKS.md): eviction and pin by their hit rates
+# (scripts/policy_sim.py: LFU 0.6-2.1 points above LRU on the skewed trace; pin 1.2 below at a 10% budget),
+# prefetch by its speed in scripts/offload_bench.py (it pays only as far as its guesses are right).
+POLICY, PIN, PREFETCH = "lfu", False, False
 
 
 def offload_experts(model, folder: Path, manifest: dict, budget: int, dtype, prefetch: bool | None = None,

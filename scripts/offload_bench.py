@@ -147,8 +147,14 @@ def disk_bandwidth(folder: Path, entry: dict, piece: int | None = None, workers:
     return n / dt / 1e9
 
 
+DRIFT = 40  # tokens between the "drifting" trace's changes of topic
+
+
 def trace(kind: str, tokens: int, layers: int, E: int, k: int, seed: int) -> np.ndarray:
-    """Expert ids [tokens, layers, k]."""
+    """Expert ids [tokens, layers, k]: "uniform", "skewed", or "drifting" (skewed, with each layer's
+    popular experts drawn anew every DRIFT tokens: a conversation that changes topic)."""
+    if kind not in ("uniform", "skewed", "drifting"):
+        raise ValueError(f"routing trace {kind!r}: choose uniform, skewed or drifting")
     rng = np.random.default_rng(seed)
     if kind == "uniform":
         return np.stack([[rng.choice(E, k, replace=False) for _ in range(layers)] for _ in range(tokens)])
@@ -158,6 +164,8 @@ def trace(kind: str, tokens: int, layers: int, E: int, k: int, seed: int) -> np.
     for layer in range(layers):
         prev = rng.choice(E, k, replace=False, p=pop / pop.sum())
         for t in range(tokens):
+            if kind == "drifting" and t and t % DRIFT == 0:
+                orders[layer] = rng.permutation(E)
             keep = prev[rng.random(k) < 0.6]  # temporal locality: most of the last token's experts stay
             p = pop.copy()
             p[keep] = 0
