@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import mmap
 import os
 import re
@@ -123,15 +124,21 @@ for _ in range(31):
     _X2N.append(_mul(_X2N[-1], _X2N[-1]))
 
 
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """crc32(a + b) from crc32(a), crc32(b) and len(b) (zlib's crc32_combine,
-    which Python's zlib does not expose): pieces are checked in parallel."""
-    p, k, n = 1 << 31, 3, len2  # x^(8 * len2)
+@functools.lru_cache(maxsize=64)
+def _shift(len2: int) -> int:
+    """x^(8 * len2) modulo the polynomial: the same few lengths (a piece, an expert's last piece) recur."""
+    p, k, n = 1 << 31, 3, len2
     while n:
         if n & 1:
             p = _mul(_X2N[k & 31], p)
         n, k = n >> 1, k + 1
-    return _mul(p, crc1) ^ crc2
+    return p
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """crc32(a + b) from crc32(a), crc32(b) and len(b) (zlib's crc32_combine,
+    which Python's zlib does not expose): pieces are checked in parallel."""
+    return _mul(_shift(len2), crc1) ^ crc2
 
 
 def split(views: list[memoryview], size: int) -> list[list[memoryview]]:
