@@ -19,7 +19,7 @@ Three policies, each switchable so the benchmark can measure what it buys:
   most recently used. The current step's experts are never evicted (they must
   all be in the bank at once).
 - pin: the experts the previous token used are evicted last (routing is
-  temporally local), and never by a prefetch. Off by default: with LFU it cost
+  temporally local). A prefetch never evicts them, pin or not. Off by default: with LFU it cost
   hits on the skewed trace (scripts/policy_sim.py).
 - prefetch (decode): a layer applies the next layer's router to its own input
   and starts reading the experts it predicts, behind its own reads, so the
@@ -339,22 +339,22 @@ class Slots:
         else:
             self.score[needed] = self.clock
 
-    def victim(self, protect: np.ndarray, strict_pin: bool = False) -> int | None:
-        """A slot to (re)fill: a free one, else the coldest unprotected one."""
+    def victim(self, protect: np.ndarray, spare_recent: bool = False) -> int | None:
+        """A slot to (re)fill: a free one, else the coldest unprotected one; with pin, one the previous
+        step did not use if there is one; with `spare_recent`, only such a one (None when there is none)."""
         free = np.flatnonzero(self.expert_in < 0)
         if free.size:
             return int(free[0])
         cand = np.flatnonzero(~protect)
-        if self.pin and cand.size:
+        if (self.pin or spare_recent) and cand.size:
             cold = cand[~self.recent[self.expert_in[cand]]]
-            cand = cold if cold.size or strict_pin else cand
+            cand = cold if cold.size or spare_recent else cand
         if not cand.size:
             return None
         return int(cand[np.argmin(self.score[self.expert_in[cand]])])
 
     def take(self, slot: int, e: int) -> None:
-        if self.expert_in[slot] >= 0:
-            self.slot_of[self.expert_in[slot]] = -1
+        self.free(slot)
         self.expert_in[slot], self.slot_of[e] = e, slot
 
     def free(self, slot: int) -> None:
@@ -362,14 +362,17 @@ class Slots:
             self.slot_of[self.expert_in[slot]] = -1
         self.expert_in[slot] = -1
 
-    def admit(self, needed: np.ndarray) -> list[tuple[int, int]]:
+    def admit(self, needed: np.ndarray, spare_recent: bool = False) -> list[tuple[int, int]]:
         """(expert, slot) for each of `needed`'s experts not resident, its slot taken for it: never one
-        holding another of `needed` (len(needed) <= slots)."""
+        holding another of `needed` (len(needed) <= slots). `spare_recent` (a prefetch's guesses): never
+        one the previous step used either, and as many as such slots allow."""
         protect = np.zeros(self.slots, dtype=bool)
         protect[self.slot_of[needed][self.slot_of[needed] >= 0]] = True
         out = []
         for e in (int(e) for e in needed if self.slot_of[e] < 0):
-            slot = self.victim(protect)
+            slot = self.victim(protect, spare_recent)
+            if slot is None:
+                break
             self.take(slot, e)
             protect[slot] = True
             out.append((e, slot))
@@ -433,7 +436,7 @@ class OffloadedExperts(nn.Module):
         """Each expert's slot, -1 where it is not in the bank."""
         return self.table.slot_of
 
-    # --- slots ---------------------------------------------------------------
+    # --- reads ----------------------------------------------------------------
 
     def _start(self, e: int, slot: int) -> tuple:
         """Start reading expert e: straight into its slot, or into a buffer to convert.
@@ -515,18 +518,7 @@ class OffloadedExperts(nn.Module):
 
     def prefetch(self, experts: np.ndarray) -> None:
         """Start reading predicted experts into cold slots (never the last step's)."""
-        protect = np.zeros(self.slots, dtype=bool)
-        for e in map(int, experts):
-            if self.slot_of[e] >= 0:
-                protect[self.slot_of[e]] = True
-        for e in map(int, experts):
-            if self.slot_of[e] >= 0:
-                continue
-            slot = self.table.victim(protect, strict_pin=True)
-            if slot is None:
-                break
-            self.table.take(slot, e)
-            protect[slot] = True
+        for e, slot in self.table.admit(experts, spare_recent=True):
             self.pending[e] = self._start(e, slot)
             self.stats.prefetched += 1
             self.stats.bytes += self.file.stride

@@ -217,6 +217,22 @@ def test_frequency_with_aging_beats_lru_on_skewed_routing():
             assert all(sim.hit_rate(tr, slots, 128, *pp, warm=10) <= best for pp in sim.POLICIES.values())
 
 
+def test_a_prefetch_never_evicts_the_last_steps_experts():
+    """Slots.admit for a prefetch's guesses (spare_recent), pin off as by default: only slots the previous
+    step did not use are taken, as many as there are; a step's own admission may take any unprotected one."""
+    from glm_mlx.offload import Slots
+
+    t = Slots(4, 16, "lfu", pin=False)
+    for needed in (np.array([0, 1]), np.array([2, 3])):  # four slots filled; the last step used 2 and 3
+        t.use(needed)
+        t.admit(needed)
+        t.remember(needed)
+    got = t.admit(np.array([5, 6, 7]), spare_recent=True)
+    assert [e for e, _ in got] == [5, 6] and set(t.expert_in) == {2, 3, 5, 6}  # 0 and 1 gave way, then none
+    t.use(np.array([8]))
+    assert t.admit(np.array([8])) and 8 in t.expert_in  # a step's own miss: the coldest, whichever it is
+
+
 def test_crc32_of_pieces_combines_to_the_whole():
     import zlib
 
