@@ -115,15 +115,21 @@ def to_host(a) -> int:
     return _prefetch(a, _HOST, True)
 
 
-def advise_read_mostly(a) -> int:
-    """The card reads a duplicate of a's pages; a host write drops it rather than moving it back."""
+def _advise(a, advice: int, where: int) -> int:
+    """cuMemAdvise over a's pages, for the card (where=_DEVICE) or the host."""
     d = _driver()
     if d is None:
         return 0
     lib, dev = d
     _stream(lib, dev)
     ptr, n = _range(a)
-    return lib.cuMemAdvise_v2(ctypes.c_uint64(ptr), ctypes.c_size_t(n), _READ_MOSTLY, _Location(_DEVICE, dev))
+    loc = _Location(where, dev if where == _DEVICE else 0)
+    return lib.cuMemAdvise_v2(ctypes.c_uint64(ptr), ctypes.c_size_t(n), advice, loc)
+
+
+def advise_read_mostly(a) -> int:
+    """The card reads a duplicate of a's pages; a host write drops it rather than moving it back."""
+    return _advise(a, _READ_MOSTLY, _DEVICE)
 
 
 _PREFERRED, _ACCESSED_BY = 3, 5  # CUmem_advise
@@ -133,11 +139,4 @@ def advise_host(a) -> int:
     """a's pages stay on the host, mapped for the card to read across the bus: neither side's touch
     moves them. (scripts/uvm_probe.py's staged variant: reads into such a buffer, then a kernel copying
     it into slots that stay on the card. It measured no faster than reading into the slots: not used.)"""
-    d = _driver()
-    if d is None:
-        return 0
-    lib, dev = d
-    _stream(lib, dev)
-    ptr, n = _range(a)
-    return (lib.cuMemAdvise_v2(ctypes.c_uint64(ptr), ctypes.c_size_t(n), _PREFERRED, _Location(_HOST, 0))
-            or lib.cuMemAdvise_v2(ctypes.c_uint64(ptr), ctypes.c_size_t(n), _ACCESSED_BY, _Location(_DEVICE, dev)))
+    return _advise(a, _PREFERRED, _HOST) or _advise(a, _ACCESSED_BY, _DEVICE)

@@ -122,12 +122,12 @@ def disk_bandwidth(folder: Path, entry: dict, piece: int | None = None, workers:
     `workers` reads in flight; `direct`: past the page cache (O_DIRECT), into aligned memory."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from glm_mlx.offload import _open_direct, aligned_buffer
+    from glm_mlx.offload import ALIGN, _open_direct, aligned_buffer
 
     drop_cache(folder)
     stride, start = entry["stride"], entry["data_start"]
     fd = _open_direct(folder / entry["file"]) if direct else os.open(folder / entry["file"], os.O_RDONLY)
-    if fd is None or (direct and (start % 4096 or stride % 4096)):  # no direct reads here
+    if fd is None or (direct and (start % ALIGN or stride % ALIGN)):  # no direct reads here
         return 0.0
     piece = piece or stride
     spans = [(start + e * stride + o, min(piece, stride - o)) for e in range(experts) for o in range(0, stride, piece)]
@@ -403,6 +403,7 @@ def main():
               f"{r['wait_ms_per_token']:.1f} | {r['other_ms_per_token']:.1f} | {r['eval_ms_per_token']:.1f} | "
               f"{r['direct_share']:.0%} | {r['peak_gb']:.2f} | {'equal' if diff == 0 else f'{diff:.1e}'} |")
     print(json.dumps({"disk_gbps": bw, "disk_before": disk, "disk_after": after, "rows": rows}))
+
 
 if __name__ == "__main__":
     main()

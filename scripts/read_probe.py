@@ -21,9 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from glm_mlx import uvm
-
-STRIDE = 9732096  # an Air expert: a multiple of 4096
-PIECE = 512 << 10
+from uvm_probe import PIECE, STRIDE  # an Air expert (a multiple of 4096), read in offload.py's pieces
 
 
 def main():
