@@ -244,11 +244,11 @@ class ExpertFile:
                 os.posix_fadvise(self.fd, offset, sum(v.nbytes for v in views), os.POSIX_FADV_DONTNEED)
         with self._count:
             self.pieces["buffered" if direct is None else "direct"] += 1
-        if hints:
-            uvm.after_write(views)
         crc = 0
         for v in views:
             crc = zlib.crc32(v, crc)
+        if hints:  # after the checksum, whose reads would fault the pages back
+            uvm.after_write(views)
         return n, crc
 
     def start_read(self, pool, e: int, views: list[memoryview], hints: bool = False) -> "ExpertRead":
