@@ -9,8 +9,10 @@ whole experts, page cache dropped), then decodes with the routed experts
 limited to 100%, 50%, 25% and 10% of their bytes, on two routing traces:
 uniform (every expert equally likely) and skewed (Zipf popularity, and each
 token reusing most of the previous token's experts). The router's choice is
-replaced by the trace (the offloader is what is measured); every read goes
-to the disk (each expert's pages are dropped after it is read). The bound
+replaced by the trace (the offloader is what is measured), made to depend on
+the layer's input so that reading it waits for the card as a real router's
+choice does; every read goes to the disk (direct reads, or each expert's pages
+dropped after it is read). The bound
 for a run is the disk bandwidth over the bytes read per token (prefetches included). Each row's last logits
 are compared with the resident model's on the same trace: they must be equal.
 """
@@ -18,6 +20,7 @@ are compared with the resident model's on the same trace: they must be equal.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -190,21 +193,23 @@ VARIANTS = {  # name: (eviction, pin, prefetch accuracy or None, CUDA managed me
     "lru": ("lru", False, None, "expert", True),
     "lfu": ("lfu", False, None, "expert", True),
     "lfu+pin": ("lfu", True, None, "expert", True),
-    "lfu+pin (no hints)": ("lfu", True, None, False, True),
-    "lfu+pin (hints a piece)": ("lfu", True, None, "piece", True),
-    "lfu+pin (buffered)": ("lfu", True, None, "expert", False),
-    "lfu+pin+prefetch 100%": ("lfu", True, 1.0, "expert", True),
-    "lfu+pin+prefetch 50%": ("lfu", True, 0.5, "expert", True),
+    "lfu (hints a piece)": ("lfu", False, None, "piece", True),
+    "lfu (no hints)": ("lfu", False, None, False, True),
+    "lfu (buffered)": ("lfu", False, None, "expert", False),
+    "lfu+prefetch 100%": ("lfu", False, 1.0, "expert", True),
+    "lfu+prefetch 75%": ("lfu", False, 0.75, "expert", True),
+    "lfu+prefetch 50%": ("lfu", False, 0.5, "expert", True),
 }
 
 
 def run(folder: Path, budget_frac: float, kind: str, tokens: int, warm: int, variant: str,
-        piece: int | None = None, workers: int | None = None) -> dict:
+        piece: int | None = None, workers: int | None = None, sync: bool = True, profile: Path | None = None) -> dict:
     import glm_mlx.offload as offload
     from glm_mlx.loading import expert_bytes, load_model
 
     policy, pin, accuracy, hints, direct = VARIANTS[variant]
     offload.POLICY, offload.PIN, offload.PREFETCH, offload.HINTS, offload.DIRECT = policy, pin, False, hints, direct
+    gc.collect()  # the previous row's model gone before this one's peak is measured
     offload.PIECE = piece or DEFAULT_PIECE
     offload.WORKERS = workers or DEFAULT_WORKERS
     manifest = json.loads((folder / MANIFEST).read_text())
@@ -216,9 +221,15 @@ def run(folder: Path, budget_frac: float, kind: str, tokens: int, warm: int, var
     k = a.num_experts_per_tok
     # The trace stands in for the router. It is read on the host each token, which a compiled
     # decode trace would freeze at its first token: the resident model runs its layers uncompiled.
+    # It depends on the layer's input, so that the host reading it waits for the card's work up to
+    # there, as it does for a real router's choice (and with `sync` False it does not: the card then
+    # works only once the token's graph is built).
     model_mod.COMPILED_DECODE = False
     for i, layer in enumerate(model.model.layers):
-        layer.mlp.gate = lambda x, norm=None, i=i: (mx.array(tr[step[0], i][None, None]), mx.full((1, 1, k), 1.0 / k))
+        def gate(x, norm=None, i=i):
+            ids = mx.array(tr[step[0], i][None, None])
+            return mx.depends(ids, x) if sync else ids, mx.full((1, 1, k), 1.0 / k)
+        layer.mlp.gate = gate
     banks = offload.offloaded_banks(model)  # in layer order
     if accuracy is not None:
         # The prediction is the trace's next layer, right with probability `accuracy`:
@@ -226,8 +237,16 @@ def run(folder: Path, budget_frac: float, kind: str, tokens: int, warm: int, var
         pred = guess(tr, accuracy, a.n_routed_experts, seed=2)
         for i, (b, nxt) in enumerate(zip(banks, banks[1:])):
             object.__setattr__(b, "next", (lambda x, i=i: (mx.array(pred[step[0], i + 1][None, None]), None), nxt))
+    routing = [0.0]  # seconds the host spent on the routers' choices, its waits for reads left out: the card's work
     for b in banks:
         b.file.drop_pages = True  # every read from the disk
+
+        def route(x, inds, b=b, inner=b._route):
+            t, w = time.perf_counter(), sum(c.stats.seconds for c in banks)
+            out = inner(x, inds)
+            routing[0] += time.perf_counter() - t - (sum(c.stats.seconds for c in banks) - w)
+            return out
+        object.__setattr__(b, "_route", route)
     mx.reset_peak_memory()
     drop_cache(folder)
     cache = model.make_cache()
@@ -236,14 +255,29 @@ def run(folder: Path, budget_frac: float, kind: str, tokens: int, warm: int, var
         step[0] = t
         mx.eval(model(y, cache, checked=True))
     before = offload.offloaded_stats(model) or offload.Stats()
-    t0, built = time.perf_counter(), 0.0
+    profiler = None
+    if profile is not None:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    t0, built, routing[0] = time.perf_counter(), 0.0, 0.0
     for t in range(warm, warm + tokens):
         step[0] = t
         tb = time.perf_counter()
-        logits = model(y, cache, checked=True)  # the graph built, and every read made (the trace needs no sync)
+        logits = model(y, cache, checked=True)  # the graph built, and every read made
         built += time.perf_counter() - tb
         mx.eval(logits)
     dt = time.perf_counter() - t0
+    for b in banks:
+        del b.__dict__["_route"]  # (the wrapper holds its bank: a cycle that would keep the model alive)
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        profile.mkdir(parents=True, exist_ok=True)
+        with open(profile / f"{kind}-{budget_frac:g}-{variant.replace(' ', '_')}.txt", "w") as f:
+            pstats.Stats(profiler, stream=f).sort_stats("tottime").print_stats(40)
     st = offload.offloaded_stats(model) or offload.Stats()
     misses, nbytes, hits = st.misses - before.misses, st.bytes - before.bytes, st.hits - before.hits
     used, ahead = st.prefetch_used - before.prefetch_used, st.prefetched - before.prefetched
@@ -253,7 +287,8 @@ def run(folder: Path, budget_frac: float, kind: str, tokens: int, warm: int, var
             "hit_rate": hits / max(hits + misses, 1), "read_gbps": nbytes / dt / 1e9,
             "bytes_read_per_token": nbytes / tokens, "wait_ms_per_token": waited / tokens * 1e3,
             "other_ms_per_token": (dt - waited) / tokens * 1e3,
-            "eval_ms_per_token": (dt - built) / tokens * 1e3,  # the device's part of "other", after the reads
+            # the card's work and the host's wait for it: at each router's choice, and after the graph is built
+            "eval_ms_per_token": (dt - built + routing[0]) / tokens * 1e3,
             "prefetch_used": used / max(ahead, 1) if ahead else None,
             "direct_share": pieces["direct"] / max(sum(pieces.values()), 1),
             "peak_gb": mx.get_peak_memory() / 1e9, "logits": np.array(logits.astype(mx.float32)).ravel()}
@@ -303,13 +338,20 @@ def main():
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--traces", default="uniform,skewed")
     ap.add_argument("--pieces", default="", help="MB per parallel piece of an expert's read, e.g. 1,2,4,16 "
-                    "(instead of the policies: lfu+pin at each piece size)")
+                    "(instead of the policies: lfu at each piece size)")
     ap.add_argument("--workers", default="", help="reads in flight, e.g. 32,64 (with --pieces: each pair; "
                     "the disk's bandwidth is also measured with that access pattern)")
     ap.add_argument("--small", action="store_true", help="shrink the widths (a quick run on the CPU)")
+    ap.add_argument("--no-sync", action="store_true", help="the trace's choice independent of the layer's input: "
+                    "nothing is evaluated until a token's graph is built (the benchmark before session 20)")
+    ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                    help="write each row's cProfile of its timed tokens (top 40 by own time) under DIR")
     ap.add_argument("--train", type=int, default=0, metavar="TOKENS", help="instead of decoding, QLoRA steps of "
                     "TOKENS tokens (attention and shared expert, experts frozen) at each budget")
     a = ap.parse_args()
+    unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}: choose from {list(VARIANTS)}")
     global DEFAULT_PIECE, DEFAULT_WORKERS
     import glm_mlx.offload as offload
     DEFAULT_PIECE, DEFAULT_WORKERS = offload.PIECE, offload.WORKERS
@@ -370,11 +412,12 @@ def main():
     rows = []
     grid = [(p, w) for p in pieces for w in (workers or [None])]
     for kind in a.traces.split(","):
-        resident = run(a.dir, 1.0, kind, a.tokens, a.warm, "lfu")
-        runs = ([(float(f), "lfu+pin", p, w) for f in a.budgets.split(",") for p, w in grid] if pieces else
+        opts = dict(sync=not a.no_sync, profile=a.profile)
+        resident = run(a.dir, 1.0, kind, a.tokens, a.warm, "lfu", **opts)
+        runs = ([(float(f), "lfu", p, w) for f in a.budgets.split(",") for p, w in grid] if pieces else
                 [(float(f), v, None, None) for f in a.budgets.split(",") for v in a.variants.split(",")])
         for frac, variant, piece, nw in [(1.0, "lfu", None, None)] + runs:
-            r = resident if frac == 1.0 else run(a.dir, frac, kind, a.tokens, a.warm, variant, piece, nw)
+            r = resident if frac == 1.0 else run(a.dir, frac, kind, a.tokens, a.warm, variant, piece, nw, **opts)
             if piece:
                 variant = f"{variant}, {piece / 2**20:g} MB pieces" + (f", {nw} in flight" if nw else "")
             r.update(trace=kind, policy="(resident)" if frac == 1 else variant,
@@ -389,8 +432,8 @@ def main():
     print("disk after the rows: " + "; ".join(f"{k}: {v:.2f}" for k, v in after.items())
           + f"; the fastest row read at {max(r['read_gbps'] for r in rows):.2f}. The bound takes {bw:.2f} GB/s")
     print("| routing | budget | policy | tokens/s | hit rate | prefetch used | read GB/s | MB read/token | "
-          "bound tokens/s | of bound | read wait ms/token | other ms/token | of it, eval ms/token | read direct | "
-          "peak GB | logits vs resident |")
+          "bound tokens/s | of bound | read wait ms/token | other ms/token | of it, evaluating ms/token | "
+          "read direct | peak GB | logits vs resident |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         bound = bw * 1e9 / r["bytes_read_per_token"] if r["bytes_read_per_token"] else float("inf")

@@ -14,7 +14,10 @@ under variants: plain; the slots prefetched to the host before the read and to
 the card after it (cuMemPrefetchAsync); "hints", offload.py's: each piece's
 pages sent to the card as soon as it is read (glm_mlx.uvm); the slots advised
 read-mostly (last: the advice stays with the memory, which MLX's buffer cache
-hands on).
+hands on); "expert hints", offload.py's default: each expert's slot sent to the
+card once read; "copy" and "copy a piece": reads into page-locked host memory,
+then the copy engine into slots that stay on the card (--copy-only: just plain,
+the hints and these).
 """
 
 from __future__ import annotations
@@ -33,13 +36,15 @@ STRIDE = 3 * 1408 * 4096 // 2 + 3 * 1408 * 4096 // 64 * 4  # an Air expert: 4-bi
 PIECE = 512 << 10
 
 
-def read_into(fd: int, views: list[memoryview], pool, cold: bool, hints: bool = False) -> float:
+def read_into(fd: int, views: list[memoryview], pool, cold: bool, hints: bool = False, then=None) -> float:
     def one(i: int, v: memoryview) -> None:
         for o in range(0, v.nbytes, PIECE):
             piece = [v[o: o + PIECE]]
             os.preadv(fd, piece, i * STRIDE + o)
             if hints:  # as offload.ExpertFile.read_piece does
                 uvm.after_write(piece)
+            if then is not None:
+                then(i, o, piece[0].nbytes)
         if cold:
             os.posix_fadvise(fd, i * STRIDE, STRIDE, os.POSIX_FADV_DONTNEED)
 
@@ -95,12 +100,63 @@ def staged_rows(fd: int, pool, a, S: int, host: np.ndarray) -> None:
               flush=True)
 
 
+def copy_rows(fd: int, pool, a, S: int, host: np.ndarray) -> None:
+    """Reads into page-locked host memory (registered with the driver), then the copy engine
+    (cuMemcpyHtoDAsync) writes each expert into its slot, which stays on the card: the bank's pages never
+    move and the host never touches them. "copy": an expert's copy once all of it is read; "copy a piece":
+    each piece's as soon as it is read, overlapping the reads still under way."""
+    import ctypes
+    import mmap
+
+    if uvm._driver() is None:
+        print("copy: no CUDA driver here")
+        return
+    lib, dev = uvm._driver()
+    st = uvm._stream(lib, dev)
+    buf = mmap.mmap(-1, S * STRIDE)
+    whole = memoryview(buf)
+    src = ctypes.addressof(ctypes.c_char.from_buffer(whole))
+    err = lib.cuMemHostRegister_v2(ctypes.c_void_p(src), ctypes.c_size_t(S * STRIDE), ctypes.c_uint(1))
+    views = [whole[i * STRIDE:(i + 1) * STRIDE] for i in range(S)]
+    for per_piece in (False, True):
+        bank = mx.zeros((S, STRIDE), mx.uint8)
+        mx.eval(bank)
+        dst = uvm._range(bank)[0]
+
+        def copy(i: int, o: int, n: int) -> None:
+            e = lib.cuMemcpyHtoDAsync_v2(ctypes.c_uint64(dst + i * STRIDE + o), ctypes.c_void_p(src + i * STRIDE + o),
+                                         ctypes.c_size_t(n), st)
+            errs.add(e)
+
+        errs, rows = set(), []
+        for _ in range(a.rounds):
+            mx.eval(mx.sum(bank.view(mx.uint32), axis=1))  # the card reads every slot: its pages are there
+            read = read_into(fd, views, pool, a.cold, then=copy if per_piece else None)
+            t2 = time.perf_counter()
+            if not per_piece:
+                for i in range(S):
+                    copy(i, 0, STRIDE)
+            errs.add(lib.cuStreamSynchronize(st))
+            t3 = time.perf_counter()
+            s = mx.sum(bank.view(mx.uint32)[:, :8], axis=1)
+            mx.eval(mx.sum(bank.view(mx.uint32), axis=1), s)
+            t4 = time.perf_counter()
+            rows.append((read, t3 - t2, t4 - t3))
+        ok = bool(np.array_equal(np.array(bank[S - 1, :4096]), np.frombuffer(views[-1][:4096], np.uint8)))
+        best = min(rows, key=lambda r: sum(r))
+        name = "copy a piece" if per_piece else "copy"
+        print(f"{name:22s} read {best[0] * 1e3:7.1f} ms  copy {best[1] * 1e3:7.1f} ms  "
+              f"use {best[2] * 1e3:7.1f} ms  total {sum(best) * 1e3:7.1f} ms  bytes right: {ok}  "
+              f"driver errors: register {err}, copies {sorted(errs - {0}) or 'none'}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--file", default="/tmp/uvm-probe.bin")
     ap.add_argument("--cold", action="store_true", help="drop each expert's pages: read from the disk")
+    ap.add_argument("--copy-only", action="store_true", help="plain, hints and the copy engine's rows only")
     a = ap.parse_args()
     S = a.slots
     if not os.path.exists(a.file) or os.path.getsize(a.file) < S * STRIDE:
@@ -115,8 +171,14 @@ def main():
           f"slots {S} x {STRIDE / 1e6:.1f} MB, {'disk' if a.cold else 'page cache'}")
     plain = [memoryview(host)[i * STRIDE:(i + 1) * STRIDE] for i in range(S)]
     print(f"host memory: read {min(read_into(fd, plain, pool, a.cold) for _ in range(a.rounds)) * 1e3:.1f} ms")
-    staged_rows(fd, pool, a, S, host)
-    for variant in ("plain", "hints", "prefetch", "plain", "hints", "read-mostly"):
+    if not a.copy_only:
+        staged_rows(fd, pool, a, S, host)
+        copy_rows(fd, pool, a, S, host)
+    for variant in ("plain", "hints", "expert hints", "copy") if a.copy_only else (
+            "plain", "hints", "prefetch", "plain", "hints", "read-mostly"):
+        if variant == "copy":
+            copy_rows(fd, pool, a, S, host)
+            continue
         bank = mx.zeros((S, STRIDE), mx.uint8)
         mx.eval(bank)
         errors = set()
@@ -136,6 +198,8 @@ def main():
                 errors.add(uvm.after_write([bank]))
             if variant == "hints":
                 errors.add(uvm.after_write(views[:1]))  # (the code it returns; the reads drop theirs)
+            if variant == "expert hints":  # offload.py's default: each expert's slot once read
+                errors.add(uvm.after_write(views))
             s = mx.sum(bank.view(mx.uint32)[:, :8], axis=1)  # the card touches every slot
             mx.eval(mx.sum(bank.view(mx.uint32), axis=1), s)
             t3 = time.perf_counter()
