@@ -160,8 +160,35 @@ def split(views: list[memoryview], size: int) -> list[list[memoryview]]:
 # "piece", each piece by its reading thread once read; False, none (the card's first kernel on a slot then
 # faults its pages over, ~0.1 ms a MB). With direct reads, "piece" lost or tied in every cell of the
 # benchmark, and "expert" made the card's part of a token 2.5-6.5x shorter than none (BENCHMARKS.md, session 19).
+# "copy" is no hint: each expert is read into page-locked host memory of its own (_Spans) and the copy engine
+# writes it into its slot, which stays on the card. In one run it shortened the card's part of a token 2-3x
+# and won all three skewed cells by 5-13 points, but tied or lost uniform ones (session 20): not the default.
 HINTS: bool | str = "expert"
 _hinting = ThreadPoolExecutor(max_workers=1)
+
+
+class _Spans:
+    """Page-locked host memory for HINTS "copy": an expert in flight is read into a span of its own, then
+    copied into its slot by the copy engine; the slot stays on the card and no page moves. At most `n` spans
+    (made as needed, kept); an expert that finds none free takes the hinted path."""
+
+    def __init__(self, n: int):
+        self.n, self.free, self.made = n, {}, 0
+
+    def take(self, size: int) -> memoryview | None:
+        free = self.free.setdefault(size, [])
+        if not free and self.made < self.n:
+            span = uvm.pinned(size)
+            if span is not None:
+                self.made += 1
+                free.append(span)
+        return free.pop() if free else None
+
+    def give(self, span: memoryview) -> None:
+        self.free[span.nbytes].append(span)
+
+
+_spans = _Spans(24)
 PIECE = 512 << 10  # an expert is read as pieces of this size in parallel: a disk serves several at once (BENCHMARKS.md)
 WORKERS = 32  # reads in flight at once (threads: each mostly waits on the disk)
 
@@ -439,9 +466,12 @@ class OffloadedExperts(nn.Module):
     # --- reads ----------------------------------------------------------------
 
     def _start(self, e: int, slot: int) -> tuple:
-        """Start reading expert e: straight into its slot, or into a buffer to convert.
-        (expert, slot, ExpertRead, buffer or None)."""
+        """Start reading expert e: straight into its slot, into a span to copy into it (HINTS "copy"),
+        or into a buffer to convert. (expert, slot, ExpertRead, span, buffer or None)."""
         if self.views is not None:
+            span = _spans.take(self.file.stride) if self.hints == "copy" else None
+            if span is not None:  # into page-locked memory, copied into the slot once read (_wait)
+                return e, slot, self.file.start_read(self.pool, e, [span]), span
             return e, slot, self.file.start_read(self.pool, e, self.views[slot], self.hints == "piece"), None
         blob = aligned_buffer(self.file.stride)
         return e, slot, self.file.start_read(self.pool, e, [blob]), blob
@@ -450,18 +480,32 @@ class OffloadedExperts(nn.Module):
         """Wait for reads from _start; fill converted ones; a failed read empties its
         slot and raises once every read has stopped writing."""
         t0 = time.perf_counter()
-        error, blobs = None, []
+        error, blobs, spans, copy_err = None, [], [], 0
         for e, slot, read, blob in reads:
             try:
                 read.result()
             except ExpertReadError as ex:
                 error = error or ex
                 self.table.free(slot)
+                if self.views is not None and blob is not None:
+                    _spans.give(blob)
                 continue
-            if blob is not None:
+            if self.views is not None and blob is not None:  # a span: copied into the slot on the card
+                copy_err = copy_err or uvm.copy_to_card(self.views[slot], blob)
+                spans.append((slot, blob))
+            elif blob is not None:
                 blobs.append((slot, e, blob))
-            elif self.hints == "expert":
+            elif self.hints in ("expert", "copy"):  # ("copy" when no span was free)
                 _hinting.submit(uvm.after_write, self.views[slot])
+        if spans:
+            copy_err = uvm.copies_done() or copy_err
+            for slot, span in spans:
+                _spans.give(span)
+                if copy_err:  # what the slots hold is not known
+                    self.table.free(slot)
+            if copy_err and error is None:
+                error = ExpertReadError(f"{self.file.path}: copying experts of layer {self.file.layer} to the card "
+                                        f"failed (CUDA error {copy_err})")
         self.stats.seconds += time.perf_counter() - t0
         if blobs:
             self._fill(blobs)
@@ -499,6 +543,8 @@ class OffloadedExperts(nn.Module):
                 self.stats.prefetch_used += e in want
             else:
                 self.table.free(r[1])
+                if self.views is not None and r[3] is not None:
+                    _spans.give(r[3])
         self.pending.clear()
         return reads
 

@@ -12,6 +12,11 @@ beside hints tried and dropped: moving or discarding the pages to the host
 before the read, piece by piece, cost more than the faults it saved; advising
 read-mostly made the host's writes ten times slower.)
 
+The bank can also keep the host off its slots: a read lands in page-locked host
+memory (`pinned`) and the copy engine writes it into the slot, which stays on
+the card (`copy_to_card`, offload.HINTS "copy"). No page moves either way.
+Unlike a hint, a copy carries the data: a failed one is an error.
+
 MLX does not expose these; this calls the CUDA driver through ctypes. On a Mac
 (unified memory, nothing to move) and on the CPU, `available()` is False and
 every call returns at once.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import mmap
 import threading
 
 import mlx.core as mx
@@ -107,6 +113,52 @@ def after_write(views) -> int:
     for v in views:
         err = err or _prefetch(v, _DEVICE, False)
     return err
+
+
+def pinned(n: int) -> memoryview | None:
+    """n bytes of page-locked host memory at a page boundary (which a direct read can fill and the copy
+    engine read), or None where there is no driver or it refuses. Kept for the process's life."""
+    d = _driver()
+    if d is None:
+        return None
+    lib, dev = d
+    _stream(lib, dev)
+    buf = memoryview(mmap.mmap(-1, n))
+    if lib.cuMemHostRegister_v2(ctypes.c_void_p(_range(buf)[0]), ctypes.c_size_t(n), ctypes.c_uint(1)):  # PORTABLE
+        return None
+    return buf
+
+
+def copy_to_card(views: list[memoryview], src: memoryview) -> int:
+    """Start copying src (pinned) into views (consecutive pieces of managed arrays, src's length in all) with
+    the copy engine, on the stream hints go on: 0, or the CUresult of what failed (`copies_done` waits)."""
+    d = _driver()
+    if d is None:
+        return -1
+    lib, dev = d
+    st = _stream(lib, dev)
+    at, base = 0, _range(src)[0]
+    for v in views:
+        ptr, n = _range(v)
+        err = lib.cuMemcpyHtoDAsync_v2(ctypes.c_uint64(ptr), ctypes.c_void_p(base + at), ctypes.c_size_t(n), st)
+        if err:
+            return err
+        at += n
+    return 0
+
+
+def copies_done() -> int:
+    """Wait for every copy started on the stream (a sleeping wait, not a spinning one): 0, or a CUresult."""
+    d = _driver()
+    if d is None:
+        return 0
+    lib, dev = d
+    st = _stream(lib, dev)
+    if not hasattr(_local, "done"):
+        ev = ctypes.c_void_p()
+        lib.cuEventCreate(ctypes.byref(ev), 3)  # CU_EVENT_BLOCKING_SYNC | CU_EVENT_DISABLE_TIMING
+        _local.done = ev
+    return lib.cuEventRecord(_local.done, st) or lib.cuEventSynchronize(_local.done)
 
 
 # The alternatives scripts/uvm_probe.py measured beside after_write (neither is used: see the docstring).

@@ -196,6 +196,7 @@ VARIANTS = {  # name: (eviction, pin, prefetch accuracy or None, CUDA managed me
     "lfu (hints a piece)": ("lfu", False, None, "piece", True),
     "lfu (no hints)": ("lfu", False, None, False, True),
     "lfu (buffered)": ("lfu", False, None, "expert", False),
+    "lfu (copies)": ("lfu", False, None, "copy", True),
     "lfu+prefetch 100%": ("lfu", False, 1.0, "expert", True),
     "lfu+prefetch 75%": ("lfu", False, 0.75, "expert", True),
     "lfu+prefetch 50%": ("lfu", False, 0.5, "expert", True),

@@ -409,14 +409,17 @@ def test_a_grouped_step_starts_with_the_experts_already_in_the_bank(converted):
     np.testing.assert_array_equal(first, second)
 
 
-@pytest.mark.parametrize("hints", ["piece", "expert"])
+@pytest.mark.parametrize("hints", ["piece", "expert", "copy"])
 def test_reads_into_the_bank_are_sent_to_the_card_once_read(hints, converted, monkeypatch):
     """With HINTS on CUDA, what is read into a slot is sent to the card once read (glm_mlx.uvm; a no-op here,
-    so recorded): each piece by its reading thread ("piece"), or each expert once checked ("expert"); the
-    file's bytes in it by then; the logits still the resident model's."""
+    so recorded): each piece by its reading thread ("piece"), or each expert once checked ("expert"), or
+    each expert read into page-locked memory and copied into its slot ("copy"); the file's bytes in it by
+    then; the logits still the resident model's; a copy that fails is a clear error."""
     from glm_mlx import uvm
+    from glm_mlx.offload import _Spans, aligned_buffer
 
     assert not uvm.available() and uvm.after_write([memoryview(bytearray(8))]) == 0  # off CUDA: no hints, no-ops
+    assert uvm.pinned(4096) is None and uvm.copy_to_card([], memoryview(bytearray(8))) != 0 and uvm.copies_done() == 0
     folder = converted("glm45-tiny", "mixed")
     resident, _ = load_model(folder)
     toks = np.random.default_rng(0).integers(0, resident.args.vocab_size, size=(1, 16))
@@ -431,6 +434,18 @@ def test_reads_into_the_bank_are_sent_to_the_card_once_read(hints, converted, mo
     monkeypatch.setattr(glm_mlx.offload, "_hinting", Now())
     monkeypatch.setattr(uvm, "available", lambda a=None: True)
     monkeypatch.setattr(uvm, "after_write", lambda views: calls.append(("after", [bytes(v) for v in views])))
+
+    def copy(views, src):
+        at = 0
+        for v in views:
+            v[:] = src[at: at + v.nbytes]
+            at += v.nbytes
+        calls.append(("copy", [bytes(v) for v in views]))
+        return 0
+
+    monkeypatch.setattr(uvm, "pinned", aligned_buffer)
+    monkeypatch.setattr(uvm, "copy_to_card", copy)
+    monkeypatch.setattr(glm_mlx.offload, "_spans", _Spans(1))  # fewer than a step's misses: some take the hints
     model, _ = load_model(folder, expert_memory=budget_for(folder, 2))
     banks = offloaded_banks(model)
     assert all(b.hints and b.views is not None for b in banks)
@@ -444,6 +459,15 @@ def test_reads_into_the_bank_are_sent_to_the_card_once_read(hints, converted, mo
     assert all(any(b"".join(bs) in x for x in experts) for bs in afters)  # each piece holds the file's bytes
     if hints == "expert":  # one hint an expert, for its whole slot
         assert len(afters) == st.misses and all(len(b"".join(bs)) == banks[0].file.stride for bs in afters)
+    if hints == "copy":  # each expert copied whole, or (no span free) read into its slot and hinted whole
+        assert {c[0] for c in calls} == {"copy", "after"} and len(afters) == st.misses
+        assert all(len(b"".join(bs)) == banks[0].file.stride for bs in afters)
+        spans = glm_mlx.offload._spans
+        assert spans.made == 1 and len(spans.free[banks[0].file.stride]) == 1  # the span given back
+        monkeypatch.setattr(uvm, "copy_to_card", lambda views, src: 700)
+        model, _ = load_model(folder, expert_memory=budget_for(folder, 2))
+        with pytest.raises(ExpertReadError, match="to the card failed .CUDA error 700"):
+            model(toks)
     monkeypatch.setattr(glm_mlx.offload, "HINTS", False)
     calls.clear()
     model, _ = load_model(folder, expert_memory=budget_for(folder, 2))
