@@ -11,7 +11,6 @@ cache before each mode. Prints GB/s for each mode, best of `--rounds`.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import mmap
 import os
 import threading
@@ -47,10 +46,7 @@ def main():
     host = mmap.mmap(-1, n)  # page-aligned host memory, as O_DIRECT wants
     # "pinned": host memory page-locked for the card (cuMemHostRegister), as the copy engine wants; "ring":
     # each thread's own 512 KB buffer, read into again and again (session 20's copy-engine reads did both)
-    locked = mmap.mmap(-1, n)
-    lib = uvm._driver()
-    pinned = lib is not None and not lib[0].cuMemHostRegister_v2(
-        ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(locked))), ctypes.c_size_t(n), ctypes.c_uint(1))
+    locked = uvm.pinned(n)
     rings = threading.local()
     pool = ThreadPoolExecutor(a.workers)
     pieces = [(o, min(PIECE, n - o)) for o in range(0, n, PIECE)]
@@ -91,13 +87,13 @@ def main():
 
     modes = ["buffered", "buffered crc", "buffered crc drop", "buffered crc drop hints", "buffered host",
              "direct", "direct crc", "direct host", "direct crc hints", "direct host ring"]
-    modes += ["direct pinned", "direct crc pinned"] if pinned else []
+    modes += ["direct pinned", "direct crc pinned"] if locked is not None else []
     for mode in modes + modes[:1] + ["direct"]:
         try:
             print(f"{mode:26s} {run(mode):6.2f} GB/s", flush=True)
         except OSError as e:
             print(f"{mode:26s} failed: {e}", flush=True)
-    ref = np.frombuffer(host, np.uint8)  # (written by the last "host" mode: not a ring's)[: 1 << 20].copy()
+    ref = np.frombuffer(host, np.uint8)[: 1 << 20].copy()  # (written by the last "host" mode: not a ring's)
     print("bank equals host read:", bool(np.array_equal(np.array(bank[: 1 << 20]), ref)))
 
 

@@ -104,29 +104,20 @@ def copy_rows(fd: int, pool, a, S: int, host: np.ndarray) -> None:
     """Reads into page-locked host memory (registered with the driver), then the copy engine
     (cuMemcpyHtoDAsync) writes each expert into its slot, which stays on the card: the bank's pages never
     move and the host never touches them. "copy": an expert's copy once all of it is read; "copy a piece":
-    each piece's as soon as it is read, overlapping the reads still under way."""
-    import ctypes
-    import mmap
-
-    if uvm._driver() is None:
-        print("copy: no CUDA driver here")
+    each piece's as soon as it is read, overlapping the reads still under way (glm_mlx.uvm's own calls)."""
+    whole = uvm.pinned(S * STRIDE)
+    if whole is None:
+        print("copy: no CUDA driver here, or it refused page-locked memory")
         return
-    lib, dev = uvm._driver()
-    st = uvm._stream(lib, dev)
-    buf = mmap.mmap(-1, S * STRIDE)
-    whole = memoryview(buf)
-    src = ctypes.addressof(ctypes.c_char.from_buffer(whole))
-    err = lib.cuMemHostRegister_v2(ctypes.c_void_p(src), ctypes.c_size_t(S * STRIDE), ctypes.c_uint(1))
     views = [whole[i * STRIDE:(i + 1) * STRIDE] for i in range(S)]
     for per_piece in (False, True):
         bank = mx.zeros((S, STRIDE), mx.uint8)
         mx.eval(bank)
-        dst = uvm._range(bank)[0]
+        dst = memoryview(bank).cast("B")
 
         def copy(i: int, o: int, n: int) -> None:
-            e = lib.cuMemcpyHtoDAsync_v2(ctypes.c_uint64(dst + i * STRIDE + o), ctypes.c_void_p(src + i * STRIDE + o),
-                                         ctypes.c_size_t(n), st)
-            errs.add(e)
+            at = i * STRIDE + o
+            errs.add(uvm.copy_to_card([dst[at: at + n]], whole[at: at + n]))
 
         errs, rows = set(), []
         for _ in range(a.rounds):
@@ -136,7 +127,7 @@ def copy_rows(fd: int, pool, a, S: int, host: np.ndarray) -> None:
             if not per_piece:
                 for i in range(S):
                     copy(i, 0, STRIDE)
-            errs.add(lib.cuStreamSynchronize(st))
+            errs.add(uvm.copies_done())
             t3 = time.perf_counter()
             s = mx.sum(bank.view(mx.uint32)[:, :8], axis=1)
             mx.eval(mx.sum(bank.view(mx.uint32), axis=1), s)
@@ -147,7 +138,7 @@ def copy_rows(fd: int, pool, a, S: int, host: np.ndarray) -> None:
         name = "copy a piece" if per_piece else "copy"
         print(f"{name:22s} read {best[0] * 1e3:7.1f} ms  copy {best[1] * 1e3:7.1f} ms  "
               f"use {best[2] * 1e3:7.1f} ms  total {sum(best) * 1e3:7.1f} ms  bytes right: {ok}  "
-              f"driver errors: register {err}, copies {sorted(errs - {0}) or 'none'}", flush=True)
+              f"driver errors: {sorted(errs - {0}) or 'none'}", flush=True)
 
 
 def main():
