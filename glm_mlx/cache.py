@@ -29,10 +29,12 @@ class KVCache:
     def __init__(self):
         self.keys = self.values = None
         self.offset = 0
+        self.written = None  # the last launch that wrote into the buffers: its k (kernels.qkv_decode_cached)
 
     def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         """Append k, v [B, H, T, D]; return everything cached so far."""
         prev, T = self.offset, k.shape[2]
+        self.settle()
         keys, values = self.room(k.shape, k.dtype)
         keys[..., prev : prev + T, :] = k
         values[..., prev : prev + T, :] = v
@@ -42,14 +44,28 @@ class KVCache:
         """The key and value buffers, grown to hold T more positions (shape: [B, H, T, D])."""
         prev, T = self.offset, shape[2]
         if self.keys is None or prev + T > self.keys.shape[2]:
+            self.settle()
             n = -(-(prev + T) // self.step) * self.step
             self.keys, self.values = _room(self.keys, shape, dtype, prev, n), _room(self.values, shape, dtype, prev, n)
         return self.keys, self.values
 
-    def advance(self, keys: mx.array, values: mx.array, T: int) -> tuple[mx.array, mx.array]:
-        """Take back the buffers (from room) with T positions written at the offset; return everything
-        cached so far."""
-        self.keys, self.values = keys, values
+    def last_write(self, shape: tuple, dtype: mx.Dtype) -> mx.array:
+        """What a launch that writes into the buffers takes to come after the previous one (its k, shaped
+        [1, H, 1, D]): that k, or zeros of its shape where the buffers' last writer was an op of MLX's."""
+        return self.written if self.written is not None else mx.zeros(shape, dtype)
+
+    def settle(self) -> None:
+        """Wait for the launches that wrote into the buffers, before an op of MLX's reads them: MLX orders
+        that op after the buffers' makers, not after those launches (kernels.qkv_decode_cached)."""
+        if self.written is not None:
+            mx.eval(self.written)
+            self.written = None
+
+    def advance(self, keys: mx.array, values: mx.array, T: int,
+                written: mx.array | None = None) -> tuple[mx.array, mx.array]:
+        """Take back the buffers (from room) with T positions written at the offset (by a launch whose
+        output `written` is, when it wrote into them itself); return everything cached so far."""
+        self.keys, self.values, self.written = keys, values, written
         self.offset += T
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 

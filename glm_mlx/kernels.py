@@ -225,10 +225,10 @@ FN float group_total(float v, TG float* sh, uint lane, uint warp) {
     for (int j = 0; j < W; j++) t += sh[j];
     return t;
 }
-// x [K] through RMSNorm (weights nw, eps[0]) into xn [K / 8] as bf16 (as a bf16 model's norm hands
+// x [K] through RMSNorm (weights nw, eps) into xn [K / 8] as bf16 (as a bf16 model's norm hands
 // it on, rounded once), by the whole threadgroup of W simdgroups in one read of x (sums through sh [W]).
 template <int K, int W, typename NW>
-FN void stage_norm(const DEV BF16_T* x, const DEV NW* nw, const DEV float* eps, TG uint4* xn, TG float* sh,
+FN void stage_norm(const DEV BF16_T* x, const DEV NW* nw, float eps, TG uint4* xn, TG float* sh,
                    uint tid, uint lane, uint warp) {
     const uint T = 32 * W, C = (K / 8 + T - 1) / T;  // chunks per thread
     float v[C * 8], n[C * 8], s = 0.0f;
@@ -243,7 +243,7 @@ FN void stage_norm(const DEV BF16_T* x, const DEV NW* nw, const DEV float* eps, 
             for (int j = 0; j < 8; j++) s += v[i * 8 + j] * v[i * 8 + j];
         }
     }
-    float f = RSQRT(group_total<W>(s, sh, lane, warp) / K + eps[0]);
+    float f = RSQRT(group_total<W>(s, sh, lane, warp) / K + eps);
     for (uint i = 0; i < C; i++) {
         uint c = tid + i * T;
         if (c < K / 8) {
@@ -285,11 +285,12 @@ _ROWS = """
     TGMEM uint4 sh_none[1];  // no normalised copy of x (ld_x's NORM off)
 """
 
-# x [K] normalised (RMSNorm: weights nw, eps[0]) into threadgroup memory when NORM: read from there.
+# x [K] normalised (RMSNorm: weights nw, epsilon the float whose bits are EPS) into threadgroup memory when
+# NORM: read from there.
 _NORM_X = """
     TGMEM float shn[WARPS];
     TGMEM uint4 xn[NORM ? K / 8 : 1];
-    if (NORM) stage_norm<K, WARPS>(x, nw, eps, xn, shn, tid, lane, warp);
+    if (NORM) stage_norm<K, WARPS>(x, nw, AS_FLOAT((uint)EPS), xn, shn, tid, lane, warp);
 """
 
 # y[r, n] = W[inds[r]][n] . x[r or 0]
@@ -304,10 +305,10 @@ _QMV_BODY = _ROWS + """
 
 # q|k|v = Wq x' + bq | Wk x' + bk | Wv x' + bv, x' = x normalised (RMSNorm, weights nw) when NORM:
 # (with CACHE, k and v also written into the KV cache buffers kc, vc at position pos[0]: inputs the
-# launch writes, which MLX does not know; qkv_decode_cached says why that is safe)
+# launch writes, which MLX does not know; qkv_decode_cached says why that is safe; `after` is not read)
 # rows [0, NQ) of q, then NK of k, NK of v (NQ and NK multiples of RPW: a threadgroup's rows lie
 # in one projection). With ROPE > 0, q and k leave RoPE'd at position pos[0] (rotate-half over
-# the first ROPE of each head's HD rows, base 2^lbase[0]): row d pairs with d + ROPE / 2, so a
+# the first ROPE of each head's HD rows, base 2^LBASE, LBASE a float's bits): row d pairs with d + ROPE / 2, so a
 # row set there takes RPW / 2 rows of each half (gap: from the first to the second) and a pair
 # meets in one simdgroup.
 _QKV_BODY = _ROWS + _NORM_X + """
@@ -329,7 +330,7 @@ _QKV_BODY = _ROWS + _NORM_X + """
     float o = SIMD_SHUFFLE_XOR(v, RPW / 2);  // the pair's other row (lanes sid and sid ^ RPW / 2)
     if (rot && sid < rows) {
         float d = (float)((m % HD) % (ROPE / 2));
-        float th = (float)pos[0] * EXP2(-d / (float)(ROPE / 2) * lbase[0]);
+        float th = (float)pos[0] * EXP2(-d / (float)(ROPE / 2) * AS_FLOAT((uint)LBASE));
         float c = cos(th), s = sin(th);
         v = sid < RPW / 2 ? v * c - o * s : v * c + o * s;
     }
@@ -414,7 +415,8 @@ _LOGITS_BODY = _ROWS + _NORM_X + """
 
 # The router's choice from its logits [E] (float32): scores = sigmoid(logits); the TOPK
 # experts of highest score + bias, best first (ties to the lower id); their scores,
-# normalised to sum 1 when NORM, times scale[0]. One simdgroup; lane l holds experts l, l + 32, ...
+# normalised to sum 1 when NORM, times the float whose bits are SCALE. One simdgroup; lane l holds experts
+# l, l + 32, ...
 _SELECT_BODY = """
     const uint EPL = (E + 31) / 32;
     float sc[EPL], ch[EPL], wv[TOPK];
@@ -443,7 +445,7 @@ _SELECT_BODY = """
         if (lane == 0) inds[j] = win;
     }
     if (lane == 0) {
-        for (uint j = 0; j < TOPK; j++) weights[j] = (NORM ? wv[j] / (total + 1e-20f) : wv[j]) * scale[0];
+        for (uint j = 0; j < TOPK; j++) weights[j] = (NORM ? wv[j] / (total + 1e-20f) : wv[j]) * AS_FLOAT((uint)SCALE);
     }
 """
 
@@ -709,14 +711,14 @@ def backend() -> str:
 
 KERNELS = {  # name: (inputs, outputs, body)
     "glm_gather_qmv": (["x", "w", "scales", "biases", "inds"], ["y"], _QMV_BODY),
-    "glm_qkv": (["x", "qw", "qs", "qb", "qbias", "kw", "ks", "kb", "kbias", "vw", "vs", "vb", "vbias", "nw", "eps",
-                 "pos", "lbase", "kc", "vc"], ["yq", "yk", "yv"], _QKV_BODY),
-    "glm_expert_up": (["x", "gw", "gs", "gb", "uw", "us", "ub", "inds", "sgw", "sgs", "sgb", "suw", "sus", "sub", "nw",
-                       "eps"], ["y"], _UP_BODY),
-    "glm_router_logits": (["x", "w", "nw", "eps"], ["y"], _LOGITS_BODY),
+    "glm_qkv": (["x", "qw", "qs", "qb", "qbias", "kw", "ks", "kb", "kbias", "vw", "vs", "vb", "vbias", "nw", "pos",
+                 "kc", "vc", "after"], ["yq", "yk", "yv"], _QKV_BODY),
+    "glm_expert_up": (["x", "gw", "gs", "gb", "uw", "us", "ub", "inds", "sgw", "sgs", "sgb", "suw", "sus", "sub", "nw"],
+                      ["y"], _UP_BODY),
+    "glm_router_logits": (["x", "w", "nw"], ["y"], _LOGITS_BODY),
     "glm_expert_down": (["h", "w", "scales", "biases", "inds", "weights", "sw", "ss", "sb", "res"], ["y"],
                         _DOWN_BODY),
-    "glm_router_select": (["logits", "bias", "scale"], ["inds", "weights"], _SELECT_BODY),
+    "glm_router_select": (["logits", "bias"], ["inds", "weights"], _SELECT_BODY),
     "glm_dequantize": (["w", "scales", "biases"], ["y"], _DEQUANT_BODY),
 }
 CUDA_KERNELS = {  # the same, with no Metal twin (tensor-core instructions): the dispatch asks for them on CUDA only
@@ -940,7 +942,7 @@ def moe_decode(x: mx.array, experts, inds: mx.array | None, weights: mx.array | 
         g, u, d = m["gate_proj"], m["up_proj"], m["down_proj"]
         ok = ok and (_fits(g, K) and _fits(u, K) and _fits(d, H) and g["weight"].shape[-2] == u["weight"].shape[-2] == H
                      and (g.bits, g.group_size) == (u.bits, u.group_size))
-    nw = _norm_inputs(norm, K)
+    nw = _norm_input(norm, K)
     if not ok or nw is None:
         return moe_decode_reference(x, experts, inds, weights, shared, residual, norm)
     k = inds.size if experts is not None else 0
@@ -949,9 +951,9 @@ def moe_decode(x: mx.array, experts, inds: mx.array | None, weights: mx.array | 
     side = shared if shared is not None else experts
     inds = _as(inds, mx.uint32) if experts is not None else _dummy(mx.uint32)
     g, u, sg, su = lead["gate_proj"], lead["up_proj"], side["gate_proj"], side["up_proj"]
-    h = _run(kind, "glm_expert_up", [x, *_q(g), *_q(u), inds, *_q(sg), *_q(su), *nw], H, rows,
+    h = _run(kind, "glm_expert_up", [x, *_q(g), *_q(u), inds, *_q(sg), *_q(su), nw[0]], H, rows,
              [((rows, H), mx.float32)], K=K, N=H, GROUP=g.group_size, BITS=g.bits,
-             SGROUP=sg.group_size, SBITS=sg.bits, ROWS=k, NORM=int(norm is not None))[0]
+             SGROUP=sg.group_size, SBITS=sg.bits, ROWS=k, NORM=int(norm is not None), EPS=nw[1])[0]
     d, sd = lead["down_proj"], side["down_proj"]
     D = d["weight"].shape[-2]
     wts = _as(weights, mx.float32) if experts is not None else _dummy(mx.float32)
@@ -988,12 +990,13 @@ def linear_decode(x: mx.array, layer, residual: mx.array | None = None) -> mx.ar
 
 def _qkv_launch(x: mx.array, q, k, v, shapes: tuple, norm, rope: tuple | None,
                 cache: tuple | None = None) -> tuple | None:
-    """The q|k|v launch's (q, k, v); with cache = (kc, vc), k and v written into them too. None where the
-    kernel does not take these operands (then the callers compute the reference)."""
+    """The q|k|v launch's (q, k, v); with cache = (kc, vc, after), k and v written into kc and vc too (after:
+    an input the launch does not read, to be ordered after it). None where the kernel does not take these
+    operands (then the callers compute the reference)."""
     kind, K = _gpu(x), x.size
     NQ, NK, HD = q["weight"].shape[0], k["weight"].shape[0], shapes[0][-1]
     bias = ["bias" in p for p in (q, k, v)]
-    nw = _norm_inputs(norm, K)
+    nw = _norm_input(norm, K)
     ok = (kind is not None and nw is not None and all(_fits(p, K) for p in (q, k, v)) and v["weight"].shape[0] == NK
           and NQ % RPW == 0 and NK % RPW == 0 and len(set(bias)) == 1
           and len({(p.bits, p.group_size) for p in (q, k, v)}) == 1
@@ -1006,11 +1009,11 @@ def _qkv_launch(x: mx.array, q, k, v, shapes: tuple, norm, rope: tuple | None,
     dims, base, offset = rope if rope is not None else (0, 1.0, None)
     pos = (_dummy(mx.int32) if offset is None else offset.astype(mx.int32) if isinstance(offset, mx.array)
            else mx.array([offset], mx.int32))
-    kc, vc = cache if cache is not None else (_dummy(x.dtype), _dummy(x.dtype))
-    return tuple(_run(kind, "glm_qkv", [x, *_q(q), b[0], *_q(k), b[1], *_q(v), b[2], *nw, pos,
-                                        _const(math.log2(base), mx.float32), kc, vc], NQ + 2 * NK, 1,
-                      [(shape, x.dtype) for shape in shapes], K=K, NQ=NQ, NK=NK, GROUP=q.group_size, BITS=q.bits,
-                      BIAS=int(bias[0]), NORM=int(norm is not None), ROPE=dims, HD=HD, CACHE=int(cache is not None)))
+    kc, vc, after = cache if cache is not None else (_dummy(x.dtype), _dummy(x.dtype), _dummy(x.dtype))
+    return tuple(_run(kind, "glm_qkv", [x, *_q(q), b[0], *_q(k), b[1], *_q(v), b[2], nw[0], pos, kc, vc, after],
+                      NQ + 2 * NK, 1, [(shape, x.dtype) for shape in shapes], K=K, NQ=NQ, NK=NK, GROUP=q.group_size,
+                      BITS=q.bits, BIAS=int(bias[0]), NORM=int(norm is not None), EPS=nw[1],
+                      LBASE=_bits(math.log2(base)), ROPE=dims, HD=HD, CACHE=int(cache is not None)))
 
 
 def qkv_decode(x: mx.array, q, k, v, shapes: tuple, norm=None,
@@ -1021,46 +1024,60 @@ def qkv_decode(x: mx.array, q, k, v, shapes: tuple, norm=None,
 
 
 def qkv_decode_cached(x: mx.array, q, k, v, shapes: tuple, norm, rope: tuple, keys: mx.array,
-                      values: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-    """(q, keys, values): qkv_decode's q, and the KV cache's buffers [1, kv heads, capacity, head_dim]
-    with this token's k and v at position rope[2] (an int array). On a GPU the q|k|v launch writes them
-    into the buffers it is given and hands those back: the two cache writes (a slice update each, two
-    ops to build and encode a layer, of a step's 513; BENCHMARKS.md, session 18) go. Elsewhere, slice
-    updates of the reference's k and v.
+                      values: mx.array, after: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """(q, keys, values, written): qkv_decode's q, and the KV cache's buffers [1, kv heads, capacity,
+    head_dim] with this token's k and v at position rope[2] (an int array). On a GPU the q|k|v launch
+    writes them into the buffers it is given and hands those back: the two cache writes (a slice update
+    each, two ops to build and encode a layer, of a step's 513; BENCHMARKS.md, session 18) go. Elsewhere,
+    slice updates of the reference's k and v.
 
-    MLX does not know that a launch writes its inputs, so this holds only as the decode step uses it:
-    the buffers are row-contiguous (KVCache makes them so; MLX would otherwise hand the kernel a
-    copy), held by the cache (so never donated to another op), and read after this only through the
-    attention of this token, which takes the launch's q and so runs after it; earlier steps' readers
-    read other positions."""
-    out = _qkv_launch(x, q, k, v, shapes, norm, rope, (keys, values))
+    MLX does not know that a launch writes its inputs, so this holds only as KVCache uses it:
+    - the buffers are row-contiguous (KVCache makes them so; MLX would otherwise hand the kernel a
+      copy) and held by the cache (so never donated to another op);
+    - MLX orders a CUDA graph's kernels by the buffers they write: a reader of the cache's buffers comes
+      after the ops that made them, not after a launch that wrote into them. So everything that reads
+      them later must also read an output of the launch. This token's attention takes q. The next
+      launch takes `written` (this launch's k, [1, kv heads, 1, head_dim]) as `after` (KVCache.last_write),
+      and so the next token's attention comes after this launch through that launch's q; without it, steps
+      built lazily over known tokens read positions not yet written (BENCHMARKS.md, session 22). The
+      cache's own ops on its buffers (growing them, a prompt's slice updates) evaluate `written` first.
+    `after`: the previous launch's `written` (any array of its shape before the first)."""
+    out = _qkv_launch(x, q, k, v, shapes, norm, rope, (keys, values, after))
     if out is not None:
-        return out[0], keys, values
+        return out[0], keys, values, out[1]
     qn, kn, vn = qkv_decode_reference(x, q, k, v, shapes, norm, rope)
     pos = rope[2].reshape(1).astype(mx.int32)
-    return qn, mx.slice_update(keys, kn, pos, axes=(2,)), mx.slice_update(values, vn, pos, axes=(2,))
+    return qn, mx.slice_update(keys, kn, pos, axes=(2,)), mx.slice_update(values, vn, pos, axes=(2,)), kn
 
 
 def router_logits(x: mx.array, weight: mx.array, norm=None) -> mx.array:
     """router_logits_reference's numbers in one launch on a GPU, the norm included."""
     kind, K = _gpu(x), x.size
-    nw = _norm_inputs(norm, K)
+    nw = _norm_input(norm, K)
     if kind is None or nw is None or weight.dtype != mx.float32 or weight.shape[-1] != K:
         return router_logits_reference(x, weight, norm)
     E = weight.shape[0]
-    return _run(kind, "glm_router_logits", [x, weight, *nw], E, 1, [((E,), mx.float32)], per_lane=8, K=K, N=E,
-                NORM=int(norm is not None))[0]
+    return _run(kind, "glm_router_logits", [x, weight, nw[0]], E, 1, [((E,), mx.float32)], per_lane=8, K=K, N=E,
+                NORM=int(norm is not None), EPS=nw[1])[0]
 
 
-def _norm_inputs(norm, K: int) -> list | None:
-    """A kernel's RMSNorm inputs (weights, eps), placeholders without a norm; None for a norm the
+def _bits(v: float) -> int:
+    """A float32's bits as an int: how a float goes in as a template argument (AS_FLOAT((uint)V) in the body).
+    Constants go in so, not as one-element arrays: MLX's CUDA backend keeps arrays of 8 bytes or less in
+    one shared pool of managed memory that the host writes whenever it makes one (each layer's position,
+    each step), and a launch that read one there waited for it (BENCHMARKS.md, session 22)."""
+    return int(np.float32(v).view(np.int32))
+
+
+def _norm_input(norm, K: int) -> tuple[mx.array, int] | None:
+    """A kernel's RMSNorm weights and epsilon (its _bits), a placeholder without a norm; None for a norm the
     kernels do not take."""
     if norm is None:
-        return [_dummy(mx.float32), _dummy(mx.float32)]
+        return _dummy(mx.float32), 0
     w = norm["weight"]
     if w.size != K or w.dtype not in (mx.bfloat16, mx.float32):
         return None
-    return [w, _const(float(norm.eps), mx.float32)]
+    return w, _bits(norm.eps)
 
 
 def router_select(logits: mx.array, bias: mx.array, k: int, norm: bool, scale: float, lead: tuple = ()):
@@ -1070,8 +1087,9 @@ def router_select(logits: mx.array, bias: mx.array, k: int, norm: bool, scale: f
     if kind == "cpu" or E > 32 * 16 or logits.dtype != mx.float32 or bias.dtype != mx.float32:
         return router_select_reference(logits, bias, k, norm, scale, lead)
     return tuple(_kernel(kind, "glm_router_select")(
-        inputs=[logits, bias, _const(float(scale), mx.float32)],
-        template=[("E", E), ("TOPK", k), ("NORM", int(norm))], grid=(32, 1, 1), threadgroup=(32, 1, 1),
+        inputs=[logits, bias],
+        template=[("E", E), ("TOPK", k), ("NORM", int(norm)), ("SCALE", _bits(scale))], grid=(32, 1, 1),
+        threadgroup=(32, 1, 1),
         output_shapes=[(*lead, k)] * 2, output_dtypes=[mx.uint32, mx.float32]))
 
 

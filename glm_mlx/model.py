@@ -82,14 +82,14 @@ class Attention(nn.Module):
         return (KV_IN_KERNEL and type(cache) is KVCache and not self.use_qk_norm
                 and decode_kernels(self.q_proj, self.k_proj, self.v_proj))
 
-    def project_cached(self, x: mx.array, offset: mx.array, keys: mx.array, values: mx.array,
-                       norm: nn.RMSNorm | None = None) -> tuple[mx.array, mx.array, mx.array]:
-        """One token's q [1, heads, 1, head_dim], and the KV cache's buffers with its k and v at position
-        `offset` (an int array): kernels.qkv_decode_cached."""
+    def project_cached(self, x: mx.array, offset: mx.array, keys: mx.array, values: mx.array, after: mx.array,
+                       norm: nn.RMSNorm | None = None) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+        """One token's q [1, heads, 1, head_dim], the KV cache's buffers with its k and v at position
+        `offset` (an int array), and what the next launch takes as `after`: kernels.qkv_decode_cached."""
         hd = self.head_dim
         return qkv_decode_cached(x, self.q_proj, self.k_proj, self.v_proj,
                                  ((1, self.n_heads, 1, hd), (1, self.n_kv_heads, 1, hd), (1, self.n_kv_heads, 1, hd)),
-                                 norm, (self.rope_dims, self.rope_theta, offset), keys, values)
+                                 norm, (self.rope_dims, self.rope_theta, offset), keys, values, after)
 
     def output(self, o: mx.array, residual: mx.array | None = None) -> mx.array:
         """o_proj of the heads' outputs o [B, heads, T, head_dim] -> [B, T, D], plus `residual` when given."""
@@ -219,6 +219,24 @@ def decode_kernels(*layers) -> bool:
 
 FUSED_DECODE = True
 
+_positions: list = [mx.arange(0), None, None]  # 0, 1, 2, ... (computed on the device, grown by doubling); n, its view
+
+
+def position(n: int) -> mx.array:
+    """n as a scalar int32 array that the host never writes: a view of a table of positions the device
+    computed. Each layer's launch reads its position from memory. An array the host makes is worse twice
+    over on MLX's CUDA backend, where arrays of 8 bytes or less share one pool of managed memory:
+    - each one the host writes takes the page from the card, and the next launch to read it waits (a
+      46-layer step spent about 1 ms so, BENCHMARKS.md, session 22);
+    - a slot goes back to the pool's free list when the host lets go of its array, not when the device
+      has read it, so a later step's position could be written into it first (a lazily built run of
+      steps decoded wrong positions, the same session)."""
+    if n >= _positions[0].size:
+        _positions[:] = [mx.arange(max(4096, 1 << n.bit_length()), dtype=mx.int32), None, None]
+    if _positions[1] != n:  # one view a step for all the layers (two ops; `[n]` would gather, a kernel)
+        _positions[1:] = [n, _positions[0][n : n + 1].reshape(())]
+    return _positions[2]
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, moe: bool):
@@ -232,11 +250,13 @@ class DecoderLayer(nn.Module):
         if (x.size == x.shape[-1] and cache is not None and COMPILED_DECODE and decode_kernels()
                 and not _host_side(self.mlp)):  # one token on a GPU
             project, finish = self._decode_plan()
-            attn, offset = self.self_attn, mx.array(cache.offset, mx.int32)
+            attn, offset = self.self_attn, position(cache.offset)
             if attn.writes_cache(cache):
-                keys, values = cache.room((1, attn.n_kv_heads, 1, attn.head_dim), x.dtype)
-                q, keys, values = self._cached_projection(keys.shape[2])(x, offset, keys, values)
-                k, v = cache.advance(keys, values, 1)
+                shape = (1, attn.n_kv_heads, 1, attn.head_dim)
+                keys, values = cache.room(shape, x.dtype)
+                q, keys, values, written = self._cached_projection(keys.shape[2])(
+                    x, offset, keys, values, cache.last_write(shape, x.dtype))
+                k, v = cache.advance(keys, values, 1, written)
             else:
                 q, k, v = project(x, offset)
                 k, v = cache.update_and_fetch(k, v)
@@ -248,9 +268,9 @@ class DecoderLayer(nn.Module):
     def _project(self, x: mx.array, offset: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         return self.self_attn.project(x, offset, self.input_layernorm)
 
-    def _project_cached(self, x: mx.array, offset: mx.array, keys: mx.array,
-                        values: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        return self.self_attn.project_cached(x, offset, keys, values, self.input_layernorm)
+    def _project_cached(self, x: mx.array, offset: mx.array, keys: mx.array, values: mx.array,
+                        after: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+        return self.self_attn.project_cached(x, offset, keys, values, after, self.input_layernorm)
 
     def _finish(self, o: mx.array, x: mx.array) -> mx.array:
         return self._mlp_half(self.self_attn.output(o, residual=x))

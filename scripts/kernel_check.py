@@ -312,7 +312,7 @@ def check_attention(rows: list):
 
         def cached(i, rope=rope, at=at, cap=cap):
             kc, vc = (mx.full((1, 8, cap, 128), 7.0, mx.bfloat16) for _ in range(2))
-            gq, gk, gv = qkv_decode_cached(x, q, k, v, shapes, norm, rope, kc, vc)
+            gq, gk, gv, _ = qkv_decode_cached(x, q, k, v, shapes, norm, rope, kc, vc, mx.zeros_like(kc[:, :, :1]))
             # the launch first: MLX does not know it writes gk and gv, so a copy of their rows in the same
             # graph (flat's reshape) may run before it (as the model's attention, which takes gq, cannot)
             mx.eval(gq)

@@ -164,3 +164,21 @@ def test_kv_bits_option(converted):
     p = cli("generate", "--model", folder, "--token-ids", "5,6,7", "-n", "4", "--temp", "0", "--kv-bits", "4",
             check_ok=True)
     assert "tokens/s" in p.stderr.strip().splitlines()[-1]
+
+
+def test_a_launchs_writes_are_waited_for_before_the_caches_own_ops_read_the_buffers():
+    """A launch that writes k and v into the buffers itself (kernels.qkv_decode_cached) is not an op MLX
+    orders the buffers' later readers after: the cache hands the next launch its output (last_write), and
+    evaluates it before growing the buffers or slice-updating a prompt into them (settle)."""
+    cache, shape = KVCache(), (1, 2, 1, 4)
+    assert np.array_equal(np.asarray(cache.last_write(shape, mx.float32)), np.zeros(shape))  # none yet: a stand-in
+    keys, values = cache.room(shape, mx.float32)
+    written = mx.ones(shape) * 2  # a launch's output, not yet computed
+    cache.advance(keys, values, 1, written)
+    assert cache.last_write(shape, mx.float32) is written
+    cache.update_and_fetch(mx.ones(shape), mx.ones(shape))  # a prompt's slice update: the launch first
+    assert cache.written is None and np.asarray(written).sum() == 16
+    cache.advance(cache.keys, cache.values, 0, mx.ones(shape) * 3)
+    cache.offset = cache.keys.shape[2]  # full: the next room grows the buffers
+    cache.room(shape, mx.float32)
+    assert cache.written is None and cache.keys.shape[2] == 2 * KVCache.step
