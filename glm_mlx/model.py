@@ -224,13 +224,11 @@ _positions: list = [mx.arange(0), None, None]  # 0, 1, 2, ... (computed on the d
 
 def position(n: int) -> mx.array:
     """n as a scalar int32 array that the host never writes: a view of a table of positions the device
-    computed. Each layer's launch reads its position from memory. An array the host makes is worse twice
-    over on MLX's CUDA backend, where arrays of 8 bytes or less share one pool of managed memory:
-    - each one the host writes takes the page from the card, and the next launch to read it waits (a
-      46-layer step spent about 1 ms so, BENCHMARKS.md, session 22);
-    - a slot goes back to the pool's free list when the host lets go of its array, not when the device
-      has read it, so a later step's position could be written into it first (a lazily built run of
-      steps decoded wrong positions, the same session)."""
+    computed, one view a step for all the layers. Each layer's q|k|v launch reads its position from memory.
+    On MLX's CUDA backend an array the host makes, of 8 bytes or less, lies in one pool of managed memory
+    that the host writes each time it makes one, and the launches that read from it there waited: with
+    the norms' epsilon and RoPE's base also read so, q|k|v took 37-42 us a call where it now takes 23-26
+    (BENCHMARKS.md, session 22)."""
     if n >= _positions[0].size:
         _positions[:] = [mx.arange(max(4096, 1 << n.bit_length()), dtype=mx.int32), None, None]
     if _positions[1] != n:  # one view a step for all the layers (two ops; `[n]` would gather, a kernel)

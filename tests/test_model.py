@@ -246,3 +246,15 @@ def test_config_variants_match_transformers(variant, tmp_path):
     ours, ref = np.array(model(toks)), reference_logits(src, toks)
     assert rel_err(ours, ref) < 1e-4
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_a_steps_position_is_one_view_of_a_device_table():
+    """model.position: n as a scalar int32 array, the same one for every layer of a step, a view of a table
+    the device computed (never an array the host writes), grown past its end."""
+    from glm_mlx.model import _positions, position
+
+    a = position(5)
+    assert a is position(5) and a.shape == () and a.dtype == mx.int32 and a.item() == 5
+    assert position(6).item() == 6 and position(6) is not a
+    big = position(70000)
+    assert big.item() == 70000 and _positions[0].size == 1 << 17
