@@ -45,6 +45,7 @@ backend's kernel, or the reference where there is none (the CPU).
 from __future__ import annotations
 
 import math
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -729,13 +730,24 @@ CUDA_KERNELS = {  # the same, with no Metal twin (tensor-core instructions): the
 
 def build(kind: str, name: str, inputs: list, outputs: list, body: str, header: str = ""):
     """A kernel for backend `kind` from a shared body: the backend's prologue before it, and in the
-    header its macros, then the helpers (_DOT), then `header` (scripts build their variants so)."""
+    header its macros, then the helpers (_DOT), the tensor-core helpers for the kernels that use them
+    (CUDA_KERNELS), then `header` (scripts build their variants so). Comments and indentation are left
+    out of what MLX is handed: it handles the text on every launch, at about 0.25 us a kilobyte on the
+    GPU machine's host, and a decode step launches 275 (scripts/encode_probe.py, BENCHMARKS.md, session 22)."""
     if kind == "cuda":
-        make, prologue, macros, extra = mx.fast.cuda_kernel, _CUDA_PROLOGUE, _CUDA_HEADER, _CUDA_GROUPED
+        make, prologue, macros = mx.fast.cuda_kernel, _CUDA_PROLOGUE, _CUDA_HEADER
+        extra = _CUDA_GROUPED if name in CUDA_KERNELS else ""
     else:
         make, prologue, macros, extra = mx.fast.metal_kernel, _METAL_PROLOGUE, _METAL_HEADER, ""
-    return make(name=name, input_names=inputs, output_names=outputs, source=prologue + body,
-                header=macros + _DOT + extra + header)
+    return make(name=name, input_names=inputs, output_names=outputs, source=_compact(prologue + body),
+                header=_compact(macros + _DOT + extra + header))
+
+
+def _compact(code: str) -> str:
+    """code without its // comments, blank lines and indentation (none of the kernels' text has // in a
+    string; preprocessor lines keep their own line)."""
+    lines = (re.sub(r"\s*//.*$", "", line).strip() for line in code.splitlines())
+    return "\n".join(line for line in lines if line) + "\n"
 
 
 def _kernel(kind: str, name: str):
