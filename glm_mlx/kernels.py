@@ -779,19 +779,32 @@ def _run(kind: str, name: str, inputs: list, rows: int, M: int, outputs: list, t
         output_shapes=[shape for shape, _ in outputs], output_dtypes=[dt for _, dt in outputs])
 
 
-_consts: dict = {}
-
-
-def _const(value: float, dtype) -> mx.array:
-    """A one-element array, built once: a kernel input (or one a launch does not read)."""
-    if (value, dtype) not in _consts:
-        _consts[value, dtype] = mx.array([value], dtype)
-        mx.eval(_consts[value, dtype])
-    return _consts[value, dtype]
+_dummies: dict = {}
 
 
 def _dummy(dtype) -> mx.array:
-    return _const(0, dtype)
+    """A one-element array of dtype, built once: an input a launch does not read."""
+    if dtype not in _dummies:
+        _dummies[dtype] = mx.zeros((1,), dtype)
+        mx.eval(_dummies[dtype])
+    return _dummies[dtype]
+
+
+_positions: list = [mx.arange(0), None, None]  # 0, 1, 2, ... (computed on the device, grown by doubling); n, its view
+
+
+def position(n: int) -> mx.array:
+    """n as a scalar int32 array that the host never writes: a view of a table of positions the device
+    computed, one view a step for all the layers. Each layer's q|k|v launch reads its position from memory.
+    On MLX's CUDA backend an array the host makes, of 8 bytes or less, lies in one pool of managed memory
+    that the host writes each time it makes one, and the launches that read from it there waited: with
+    the norms' epsilon and RoPE's base also read so, q|k|v took 37-42 us a call where it now takes 23-26
+    (BENCHMARKS.md, session 22)."""
+    if n >= _positions[0].size:
+        _positions[:] = [mx.arange(max(4096, 1 << n.bit_length()), dtype=mx.int32), None, None]
+    if _positions[1] != n:  # one view a step for all the layers (two ops; `[n]` would gather, a kernel)
+        _positions[1:] = [n, _positions[0][n : n + 1].reshape(())]
+    return _positions[2]
 
 
 def _as(a: mx.array, dtype) -> mx.array:
@@ -1020,7 +1033,7 @@ def _qkv_launch(x: mx.array, q, k, v, shapes: tuple, norm, rope: tuple | None,
     b = [p["bias"] if bias[0] else _dummy(mx.float32) for p in (q, k, v)]
     dims, base, offset = rope if rope is not None else (0, 1.0, None)
     pos = (_dummy(mx.int32) if offset is None else offset.astype(mx.int32) if isinstance(offset, mx.array)
-           else mx.array([offset], mx.int32))
+           else position(int(offset)))
     kc, vc, after = cache if cache is not None else (_dummy(x.dtype), _dummy(x.dtype), _dummy(x.dtype))
     return tuple(_run(kind, "glm_qkv", [x, *_q(q), b[0], *_q(k), b[1], *_q(v), b[2], nw[0], pos, kc, vc, after],
                       NQ + 2 * NK, 1, [(shape, x.dtype) for shape in shapes], K=K, NQ=NQ, NK=NK, GROUP=q.group_size,

@@ -20,7 +20,8 @@ import numpy as np
 from .cache import KVCache, attend, make_caches
 from .config import ModelArgs
 from .experts import QuantizedSwitchLinear, SwitchGLU, prefilling
-from .kernels import backend, linear_decode, moe_decode, qkv_decode, qkv_decode_cached, router_logits, router_select
+from .kernels import (backend, linear_decode, moe_decode, position, qkv_decode, qkv_decode_cached, router_logits,
+                      router_select)
 
 
 class Attention(nn.Module):
@@ -218,23 +219,6 @@ def decode_kernels(*layers) -> bool:
 
 
 FUSED_DECODE = True
-
-_positions: list = [mx.arange(0), None, None]  # 0, 1, 2, ... (computed on the device, grown by doubling); n, its view
-
-
-def position(n: int) -> mx.array:
-    """n as a scalar int32 array that the host never writes: a view of a table of positions the device
-    computed, one view a step for all the layers. Each layer's q|k|v launch reads its position from memory.
-    On MLX's CUDA backend an array the host makes, of 8 bytes or less, lies in one pool of managed memory
-    that the host writes each time it makes one, and the launches that read from it there waited: with
-    the norms' epsilon and RoPE's base also read so, q|k|v took 37-42 us a call where it now takes 23-26
-    (BENCHMARKS.md, session 22)."""
-    if n >= _positions[0].size:
-        _positions[:] = [mx.arange(max(4096, 1 << n.bit_length()), dtype=mx.int32), None, None]
-    if _positions[1] != n:  # one view a step for all the layers (two ops; `[n]` would gather, a kernel)
-        _positions[1:] = [n, _positions[0][n : n + 1].reshape(())]
-    return _positions[2]
-
 
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, moe: bool):

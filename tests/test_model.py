@@ -249,9 +249,9 @@ def test_config_variants_match_transformers(variant, tmp_path):
 
 
 def test_a_steps_position_is_one_view_of_a_device_table():
-    """model.position: n as a scalar int32 array, the same one for every layer of a step, a view of a table
+    """kernels.position: n as a scalar int32 array, the same one for every layer of a step, a view of a table
     the device computed (never an array the host writes), grown past its end."""
-    from glm_mlx.model import _positions, position
+    from glm_mlx.kernels import _positions, position
 
     a = position(5)
     assert a is position(5) and a.shape == () and a.dtype == mx.int32 and a.item() == 5
