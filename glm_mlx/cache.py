@@ -38,7 +38,8 @@ class KVCache:
         keys, values = self.room(k.shape, k.dtype)
         keys[..., prev : prev + T, :] = k
         values[..., prev : prev + T, :] = v
-        return self.advance(keys, values, T)
+        self.advance(keys, values, T)
+        return self.fetch()
 
     def room(self, shape: tuple, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
         """The key and value buffers, grown to hold T more positions (shape: [B, H, T, D])."""
@@ -61,12 +62,14 @@ class KVCache:
             mx.eval(self.written)
             self.written = None
 
-    def advance(self, keys: mx.array, values: mx.array, T: int,
-                written: mx.array | None = None) -> tuple[mx.array, mx.array]:
+    def advance(self, keys: mx.array, values: mx.array, T: int, written: mx.array | None = None) -> None:
         """Take back the buffers (from room) with T positions written at the offset (by a launch whose
-        output `written` is, when it wrote into them itself); return everything cached so far."""
+        output `written` is, when it wrote into them itself)."""
         self.keys, self.values, self.written = keys, values, written
         self.offset += T
+
+    def fetch(self) -> tuple[mx.array, mx.array]:
+        """Everything cached so far: views of the buffers' first offset positions."""
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
     def trim(self, n: int) -> None:

@@ -33,7 +33,9 @@ card's memory rather than its cache, fewer in flight leave it idle.
 weights on tensor cores (mma.sync), dequantizing tile by tile: no Metal twin, since the
 instructions differ (a Mac's prefill keeps dequantize + gather_mm). Its reference,
 `grouped_qmm_reference`, is what CI tests; scripts/kernel_check.py --grouped checks the kernel
-against it on the GPU machine.
+against it on the GPU machine. Likewise `decode_attention` (one token's attention over the KV
+cache's buffers in place, its length read on the device, CUDA only: a Mac keeps mx.fast's), against
+`decode_attention_reference` (scripts/kernel_check.py --attention).
 
 The decode bodies are shared: each backend supplies the same few names (tid, lane,
 warp, bx, by, BF16(p, i), AS_FLOAT(u), SIMD_SUM/MAX/MIN(v), the
@@ -573,14 +575,26 @@ _GROUPED_BODY = """
     }
 """
 
-_CUDA_GROUPED = """
+_CUDA_MMA = """
 // c += a (16 x 16, row-major fragments) * b (16 x 8, column-major fragments): one warp, bf16 in, float32 sums.
+// A thread (g = lane / 4, t = lane % 4) holds a's rows g and g + 8 at columns 2t, 2t + 1 (a[0], a[1]) and
+// 2t + 8, 2t + 9 (a[2], a[3]); b's rows 2t, 2t + 1 (b0) and 2t + 8, 2t + 9 (b1) at column g; c's rows g
+// (c[0], c[1]) and g + 8 (c[2], c[3]) at columns 2t, 2t + 1. Two bf16 a word, the lower index low.
 FN void mma_bf16(float* c, const uint* a, uint b0, uint b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                  "{%0,%1,%2,%3};\\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+// 16 bytes from device memory to threadgroup memory, asynchronously (cp.async: committed in groups,
+// waited for with cp.async.wait_group).
+FN void cp_async16(uint4* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\\n"
+                 :: "r"((uint)__cvta_generic_to_shared(dst)), "l"(src));
+}
+"""
+
+_CUDA_GROUPED = """
 FN uint fma_bf16x2(uint a, uint b, uint c) {  // a * b + c on two bf16 pairs, rounded once
     uint d;
     asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
@@ -629,6 +643,164 @@ FN void grouped_load(const BF16_T* x, const uint* src, const uint* const* wm, co
         }
     }
 }
+"""
+
+# One token's attention on tensor cores, over the KV cache's buffers in place (CUDA; decode_attention).
+# Each kv head's G query heads (G <= 16, the rows of an mma, zeros past G) against its keys 16
+# positions (a tile) at a time: S = q k^T in two mmas a 16-value step of head_dim, an online softmax in
+# base 2 on S's fragments (scale * log2(e) = SC), then o += P v, P's fragments reused from S's as
+# FlashAttention-2 does. A sum over head_dim or over positions may take its terms in any order, so each
+# thread copies 16-byte runs of rows and hands their words to the mmas where its fragments want them:
+# - keys: the thread (g, t) takes row g of each 8-position half of a tile at dims 32s + 8t .. + 7; the
+#   words go to k-steps 2s and 2s + 1, and q's fragments take the same dims;
+# - values: rows 2t, 2t + 1, 2t + 8, 2t + 9 of a tile at dims 8(g + 8u) .. + 7; their e-th values pair
+#   up as b's for the output's column tile e + 8u, column g: dim 64u + 8g + e.
+# Since a thread reads back only what it copied itself, its copies (cp.async, D / 8 of 16 bytes a tile)
+# go through a ring of STAGES tiles of its own in threadgroup memory, with no barrier: STAGES - 1 tiles
+# are on their way while it computes one. The warps of all the kv head's threadgroups (gridDim.x of
+# them, WARPS_A warps each) take its tiles in turn up to pos[0]; a threadgroup's warps merge their
+# (max, sum, o) in the same memory, out unnormalised in float32 for glm_attention_merge. D: head_dim
+# (64 or 128), HKV kv heads.
+_ATTN_BODY = """
+    uint g = lane / 4, t = lane % 4, CAP = kc_shape[2], last = ((uint)pos[0] + 16) / 16, L = (uint)pos[0] + 1;
+    uint W = gridDim.x * WARPS_A, first = bx * WARPS_A + warp;
+    TGMEM uint4 ring[WARPS_A * STAGES * (D / 8) * 32];
+    uint4* mine = ring + warp * STAGES * (D / 8) * 32 + lane;
+    const BF16_T* kb = kc + (ulong)by * CAP * D;
+    const BF16_T* vb = vc + (ulong)by * CAP * D;
+    auto issue = [&](uint tile, uint slot) {
+        if (tile < last) {
+            uint p0 = tile * 16;
+            uint4* r = mine + slot * (D / 8) * 32;
+            for (int n = 0; n < 2; n++) {
+                ulong row = min(p0 + 8 * n + g, CAP - 1);
+                for (int s = 0; s < D / 32; s++) cp_async16(r + (n * (D / 32) + s) * 32, kb + row * D + 32 * s + 8 * t);
+            }
+            for (int i = 0; i < 4; i++) {
+                ulong row = min(p0 + 2 * t + (i & 1) + 8 * (i >> 1), CAP - 1);
+                for (int u = 0; u < D / 64; u++) {
+                    cp_async16(r + (D / 16 + i * (D / 64) + u) * 32, vb + row * D + 8 * (g + 8 * u));
+                }
+            }
+        }
+        asm volatile("cp.async.commit_group;\\n" ::);
+    };
+    for (int st = 0; st < STAGES - 1; st++) issue(first + st * W, st);
+    uint4 z = {0u, 0u, 0u, 0u};
+    uint qa[D / 16][4];
+    for (int s = 0; s < D / 32; s++) {
+        uint4 r0 = g < G ? ((const uint4*)(q + ((ulong)by * G + g) * D + 32 * s + 8 * t))[0] : z;
+        uint4 r1 = g + 8 < G ? ((const uint4*)(q + ((ulong)by * G + g + 8) * D + 32 * s + 8 * t))[0] : z;
+        qa[2 * s][0] = r0.x; qa[2 * s][1] = r1.x; qa[2 * s][2] = r0.y; qa[2 * s][3] = r1.y;
+        qa[2 * s + 1][0] = r0.z; qa[2 * s + 1][1] = r1.z; qa[2 * s + 1][2] = r0.w; qa[2 * s + 1][3] = r1.w;
+    }
+    float o[D / 8][4], m0 = NEG_INF, m1 = NEG_INF, l0 = 0.0f, l1 = 0.0f;
+    for (int j = 0; j < D / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+    uint k = 0;
+    for (uint tile = first; tile < last; tile += W, k++) {
+        issue(tile + (STAGES - 1) * W, (k + STAGES - 1) % STAGES);
+        asm volatile("cp.async.wait_group %0;\\n" :: "n"(STAGES - 1));
+        const uint4* r = mine + (k % STAGES) * (D / 8) * 32;
+        uint p0 = tile * 16;
+        float sc[2][4];
+        for (int n = 0; n < 2; n++) {
+            sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
+            for (int s = 0; s < D / 32; s++) {
+                uint4 kw = r[(n * (D / 32) + s) * 32];
+                mma_bf16(sc[n], qa[2 * s], kw.x, kw.y);
+                mma_bf16(sc[n], qa[2 * s + 1], kw.z, kw.w);
+            }
+            for (int e = 0; e < 4; e++) {
+                sc[n][e] = p0 + 8 * n + 2 * t + (e & 1) < L ? sc[n][e] * AS_FLOAT((uint)SC) : NEG_INF;
+            }
+        }
+        float x0 = fmaxf(fmaxf(sc[0][0], sc[0][1]), fmaxf(sc[1][0], sc[1][1]));
+        float x1 = fmaxf(fmaxf(sc[0][2], sc[0][3]), fmaxf(sc[1][2], sc[1][3]));
+        x0 = fmaxf(x0, SIMD_SHUFFLE_XOR(x0, 1)); x0 = fmaxf(x0, SIMD_SHUFFLE_XOR(x0, 2));
+        x1 = fmaxf(x1, SIMD_SHUFFLE_XOR(x1, 1)); x1 = fmaxf(x1, SIMD_SHUFFLE_XOR(x1, 2));
+        float n0 = fmaxf(m0, x0), n1 = fmaxf(m1, x1), a0 = EXP2(m0 - n0), a1 = EXP2(m1 - n1);
+        m0 = n0; m1 = n1;
+        for (int n = 0; n < 2; n++) {
+            sc[n][0] = EXP2(sc[n][0] - n0); sc[n][1] = EXP2(sc[n][1] - n0);
+            sc[n][2] = EXP2(sc[n][2] - n1); sc[n][3] = EXP2(sc[n][3] - n1);
+        }
+        l0 = l0 * a0 + sc[0][0] + sc[0][1] + sc[1][0] + sc[1][1];
+        l1 = l1 * a1 + sc[0][2] + sc[0][3] + sc[1][2] + sc[1][3];
+        uint pa[4] = {bf16x2(sc[0][0], sc[0][1]), bf16x2(sc[0][2], sc[0][3]), bf16x2(sc[1][0], sc[1][1]),
+                      bf16x2(sc[1][2], sc[1][3])};
+        for (int u = 0; u < D / 64; u++) {
+            uint4 v0 = r[(D / 16 + u) * 32], v1 = r[(D / 16 + D / 64 + u) * 32];
+            uint4 v2 = r[(D / 16 + 2 * (D / 64) + u) * 32], v3 = r[(D / 16 + 3 * (D / 64) + u) * 32];
+            uint w0[4] = {v0.x, v0.y, v0.z, v0.w}, w1[4] = {v1.x, v1.y, v1.z, v1.w};
+            uint w2[4] = {v2.x, v2.y, v2.z, v2.w}, w3[4] = {v3.x, v3.y, v3.z, v3.w};
+            for (int e = 0; e < 8; e++) {
+                float* c = o[e + 8 * u];
+                c[0] *= a0; c[1] *= a0; c[2] *= a1; c[3] *= a1;
+                uint sel = e & 1 ? 0x7632u : 0x5410u;
+                mma_bf16(c, pa, __byte_perm(w0[e / 2], w1[e / 2], sel), __byte_perm(w2[e / 2], w3[e / 2], sel));
+            }
+        }
+    }
+    asm volatile("cp.async.wait_all;\\n" ::);
+    l0 += SIMD_SHUFFLE_XOR(l0, 1); l0 += SIMD_SHUFFLE_XOR(l0, 2);
+    l1 += SIMD_SHUFFLE_XOR(l1, 1); l1 += SIMD_SHUFFLE_XOR(l1, 2);
+    BARRIER;
+    float* so = (float*)ring;
+    float* sm = so + WARPS_A * 16 * D;
+    float* sl = sm + WARPS_A * 16;
+    for (int u = 0; u < D / 64; u++) {
+        for (int e = 0; e < 8; e++) {
+            uint d = 64 * u + 16 * t + e;
+            float* w = so + (warp * 16 + g) * D;
+            w[d] = o[e + 8 * u][0]; w[d + 8] = o[e + 8 * u][1];
+            w[8 * D + d] = o[e + 8 * u][2]; w[8 * D + d + 8] = o[e + 8 * u][3];
+        }
+    }
+    if (t == 0) {
+        sm[warp * 16 + g] = m0; sm[warp * 16 + g + 8] = m1;
+        sl[warp * 16 + g] = l0; sl[warp * 16 + g + 8] = l1;
+    }
+    BARRIER;
+    for (uint i = tid; i < G * D; i += WARPS_A * 32) {
+        uint r = i / D, d = i % D;
+        float M = NEG_INF, acc = 0.0f, sum = 0.0f;
+        for (int w = 0; w < WARPS_A; w++) M = fmaxf(M, sm[w * 16 + r]);
+        for (int w = 0; w < WARPS_A; w++) {
+            float f = M == NEG_INF ? 0.0f : EXP2(sm[w * 16 + r] - M);
+            acc += so[(w * 16 + r) * D + d] * f;
+            sum += sl[w * 16 + r] * f;
+        }
+        ulong h = (ulong)bx * HKV * G + by * G + r;
+        po[h * D + d] = acc;
+        if (d == 0) { pml[2 * h] = M; pml[2 * h + 1] = sum; }
+    }
+"""
+
+# The splits of glm_attention combined: o = sum_s o_s 2^(m_s - M) / sum_s l_s 2^(m_s - M), M = max m_s
+# (64 splits or fewer); a threadgroup of 256 a query head, in its dtype. The first warp weighs the
+# splits; then 256 / D threads a dim each sum a share of them.
+_ATTN_MERGE_BODY = """
+    uint NS = pml_shape[0], HQ = pml_shape[1];
+    TGMEM float f[64], part[256];
+    if (warp == 0) {
+        ulong a = 2 * ((ulong)lane * HQ + bx), b = 2 * ((ulong)(lane + 32) * HQ + bx);
+        float m0 = lane < NS ? pml[a] : NEG_INF, m1 = lane + 32 < NS ? pml[b] : NEG_INF;
+        float M = SIMD_MAX(fmaxf(m0, m1));
+        float e0 = lane < NS ? EXP2(m0 - M) : 0.0f, e1 = lane + 32 < NS ? EXP2(m1 - M) : 0.0f;
+        float sum = SIMD_SUM((lane < NS ? pml[a + 1] * e0 : 0.0f) + (lane + 32 < NS ? pml[b + 1] * e1 : 0.0f));
+        f[lane] = e0 / sum;
+        f[lane + 32] = e1 / sum;
+    }
+    BARRIER;
+    uint d = tid % D, share = tid / D;
+    float acc = 0.0f;
+    for (uint s = share; s < NS; s += 256 / D) acc += po[((ulong)s * HQ + bx) * D + d] * f[s];
+    part[tid] = acc;
+    BARRIER;
+    if (tid < D) {
+        for (uint s = 1; s < 256 / D; s++) acc += part[s * D + tid];
+        y[(ulong)bx * D + tid] = acc;
+    }
 """
 
 _CUDA_HEADER = """
@@ -722,25 +894,27 @@ KERNELS = {  # name: (inputs, outputs, body)
     "glm_router_select": (["logits", "bias"], ["inds", "weights"], _SELECT_BODY),
     "glm_dequantize": (["w", "scales", "biases"], ["y"], _DEQUANT_BODY),
 }
-CUDA_KERNELS = {  # the same, with no Metal twin (tensor-core instructions): the dispatch asks for them on CUDA only
+CUDA_KERNELS = {  # with no Metal twin (tensor-core instructions): the dispatch asks for them on CUDA only.
+    # name: (inputs, outputs, body, the helpers it needs beside the shared ones)
     "glm_grouped_qmm": (["x", "src", "dst", "tiles", "starts", "w", "s", "bb", "w2", "s2", "bb2"], ["y"],
-                        _GROUPED_BODY),
+                        _GROUPED_BODY, _CUDA_MMA + _CUDA_GROUPED),
+    "glm_attention": (["q", "kc", "vc", "pos"], ["po", "pml"], _ATTN_BODY, _CUDA_MMA),
+    "glm_attention_merge": (["po", "pml"], ["y"], _ATTN_MERGE_BODY, ""),
 }
 
 
 def build(kind: str, name: str, inputs: list, outputs: list, body: str, header: str = ""):
     """A kernel for backend `kind` from a shared body: the backend's prologue before it, and in the
-    header its macros, then the helpers (_DOT), the tensor-core helpers for the kernels that use them
-    (CUDA_KERNELS), then `header` (scripts build their variants so). Comments and indentation are left
-    out of what MLX is handed: it handles the text on every launch, at about 0.25 us a kilobyte on the
-    GPU machine's host, and a decode step launches 275 (scripts/encode_probe.py, BENCHMARKS.md, session 22)."""
+    header its macros, then the helpers (_DOT), then `header` (a CUDA-only kernel's tensor-core helpers,
+    or a script's variants). Comments and indentation are left out of what MLX is handed: it handles
+    the text on every launch, at about 0.25 us a kilobyte on the GPU machine's host, and a decode step
+    launches 275 (scripts/encode_probe.py, BENCHMARKS.md, session 22)."""
     if kind == "cuda":
         make, prologue, macros = mx.fast.cuda_kernel, _CUDA_PROLOGUE, _CUDA_HEADER
-        extra = _CUDA_GROUPED if name in CUDA_KERNELS else ""
     else:
-        make, prologue, macros, extra = mx.fast.metal_kernel, _METAL_PROLOGUE, _METAL_HEADER, ""
+        make, prologue, macros = mx.fast.metal_kernel, _METAL_PROLOGUE, _METAL_HEADER
     return make(name=name, input_names=inputs, output_names=outputs, source=_compact(prologue + body),
-                header=_compact(macros + _DOT + extra + header))
+                header=_compact(macros + _DOT + header))
 
 
 def _compact(code: str) -> str:
@@ -1073,6 +1247,54 @@ def qkv_decode_cached(x: mx.array, q, k, v, shapes: tuple, norm, rope: tuple, ke
     qn, kn, vn = qkv_decode_reference(x, q, k, v, shapes, norm, rope)
     pos = rope[2].reshape(1).astype(mx.int32)
     return qn, mx.slice_update(keys, kn, pos, axes=(2,)), mx.slice_update(values, vn, pos, axes=(2,)), kn
+
+
+def attention_fits(heads: int, kv_heads: int, head_dim: int, dtype) -> bool:
+    """Whether decode_attention's kernel takes one token's attention of this shape (CUDA, bf16, a kv
+    head's query heads the 16 rows of an mma or fewer, head_dim 64 or 128)."""
+    return (backend() == "cuda" and dtype == mx.bfloat16 and heads % kv_heads == 0 and heads // kv_heads <= 16
+            and head_dim in (64, 128))
+
+
+def decode_attention_reference(q: mx.array, keys: mx.array, values: mx.array, pos: mx.array,
+                               scale: float) -> mx.array:
+    """One token's attention: q [1, heads, 1, head_dim] over the first pos + 1 positions of the KV cache's
+    buffers [1, kv heads, capacity, head_dim] (pos: this token's position, an int array, as position()
+    gives it), mx.fast's with the positions past it masked."""
+    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mx.arange(keys.shape[2]) <= pos)
+
+
+def decode_attention(q: mx.array, keys: mx.array, values: mx.array, pos: mx.array, scale: float) -> mx.array:
+    """decode_attention_reference's numbers in two launches on tensor cores, reading the buffers in place
+    and the length from the device (attention_fits says when: CUDA only; a Mac keeps mx.fast's over
+    slices, Metal's own; the reference elsewhere).
+    What it replaces per layer on the GPU machine: two slices of the buffers and cuDNN's attention,
+    which its host encodes at 23-35 us a call against about 8 for a launch of ours
+    (scripts/encode_probe.py, BENCHMARKS.md, session 23).
+    The grid depends on the buffers' capacity only, not on the length, so one trace serves until they
+    grow; the second launch combines the threadgroups' results. As the model uses it, the q|k|v launch
+    that wrote this token's k and v gave q, so this runs after it."""
+    _, HQ, _, D = q.shape
+    HKV, CAP = keys.shape[1], keys.shape[2]
+    if not attention_fits(HQ, HKV, D, q.dtype) or keys.dtype != q.dtype or values.dtype != q.dtype:
+        return decode_attention_reference(q, keys, values, pos, scale)
+    # threadgroups a kv head: its tiles shared by up to 64 x ATTENTION_WARPS warps, two tiles each or more
+    splits = max(1, min(ATTENTION_BLOCKS // HKV, 64, -(-CAP // (32 * ATTENTION_WARPS))))
+    po, pml = _kernel("cuda", "glm_attention")(
+        inputs=[q, keys, values, _as(pos, mx.int32)],
+        template=[("D", D), ("G", HQ // HKV), ("HKV", HKV), ("SC", _bits(scale * math.log2(math.e))),
+                  ("WARPS_A", ATTENTION_WARPS), ("STAGES", ATTENTION_STAGES)],
+        grid=(splits * 32 * ATTENTION_WARPS, HKV, 1), threadgroup=(32 * ATTENTION_WARPS, 1, 1),
+        output_shapes=[(splits, HQ, D), (splits, HQ, 2)], output_dtypes=[mx.float32, mx.float32])
+    return _kernel("cuda", "glm_attention_merge")(
+        inputs=[po, pml], template=[("D", D)], grid=(HQ * 256, 1, 1), threadgroup=(256, 1, 1),
+        output_shapes=[q.shape], output_dtypes=[q.dtype])[0]
+
+
+# decode_attention's shape: warps a threadgroup, tiles each warp's ring holds (threadgroup memory:
+# ATTENTION_WARPS * ATTENTION_STAGES * head_dim * 64 bytes, 48 KB or less), threadgroups in all (H100:
+# four of these an SM, 132 SMs)
+ATTENTION_WARPS, ATTENTION_STAGES, ATTENTION_BLOCKS = 2, 3, 512
 
 
 def router_logits(x: mx.array, weight: mx.array, norm=None) -> mx.array:

@@ -20,8 +20,8 @@ import numpy as np
 from .cache import KVCache, attend, make_caches
 from .config import ModelArgs
 from .experts import QuantizedSwitchLinear, SwitchGLU, prefilling
-from .kernels import (backend, linear_decode, moe_decode, position, qkv_decode, qkv_decode_cached, router_logits,
-                      router_select)
+from .kernels import (attention_fits, backend, decode_attention, linear_decode, moe_decode, position, qkv_decode,
+                      qkv_decode_cached, router_logits, router_select)
 
 
 class Attention(nn.Module):
@@ -91,6 +91,11 @@ class Attention(nn.Module):
         return qkv_decode_cached(x, self.q_proj, self.k_proj, self.v_proj,
                                  ((1, self.n_heads, 1, hd), (1, self.n_kv_heads, 1, hd), (1, self.n_kv_heads, 1, hd)),
                                  norm, (self.rope_dims, self.rope_theta, offset), keys, values, after)
+
+    def attends_in_place(self, dtype) -> bool:
+        """Whether one token's attention reads the KV cache's buffers in place, its length on the device
+        (kernels.decode_attention), after a q|k|v launch that wrote them (writes_cache)."""
+        return ATTENTION_IN_KERNEL and attention_fits(self.n_heads, self.n_kv_heads, self.head_dim, dtype)
 
     def output(self, o: mx.array, residual: mx.array | None = None) -> mx.array:
         """o_proj of the heads' outputs o [B, heads, T, head_dim] -> [B, T, D], plus `residual` when given."""
@@ -229,16 +234,21 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
-        if (x.size == x.shape[-1] and cache is not None and COMPILED_DECODE and decode_kernels()
-                and not _host_side(self.mlp)):  # one token on a GPU
+        if x.size == x.shape[-1] and cache is not None and decode_kernels() and not _host_side(self.mlp):
+            # one token on a GPU
             project, finish = self._decode_plan()
             attn, offset = self.self_attn, position(cache.offset)
             if attn.writes_cache(cache):
                 shape = (1, attn.n_kv_heads, 1, attn.head_dim)
                 keys, values = cache.room(shape, x.dtype)
-                q, keys, values, written = self._cached_projection(keys.shape[2])(
-                    x, offset, keys, values, cache.last_write(shape, x.dtype))
-                k, v = cache.advance(keys, values, 1, written)
+                after = cache.last_write(shape, x.dtype)
+                if attn.attends_in_place(x.dtype):  # the whole layer one trace: no op depends on the length
+                    y, keys, values, written = self._cached_step(keys.shape[2])(x, offset, keys, values, after)
+                    cache.advance(keys, values, 1, written)
+                    return y
+                q, keys, values, written = self._cached_projection(keys.shape[2])(x, offset, keys, values, after)
+                cache.advance(keys, values, 1, written)
+                k, v = cache.fetch()
             else:
                 q, k, v = project(x, offset)
                 k, v = cache.update_and_fetch(k, v)
@@ -254,6 +264,12 @@ class DecoderLayer(nn.Module):
                         after: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
         return self.self_attn.project_cached(x, offset, keys, values, after, self.input_layernorm)
 
+    def _step_cached(self, x: mx.array, offset: mx.array, keys: mx.array, values: mx.array,
+                     after: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+        q, keys, values, written = self._project_cached(x, offset, keys, values, after)
+        o = decode_attention(q, keys, values, offset, self.self_attn.scale)
+        return self._finish(o, x), keys, values, written
+
     def _finish(self, o: mx.array, x: mx.array) -> mx.array:
         return self._mlp_half(self.self_attn.output(o, residual=x))
 
@@ -267,7 +283,9 @@ class DecoderLayer(nn.Module):
         step is bound by the host (scripts/compile_probe.py).
         A trace holds the weights it saw, so both are traced again whenever any module or array of
         the layer is another one (weights loaded, an adapter applied or fused, a dtype set) or
-        FUSED_DECODE changes."""
+        FUSED_DECODE changes. With COMPILED_DECODE off, the halves untraced."""
+        if not COMPILED_DECODE:
+            return self._project, self._finish
         plan = self.__dict__.get("_plan")
         if plan is None or plan[0] != FUSED_DECODE or not plan[1].holds():
             plan = (FUSED_DECODE, _Tree(self), (mx.compile(self._project), mx.compile(self._finish)))
@@ -279,10 +297,20 @@ class DecoderLayer(nn.Module):
         inputs are the cache's buffers, so each capacity is another trace; kept for all, they would
         pile up as the cache grows (one every KVCache.step positions), each call searching them. So
         only the latest is kept, traced again with the plan or when the capacity changes."""
-        plan, kept = self.__dict__["_plan"], self.__dict__.get("_cached")
+        return self._traced("_cached", self._project_cached, capacity)
+
+    def _cached_step(self, capacity: int):
+        """The whole layer for one token, attention over the buffers in place (_step_cached), compiled as
+        _cached_projection is: one trace a layer and capacity."""
+        return self._traced("_stepped", self._step_cached, capacity)
+
+    def _traced(self, slot: str, fn, capacity: int):
+        if not COMPILED_DECODE:
+            return fn
+        plan, kept = self.__dict__["_plan"], self.__dict__.get(slot)
         if kept is None or kept[0] is not plan or kept[1] != capacity:
-            kept = (plan, capacity, mx.compile(self._project_cached))
-            object.__setattr__(self, "_cached", kept)
+            kept = (plan, capacity, mx.compile(fn))
+            object.__setattr__(self, slot, kept)
         return kept[2]
 
 
@@ -290,8 +318,13 @@ class DecoderLayer(nn.Module):
 # a layer fewer. A switch for scripts/launch_probe.py to measure it against the cache's own writes.
 KV_IN_KERNEL = True
 
-# Off with GLM_MLX_COMPILED_DECODE=0: an escape hatch where a backend mishandles the traces (the Metal
-# kernels inside mx.compile were never run here, for want of a Mac).
+# One token's attention through kernels.decode_attention where it fits (CUDA): off with
+# GLM_MLX_ATTENTION_KERNEL=0, mx.fast's over slices of the cache then (to measure one against the other).
+ATTENTION_IN_KERNEL = os.environ.get("GLM_MLX_ATTENTION_KERNEL", "1") != "0"
+
+# Off with GLM_MLX_COMPILED_DECODE=0: one token's layer runs the same ops, built by Python each time rather
+# than replayed from a trace. An escape hatch where a backend mishandles the traces (the Metal kernels
+# inside mx.compile were never run here, for want of a Mac).
 COMPILED_DECODE = os.environ.get("GLM_MLX_COMPILED_DECODE", "1") != "0"
 
 

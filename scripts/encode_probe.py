@@ -11,7 +11,9 @@ our kernels are (kernels.build), varied one thing at a time:
   over now (no tensor-core code where unused, no comments or indentation);
 - the inputs: 2, or 20 (as q|k|v's launch takes, 19 of them unread here);
 - template arguments: none, or 12;
-and beside them a chain of 200 of our own o_proj launches (kernels.linear_decode, 8 layers' weights).
+and beside them a chain of 200 of our own o_proj launches (kernels.linear_decode, 8 layers' weights),
+and 200 of the decode step's attention (mx.fast's, cuDNN's on CUDA, Air's 96 query heads over 8 kv heads)
+over a cache of 4096 or 32768 positions, given whole or as the slices a step takes of a larger buffer.
 Each row is graph / encode / wait, us for the chain, best of 10 (launch_probe.split).
 """
 
@@ -52,7 +54,8 @@ def main():
     pads = [mx.zeros((16,), mx.float32) + i for i in range(19)]
     mx.eval(x, *pads)
     small = kernels._CUDA_HEADER
-    large = kernels._CUDA_HEADER + kernels._DOT + kernels._CUDA_GROUPED  # as every launch carried it before
+    # as every launch carried it before
+    large = kernels._CUDA_HEADER + kernels._DOT + kernels._CUDA_MMA + kernels._CUDA_GROUPED
     rows = {}
     for name, header, n_in, n_t in (("small header, 2 inputs", small, 2, 0),
                                     ("our header, 2 inputs", large, 2, 0),
@@ -78,6 +81,22 @@ def main():
     def ours():  # independent launches (their inputs all made already): the encode alone
         return [kernels.linear_decode(xo, layers[i % 8]) for i in range(a.n)]
     rows["our o_proj launch (linear_decode)"] = split(ours)
+    q = mx.zeros((1, 96, 1, 128), mx.bfloat16)
+    for n in (4096, 32768):
+        kc = mx.zeros((1, 8, n + 256, 128), mx.bfloat16) + 0.01
+        vc = mx.zeros((1, 8, n + 256, 128), mx.bfloat16) + 0.02
+        k, v = kc[:, :, :n], vc[:, :, :n]
+        kw, vw = mx.contiguous(k), mx.contiguous(v)
+        mx.eval(kc, vc, kw, vw)
+
+        def whole(kw=kw, vw=vw):
+            return [mx.fast.scaled_dot_product_attention(q, kw, vw, scale=0.088) for _ in range(a.n)]
+
+        def sliced(kc=kc, vc=vc, n=n):  # the slices made per call, as a step makes them
+            return [mx.fast.scaled_dot_product_attention(q, kc[:, :, :n], vc[:, :, :n], scale=0.088)
+                    for _ in range(a.n)]
+        rows[f"attention over {n} positions, whole arrays"] = split(whole)
+        rows[f"attention over {n} positions, slices of the cache"] = split(sliced)
     for name, r in rows.items():
         print(f"{name:50s} graph {r['graph_us']:7.0f} us | encode {r['encode_us']:7.0f} us "
               f"({r['encode_us'] / a.n:5.1f} a launch) | wait {r['wait_us']:7.0f} us", flush=True)

@@ -335,6 +335,39 @@ def check_attention(rows: list):
            per_call(lambda i: res + os_[i % len(os_)](a[None])[0]), "QuantizedLinear + add", gb, TOL_BF16)
 
 
+def check_decode_attention(rows: list):
+    """One token's attention over the KV cache's buffers in place (kernels.decode_attention, tensor cores),
+    against attention in float32 on the same bf16 numbers; beside it mx.fast's (cuDNN's) over the slices
+    a cache hands out, its error and its time. Air's heads (96 over 8 kv heads, head_dim 128) at positions
+    from the first to the last of a buffer, and the small shape's (8 over 2, 64)."""
+    for HQ, HKV, D, at, cap in ((96, 8, 128, 0, 256), (96, 8, 128, 1, 256), (96, 8, 128, 300, 512),
+                                (96, 8, 128, 4095, 4352), (96, 8, 128, 32767, 33024), (8, 2, 64, 100, 256)):
+        gb = 2 * HKV * (at + 1) * D * 2 / 1e9
+        n = max(2, -int(-CACHE_BYTES // (2 * HKV * cap * D * 2)))  # copies of the buffers a timing cycles through
+        q = rand((1, HQ, 1, D), 1.0)
+        bufs = [(rand((1, HKV, cap, D), 1.0), rand((1, HKV, cap, D), 1.0)) for _ in range(n)]
+        pos = mx.array(at, mx.int32)
+        mx.eval(q, bufs)
+        scale = D**-0.5
+        kc, vc = bufs[0]
+        want = mx.fast.scaled_dot_product_attention(q.astype(mx.float32), kc[:, :, : at + 1].astype(mx.float32),
+                                                    vc[:, :, : at + 1].astype(mx.float32), scale=scale)
+
+        def err(got):
+            return (mx.abs(got.astype(mx.float32) - want).max() / mx.abs(want).max()).item()
+        ours = per_call(lambda i: kernels.decode_attention(q, *bufs[i % n], pos, scale))
+        theirs = per_call(lambda i: mx.fast.scaled_dot_product_attention(
+            q, bufs[i % n][0][:, :, : at + 1], bufs[i % n][1][:, :, : at + 1], scale=scale))
+        e_ours = err(kernels.decode_attention(q, kc, vc, pos, scale))
+        e_theirs = err(mx.fast.scaled_dot_product_attention(q, kc[:, :, : at + 1], vc[:, :, : at + 1], scale=scale))
+        name = f"attention {HQ}/{HKV} heads x {D}, {at + 1} of {cap} positions"
+        rows.append(dict(name=name, worst_rel_err=e_ours, tol=TOL_BF16, ok=e_ours < TOL_BF16, ours_us=ours,
+                         mlx_us=theirs, mlx_rel_err=e_theirs, kv_gb=gb))
+        print(f"{name:48s} worst rel err {e_ours:.1e} ({'ok' if e_ours < TOL_BF16 else 'FAIL'} < {TOL_BF16:.1e}; "
+              f"mx.fast's {e_theirs:.1e}) | ours {ours:6.1f} us ({gb / ours * 1e6:5.0f} GB/s) | mx.fast over "
+              f"slices {theirs:6.1f} us ({gb / theirs * 1e6:5.0f} GB/s)", flush=True)
+
+
 def main():
     global RPWS, SPLITS, SMALL, VERBOSE, CACHE_BYTES, DEVICE_TIME
     ap = argparse.ArgumentParser()
@@ -344,7 +377,7 @@ def main():
     ap.add_argument("--grouped", action="store_true", help="check the prefill's grouped experts (tensor cores) only")
     ap.add_argument("--small", action="store_true", help="--grouped at a small shape first")
     ap.add_argument("--verbose", action="store_true", help="say each step as it runs")
-    ap.add_argument("--attention", action="store_true", help="check the attention projections only")
+    ap.add_argument("--attention", action="store_true", help="check the attention projections and the attention only")
     ap.add_argument("--footprint", type=float, default=CACHE_BYTES / 1e9,
                     help="GB of weight copies a timing cycles through (a model's layers: Air's 46 are ~7 GB)")
     ap.add_argument("--device-time", action="store_true", help="time the kernels on the device (CUPTI, through "
@@ -363,6 +396,7 @@ def main():
         return
     if a.attention:
         check_attention(rows)
+        check_decode_attention(rows)
         print(json.dumps(rows))
         return
     check_dequantize(rows)
@@ -413,6 +447,7 @@ def main():
         ours = sweep(lambda i: moe_decode(x, glu, sets[i % n], wts, shared[i % n], res, norm))
         report(rows, name + " + norm", err, ours, per_call(mlx_block), "MLX ops", gb, TOL_BF16)
     check_attention(rows)
+    check_decode_attention(rows)
     # The router's logits with the norm, float32 weights
     for name, E, D in (("Air router logits + norm, 128 x 4096", 128, 4096), ("GLM-4.5 router logits + norm, 160 x 5120",
                                                                            160, 5120)):

@@ -17,11 +17,14 @@ from glm_mlx.model import MLP
 import glm_mlx.experts as experts_mod
 from glm_mlx.kernels import (
     KERNELS,
+    decode_attention,
+    decode_attention_reference,
     gather_qmv_reference,
     grouped_qmm_reference,
     linear_decode_reference,
     moe_decode,
     moe_decode_reference,
+    position,
     qkv_decode_reference,
     router_logits_reference,
     router_select_reference,
@@ -166,13 +169,16 @@ def test_the_model_decodes_the_same_through_the_fused_path(converted, monkeypatc
     calls = []
     monkeypatch.setattr(model_mod, "backend", lambda: "cuda")  # take the fused path (its references, on the CPU)
     monkeypatch.setattr(model_mod, "COMPILED_DECODE", False)  # count every call (a compiled trace replays them)
-    for name in ("moe_decode", "qkv_decode", "linear_decode", "router_logits", "router_select"):
+    for name in ("moe_decode", "qkv_decode", "qkv_decode_cached", "linear_decode", "router_logits",
+                 "router_select"):
         real = getattr(model_mod, name)
         monkeypatch.setattr(model_mod, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     fused = decode()
     a = model.args
-    for name in ("qkv_decode", "moe_decode"):  # every layer, each of 8 tokens
-        assert calls.count(name) == 8 * a.num_hidden_layers, name
+    # every layer, each of 8 tokens: q|k|v writing k and v into the cache too, except where q and k are
+    # normalised per head (glm45-tiny), RoPE then outside the launch
+    assert calls.count("qkv_decode_cached" if not a.use_qk_norm else "qkv_decode") == 8 * a.num_hidden_layers
+    assert calls.count("moe_decode") == 8 * a.num_hidden_layers
     assert calls.count("linear_decode") == 8 * (a.num_hidden_layers + 1)  # o_proj, and lm_head
     moe_layers = a.num_hidden_layers - a.first_k_dense_replace
     assert calls.count("router_select") == (8 * moe_layers if a.n_group == a.topk_group else 0)
@@ -230,6 +236,40 @@ def test_compiled_decode_equals_the_plain_path_and_follows_new_weights(converted
     assert rel_err(compiled2, plain2) < 1e-6  # ...and the compiled path follows it
     assert [layer.__dict__["_plan"][2] is t for layer, t in zip(layers, traces)] == \
         [True] * (len(layers) - 1) + [False]  # only that layer traced again
+
+
+@pytest.mark.parametrize("pos", [0, 5, 255])
+def test_decode_attention_reference_reads_the_buffers_up_to_the_devices_position(pos):
+    """One token's attention over the KV cache's whole buffers with its length an int array (as the
+    kernel reads them, in place) equals mx.fast's over the slices a cache hands out; positions past it,
+    whatever they hold, change nothing."""
+    mx.random.seed(pos)
+    q = mx.random.normal((1, 8, 1, 64))
+    keys, values = mx.random.normal((1, 2, 256, 64)), mx.random.normal((1, 2, 256, 64))
+    want = mx.fast.scaled_dot_product_attention(q, keys[:, :, : pos + 1], values[:, :, : pos + 1], scale=0.125)
+    got = decode_attention(q, keys, values, position(pos), 0.125)  # on the CPU: the reference
+    assert rel_err(got, want) < 1e-6
+    junk = mx.where(mx.arange(256)[:, None] > pos, 1e4, 1.0)  # the positions past pos, scaled up
+    assert rel_err(decode_attention_reference(q, keys * junk, values * junk, position(pos), 0.125), want) < 1e-6
+
+
+def test_the_whole_layer_is_one_trace_where_attention_reads_the_cache_in_place(converted, monkeypatch):
+    """Where one token's attention reads the KV cache's buffers in place (kernels.decode_attention; its
+    reference here, on the CPU), each layer's token is one compiled trace for the cache's capacity, and
+    the logits stay those of the plain path, across a growth of the buffers (256 positions)."""
+    model, _ = load_model(converted("air-tiny", "mixed"), "float32")
+    toks = np.random.default_rng(4).integers(0, model.args.vocab_size, size=(1, 260))
+    plain = decode_logits(model, toks, 250)
+    monkeypatch.setattr(model_mod, "backend", lambda: "cuda")
+    monkeypatch.setattr(model_mod, "attention_fits", lambda *a: True)
+    attended = []
+    real = model_mod.decode_attention
+    monkeypatch.setattr(model_mod, "decode_attention", lambda *a: attended.append(a[1].shape[2]) or real(*a))
+    stepped = decode_logits(model, toks, 250)
+    layers = model.model.layers
+    assert all(layer.__dict__["_stepped"][1] == 512 for layer in layers)  # traced again when the buffers grew
+    assert sorted(set(attended)) == [256, 512]  # traced once a capacity: the buffers whole, not slices
+    assert rel_err(stepped, plain) < 1e-5
 
 
 def test_a_layer_snapshot_sees_every_replaced_or_added_array_or_module(converted):
