@@ -13,6 +13,7 @@ once at close to the card's bandwidth:
 - `router_logits`: the post-attention RMSNorm and the router's logits, one
   launch; `router_select`: the router's sigmoid, correction bias, top-k,
   normalisation and scaling over them, one launch of one simdgroup;
+  `router_choice`: both in one launch on CUDA;
 - `moe_decode`: the norm, the routed experts' gate, up and SwiGLU for the
   chosen experts and the shared expert in one launch, their down projections,
   the router's weighted sum, the shared expert's and the residual in a second
@@ -448,7 +449,8 @@ _SELECT_BODY = """
         if (lane == 0) inds[j] = win;
     }
     if (lane == 0) {
-        for (uint j = 0; j < TOPK; j++) weights[j] = (NORM ? wv[j] / (total + 1e-20f) : wv[j]) * AS_FLOAT((uint)SCALE);
+        float d = TOPK_NORM ? total + 1e-20f : 1.0f;
+        for (uint j = 0; j < TOPK; j++) weights[j] = wv[j] / d * AS_FLOAT((uint)SCALE);
     }
 """
 
@@ -575,6 +577,29 @@ _GROUPED_BODY = """
     }
 """
 
+# The router's logits and its choice in one launch (CUDA; router_choice): glm_router_logits's threadgroups,
+# then the last of them to finish (by a counter in device memory, `count`, that wraps at their number, so a
+# launch leaves it as it found it) runs glm_router_select's simdgroup over the logits the others wrote, read
+# past the cache after a fence (the CUDA programming guide's last-block pattern). Two launches with one
+# counter must not run at once: a router's launches follow each other through the layers' data. One launch
+# a layer fewer: a decode step is bound by the host's encoding, some 7-13 us a launch (BENCHMARKS.md,
+# session 22). No Metal twin: its device-scope fences could not be run here, so a Mac keeps two launches.
+_ROUTER_BODY = _LOGITS_BODY + """
+    __threadfence();
+    TGMEM uint last_one;
+    BARRIER;
+    if (tid == 0) {  // counts 0 .. n - 1 and wraps: the n-th threadgroup to arrive sees n - 1
+        uint n = gridDim.x * gridDim.y * gridDim.z;
+        last_one = atomicInc((uint*)count, n - 1) == n - 1;
+    }
+    BARRIER;
+    if (last_one && warp == 0) {
+        __threadfence();
+        const volatile float* logits = y;
+        {""" + _SELECT_BODY + """}
+    }
+"""
+
 _CUDA_MMA = """
 // c += a (16 x 16, row-major fragments) * b (16 x 8, column-major fragments): one warp, bf16 in, float32 sums.
 // A thread (g = lane / 4, t = lane % 4) holds a's rows g and g + 8 at columns 2t, 2t + 1 (a[0], a[1]) and
@@ -649,38 +674,39 @@ FN void grouped_load(const BF16_T* x, const uint* src, const uint* const* wm, co
 # Each kv head's G query heads (G <= 16, the rows of an mma, zeros past G) against its keys 16
 # positions (a tile) at a time: S = q k^T in two mmas a 16-value step of head_dim, an online softmax in
 # base 2 on S's fragments (scale * log2(e) = SC), then o += P v, P's fragments reused from S's as
-# FlashAttention-2 does. A sum over head_dim or over positions may take its terms in any order, so each
-# thread copies 16-byte runs of rows and hands their words to the mmas where its fragments want them:
+# FlashAttention-2 does. A sum over head_dim or over positions may take its terms in any order, so the
+# fragments take the cache's words as 16-byte runs of rows, with no ldmatrix:
 # - keys: the thread (g, t) takes row g of each 8-position half of a tile at dims 32s + 8t .. + 7; the
 #   words go to k-steps 2s and 2s + 1, and q's fragments take the same dims;
 # - values: rows 2t, 2t + 1, 2t + 8, 2t + 9 of a tile at dims 8(g + 8u) .. + 7; their e-th values pair
 #   up as b's for the output's column tile e + 8u, column g: dim 64u + 8g + e.
-# Since a thread reads back only what it copied itself, its copies (cp.async, D / 8 of 16 bytes a tile)
-# go through a ring of STAGES tiles of its own in threadgroup memory, with no barrier: STAGES - 1 tiles
-# are on their way while it computes one. The warps of all the kv head's threadgroups (gridDim.x of
-# them, WARPS_A warps each) take its tiles in turn up to pos[0]; a threadgroup's warps merge their
-# (max, sum, o) in the same memory, out unnormalised in float32 for glm_attention_merge. D: head_dim
-# (64 or 128), HKV kv heads.
+# Each warp copies its tiles (cp.async) into a ring of STAGES tiles of its own in threadgroup memory,
+# whole rows at a time (512 contiguous bytes an instruction), each 16-byte run of a row to the slot its
+# column XOR swz's pattern of the row says: the fragments' reads then take 8 distinct slots of the 8
+# (all 32 banks) a quarter-warp. One __syncwarp a tile, no barrier: STAGES - 1 tiles are on their way
+# while the warp computes one. Copying whole rows rather than each thread the runs it reads took 32K
+# positions from 70 to 54 us a call (scripts/attention_probe.py, BENCHMARKS.md, session 24). The warps of
+# all the kv head's threadgroups (gridDim.x of them, WARPS_A warps each) take its tiles in turn up to
+# pos[0]; a threadgroup's warps merge their (max, sum, o) in the same memory, out unnormalised in float32
+# for glm_attention_merge. D: head_dim (64 or 128), HKV kv heads.
 _ATTN_BODY = """
     uint g = lane / 4, t = lane % 4, CAP = kc_shape[2], last = ((uint)pos[0] + 16) / 16, L = (uint)pos[0] + 1;
     uint W = gridDim.x * WARPS_A, first = bx * WARPS_A + warp;
-    TGMEM uint4 ring[WARPS_A * STAGES * (D / 8) * 32];
-    uint4* mine = ring + warp * STAGES * (D / 8) * 32 + lane;
+    TGMEM uint4 ring[WARPS_A * STAGES * 32 * (D / 8)];
+    uint4* mine = ring + warp * STAGES * 32 * (D / 8);  // a slot: a tile's 16 key rows, then its 16 value rows
     const BF16_T* kb = kc + (ulong)by * CAP * D;
     const BF16_T* vb = vc + (ulong)by * CAP * D;
+    auto swz = [&](uint row, uint col) {  // where a row's run `col` lies in a slot's keys or values
+        return row * (D / 8) + (col ^ ((((row >> 1) & 3u) << 1) ^ ((row & 1u) << 2)));
+    };
     auto issue = [&](uint tile, uint slot) {
         if (tile < last) {
-            uint p0 = tile * 16;
-            uint4* r = mine + slot * (D / 8) * 32;
-            for (int n = 0; n < 2; n++) {
-                ulong row = min(p0 + 8 * n + g, CAP - 1);
-                for (int s = 0; s < D / 32; s++) cp_async16(r + (n * (D / 32) + s) * 32, kb + row * D + 32 * s + 8 * t);
-            }
-            for (int i = 0; i < 4; i++) {
-                ulong row = min(p0 + 2 * t + (i & 1) + 8 * (i >> 1), CAP - 1);
-                for (int u = 0; u < D / 64; u++) {
-                    cp_async16(r + (D / 16 + i * (D / 64) + u) * 32, vb + row * D + 8 * (g + 8 * u));
-                }
+            uint4* r = mine + slot * 32 * (D / 8);
+            for (int j = 0; j < D / 16; j++) {
+                uint c = lane + 32 * j, row = c / (D / 8), col = c % (D / 8);
+                ulong at = (ulong)min(tile * 16 + row, CAP - 1) * D + 8 * col;
+                cp_async16(r + swz(row, col), kb + at);
+                cp_async16(r + 16 * (D / 8) + swz(row, col), vb + at);
             }
         }
         asm volatile("cp.async.commit_group;\\n" ::);
@@ -698,15 +724,17 @@ _ATTN_BODY = """
     for (int j = 0; j < D / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
     uint k = 0;
     for (uint tile = first; tile < last; tile += W, k++) {
+        // tile k in, from every lane; and every lane done with tile k - 1's slot, refilled next
+        asm volatile("cp.async.wait_group %0;\\n" :: "n"(STAGES - 2));
+        __syncwarp();
         issue(tile + (STAGES - 1) * W, (k + STAGES - 1) % STAGES);
-        asm volatile("cp.async.wait_group %0;\\n" :: "n"(STAGES - 1));
-        const uint4* r = mine + (k % STAGES) * (D / 8) * 32;
+        const uint4* r = mine + (k % STAGES) * 32 * (D / 8);
         uint p0 = tile * 16;
         float sc[2][4];
         for (int n = 0; n < 2; n++) {
             sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
             for (int s = 0; s < D / 32; s++) {
-                uint4 kw = r[(n * (D / 32) + s) * 32];
+                uint4 kw = r[swz(8 * n + g, 4 * s + t)];
                 mma_bf16(sc[n], qa[2 * s], kw.x, kw.y);
                 mma_bf16(sc[n], qa[2 * s + 1], kw.z, kw.w);
             }
@@ -729,8 +757,9 @@ _ATTN_BODY = """
         uint pa[4] = {bf16x2(sc[0][0], sc[0][1]), bf16x2(sc[0][2], sc[0][3]), bf16x2(sc[1][0], sc[1][1]),
                       bf16x2(sc[1][2], sc[1][3])};
         for (int u = 0; u < D / 64; u++) {
-            uint4 v0 = r[(D / 16 + u) * 32], v1 = r[(D / 16 + D / 64 + u) * 32];
-            uint4 v2 = r[(D / 16 + 2 * (D / 64) + u) * 32], v3 = r[(D / 16 + 3 * (D / 64) + u) * 32];
+            const uint4* rv = r + 16 * (D / 8);
+            uint4 v0 = rv[swz(2 * t, g + 8 * u)], v1 = rv[swz(2 * t + 1, g + 8 * u)];
+            uint4 v2 = rv[swz(2 * t + 8, g + 8 * u)], v3 = rv[swz(2 * t + 9, g + 8 * u)];
             uint w0[4] = {v0.x, v0.y, v0.z, v0.w}, w1[4] = {v1.x, v1.y, v1.z, v1.w};
             uint w2[4] = {v2.x, v2.y, v2.z, v2.w}, w3[4] = {v3.x, v3.y, v3.z, v3.w};
             for (int e = 0; e < 8; e++) {
@@ -777,28 +806,31 @@ _ATTN_BODY = """
 """
 
 # The splits of glm_attention combined: o = sum_s o_s 2^(m_s - M) / sum_s l_s 2^(m_s - M), M = max m_s
-# (64 splits or fewer); a threadgroup of 256 a query head, in its dtype. The first warp weighs the
-# splits; then 256 / D threads a dim each sum a share of them.
+# (128 splits or fewer); a threadgroup of MT threads a query head, in its dtype. The first warp weighs the
+# splits; then MT / D threads a dim each sum a share of them.
 _ATTN_MERGE_BODY = """
     uint NS = pml_shape[0], HQ = pml_shape[1];
-    TGMEM float f[64], part[256];
-    if (warp == 0) {
-        ulong a = 2 * ((ulong)lane * HQ + bx), b = 2 * ((ulong)(lane + 32) * HQ + bx);
-        float m0 = lane < NS ? pml[a] : NEG_INF, m1 = lane + 32 < NS ? pml[b] : NEG_INF;
-        float M = SIMD_MAX(fmaxf(m0, m1));
-        float e0 = lane < NS ? EXP2(m0 - M) : 0.0f, e1 = lane + 32 < NS ? EXP2(m1 - M) : 0.0f;
-        float sum = SIMD_SUM((lane < NS ? pml[a + 1] * e0 : 0.0f) + (lane + 32 < NS ? pml[b + 1] * e1 : 0.0f));
-        f[lane] = e0 / sum;
-        f[lane + 32] = e1 / sum;
+    TGMEM float f[128], part[MT];
+    if (warp == 0) {  // each lane weighs the splits s = lane mod 32
+        float M = NEG_INF, sum = 0.0f;
+        for (uint s = lane; s < NS; s += 32) M = fmaxf(M, pml[2 * ((ulong)s * HQ + bx)]);
+        M = SIMD_MAX(M);
+        for (uint s = lane; s < NS; s += 32) {
+            ulong a = 2 * ((ulong)s * HQ + bx);
+            f[s] = EXP2(pml[a] - M);
+            sum += pml[a + 1] * f[s];
+        }
+        sum = SIMD_SUM(sum);
+        for (uint s = lane; s < NS; s += 32) f[s] /= sum;
     }
     BARRIER;
     uint d = tid % D, share = tid / D;
     float acc = 0.0f;
-    for (uint s = share; s < NS; s += 256 / D) acc += po[((ulong)s * HQ + bx) * D + d] * f[s];
+    for (uint s = share; s < NS; s += MT / D) acc += po[((ulong)s * HQ + bx) * D + d] * f[s];
     part[tid] = acc;
     BARRIER;
     if (tid < D) {
-        for (uint s = 1; s < 256 / D; s++) acc += part[s * D + tid];
+        for (uint s = 1; s < MT / D; s++) acc += part[s * D + tid];
         y[(ulong)bx * D + tid] = acc;
     }
 """
@@ -899,6 +931,7 @@ CUDA_KERNELS = {  # with no Metal twin (tensor-core instructions): the dispatch 
     "glm_grouped_qmm": (["x", "src", "dst", "tiles", "starts", "w", "s", "bb", "w2", "s2", "bb2"], ["y"],
                         _GROUPED_BODY, _CUDA_MMA + _CUDA_GROUPED),
     "glm_attention": (["q", "kc", "vc", "pos"], ["po", "pml"], _ATTN_BODY, _CUDA_MMA),
+    "glm_router": (["x", "w", "nw", "bias", "count"], ["y", "inds", "weights"], _ROUTER_BODY, ""),
     "glm_attention_merge": (["po", "pml"], ["y"], _ATTN_MERGE_BODY, ""),
 }
 
@@ -1278,8 +1311,8 @@ def decode_attention(q: mx.array, keys: mx.array, values: mx.array, pos: mx.arra
     HKV, CAP = keys.shape[1], keys.shape[2]
     if not attention_fits(HQ, HKV, D, q.dtype) or keys.dtype != q.dtype or values.dtype != q.dtype:
         return decode_attention_reference(q, keys, values, pos, scale)
-    # threadgroups a kv head: its tiles shared by up to 64 x ATTENTION_WARPS warps, two tiles each or more
-    splits = max(1, min(ATTENTION_BLOCKS // HKV, 64, -(-CAP // (32 * ATTENTION_WARPS))))
+    # threadgroups a kv head: its tiles shared by up to 128 x ATTENTION_WARPS warps, two tiles each or more
+    splits = max(1, min(ATTENTION_BLOCKS // HKV, 128, -(-CAP // (32 * ATTENTION_WARPS))))
     po, pml = _kernel("cuda", "glm_attention")(
         inputs=[q, keys, values, _as(pos, mx.int32)],
         template=[("D", D), ("G", HQ // HKV), ("HKV", HKV), ("SC", _bits(scale * math.log2(math.e))),
@@ -1287,14 +1320,17 @@ def decode_attention(q: mx.array, keys: mx.array, values: mx.array, pos: mx.arra
         grid=(splits * 32 * ATTENTION_WARPS, HKV, 1), threadgroup=(32 * ATTENTION_WARPS, 1, 1),
         output_shapes=[(splits, HQ, D), (splits, HQ, 2)], output_dtypes=[mx.float32, mx.float32])
     return _kernel("cuda", "glm_attention_merge")(
-        inputs=[po, pml], template=[("D", D)], grid=(HQ * 256, 1, 1), threadgroup=(256, 1, 1),
+        inputs=[po, pml], template=[("D", D), ("MT", ATTENTION_MERGE_THREADS)],
+        grid=(HQ * ATTENTION_MERGE_THREADS, 1, 1), threadgroup=(ATTENTION_MERGE_THREADS, 1, 1),
         output_shapes=[q.shape], output_dtypes=[q.dtype])[0]
 
 
 # decode_attention's shape: warps a threadgroup, tiles each warp's ring holds (threadgroup memory:
-# ATTENTION_WARPS * ATTENTION_STAGES * head_dim * 64 bytes, 48 KB or less), threadgroups in all (H100:
-# four of these an SM, 132 SMs)
-ATTENTION_WARPS, ATTENTION_STAGES, ATTENTION_BLOCKS = 2, 3, 512
+# ATTENTION_WARPS * ATTENTION_STAGES * head_dim * 64 bytes, 48 KB or less), threadgroups in all, threads
+# a query head in the merge. On H100 (132 SMs) at Air's heads, 256 threadgroups (32 splits a kv head) beat
+# 512 and 1024 at 4K and 32K positions: the merge reads half what it did; 2 warps of 2 tiles as 2 of 3
+# and 1 of 3 or 4 (scripts/attention_probe.py, BENCHMARKS.md, session 24).
+ATTENTION_WARPS, ATTENTION_STAGES, ATTENTION_BLOCKS, ATTENTION_MERGE_THREADS = 2, 2, 256, 1024
 
 
 def router_logits(x: mx.array, weight: mx.array, norm=None) -> mx.array:
@@ -1335,9 +1371,33 @@ def router_select(logits: mx.array, bias: mx.array, k: int, norm: bool, scale: f
         return router_select_reference(logits, bias, k, norm, scale, lead)
     return tuple(_kernel(kind, "glm_router_select")(
         inputs=[logits, bias],
-        template=[("E", E), ("TOPK", k), ("NORM", int(norm)), ("SCALE", _bits(scale))], grid=(32, 1, 1),
+        template=[("E", E), ("TOPK", k), ("TOPK_NORM", int(norm)), ("SCALE", _bits(scale))], grid=(32, 1, 1),
         threadgroup=(32, 1, 1),
         output_shapes=[(*lead, k)] * 2, output_dtypes=[mx.uint32, mx.float32]))
+
+
+def router_choice(x: mx.array, weight: mx.array, bias: mx.array, k: int, norm_topk: bool, scale: float,
+                  norm=None, lead: tuple = (), count: mx.array | None = None):
+    """router_select(router_logits(x, weight, norm), bias, k, norm_topk, scale, lead), in one launch on CUDA
+    given `count`: a uint32 array of 64 zeros (router_counter) that only this router's launches use, one at a
+    time (each leaves it as it found it; two at once, which MLX's CUDA graph allows for launches that do not
+    depend on each other, would choose wrongly)."""
+    E, kind = weight.shape[0], _gpu(x)
+    nw = _norm_input(norm, x.size)
+    if (count is None or kind != "cuda" or nw is None or weight.dtype != mx.float32 or weight.shape[-1] != x.size
+            or E > 32 * 16 or bias.dtype != mx.float32):
+        return router_select(router_logits(x, weight, norm), bias, k, norm_topk, scale, lead)
+    _, inds, weights = _run(kind, "glm_router", [x, weight, nw[0], bias, count], E, 1,
+                            [((E,), mx.float32), ((*lead, k), mx.uint32), ((*lead, k), mx.float32)], per_lane=8,
+                            K=x.size, N=E, NORM=int(norm is not None), EPS=nw[1], E=E, TOPK=k,
+                            TOPK_NORM=int(norm_topk), SCALE=_bits(scale))
+    return inds, weights
+
+
+def router_counter() -> mx.array:
+    """A router_choice launch's counter: 64 words, so that it is not one of the arrays of 8 bytes or less that
+    MLX's CUDA backend keeps in managed memory the host writes (_bits)."""
+    return mx.zeros((64,), mx.uint32)
 
 
 def dequantize(w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> mx.array:

@@ -21,7 +21,7 @@ from .cache import KVCache, attend, make_caches
 from .config import ModelArgs
 from .experts import QuantizedSwitchLinear, SwitchGLU, prefilling
 from .kernels import (attention_fits, backend, decode_attention, linear_decode, moe_decode, position, qkv_decode,
-                      qkv_decode_cached, router_logits, router_select)
+                      qkv_decode_cached, router_choice, router_counter)
 
 
 class Attention(nn.Module):
@@ -144,10 +144,10 @@ class Router(nn.Module):
         """(expert ids, weights) [..., top_k] for x normalised by `norm` (when given)."""
         f32 = mx.float32
         if x.size == x.shape[-1] and decode_kernels() and self.topk_group >= self.n_group:
-            # one token on a GPU: the logits (the norm included), then everything after them, one
-            # launch each (glm_mlx/kernels.py)
-            return router_select(router_logits(x, self.weight, norm), self.e_score_correction_bias.astype(f32),
-                                 self.top_k, self.norm_topk_prob, self.scaling, x.shape[:-1])
+            # one token on a GPU: the logits (the norm included) and everything after them, in one launch
+            # on CUDA, two on Metal (glm_mlx/kernels.py)
+            return router_choice(x, self.weight, self.e_score_correction_bias.astype(f32), self.top_k,
+                                 self.norm_topk_prob, self.scaling, norm, x.shape[:-1], self.counter())
         x = _normed(x, norm)
         logits = x.astype(f32) @ self.weight.astype(f32).T
         scores = mx.sigmoid(logits)
@@ -165,6 +165,17 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
         return inds, weights * self.scaling
+
+    def counter(self) -> mx.array:
+        """The one-token launch's counter (kernels.router_choice): made once, outside any trace (made inside
+        one, it would be made again, zeros and a copy, each replay), and kept as a plain attribute, not a
+        parameter. DecoderLayer._decode_plan makes it before it traces."""
+        count = self.__dict__.get("_count")
+        if count is None:
+            count = router_counter()
+            mx.eval(count)
+            object.__setattr__(self, "_count", count)
+        return count
 
 
 class MoE(nn.Module):
@@ -284,6 +295,8 @@ class DecoderLayer(nn.Module):
         A trace holds the weights it saw, so both are traced again whenever any module or array of
         the layer is another one (weights loaded, an adapter applied or fused, a dtype set) or
         FUSED_DECODE changes. With COMPILED_DECODE off, the halves untraced."""
+        if "gate" in self.mlp:
+            self.mlp.gate.counter()
         if not COMPILED_DECODE:
             return self._project, self._finish
         plan = self.__dict__.get("_plan")

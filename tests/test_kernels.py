@@ -169,8 +169,7 @@ def test_the_model_decodes_the_same_through_the_fused_path(converted, monkeypatc
     calls = []
     monkeypatch.setattr(model_mod, "backend", lambda: "cuda")  # take the fused path (its references, on the CPU)
     monkeypatch.setattr(model_mod, "COMPILED_DECODE", False)  # count every call (a compiled trace replays them)
-    for name in ("moe_decode", "qkv_decode", "qkv_decode_cached", "linear_decode", "router_logits",
-                 "router_select"):
+    for name in ("moe_decode", "qkv_decode", "qkv_decode_cached", "linear_decode", "router_choice"):
         real = getattr(model_mod, name)
         monkeypatch.setattr(model_mod, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     fused = decode()
@@ -181,8 +180,7 @@ def test_the_model_decodes_the_same_through_the_fused_path(converted, monkeypatc
     assert calls.count("moe_decode") == 8 * a.num_hidden_layers
     assert calls.count("linear_decode") == 8 * (a.num_hidden_layers + 1)  # o_proj, and lm_head
     moe_layers = a.num_hidden_layers - a.first_k_dense_replace
-    assert calls.count("router_select") == (8 * moe_layers if a.n_group == a.topk_group else 0)
-    assert calls.count("router_logits") == calls.count("router_select")  # the norm in the logits' launch
+    assert calls.count("router_choice") == (8 * moe_layers if a.n_group == a.topk_group else 0)
     assert rel_err(fused, plain) < 1e-5
 
 
