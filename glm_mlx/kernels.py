@@ -13,7 +13,6 @@ once at close to the card's bandwidth:
 - `router_logits`: the post-attention RMSNorm and the router's logits, one
   launch; `router_select`: the router's sigmoid, correction bias, top-k,
   normalisation and scaling over them, one launch of one simdgroup;
-  `router_choice`: both in one launch on CUDA;
 - `moe_decode`: the norm, the routed experts' gate, up and SwiGLU for the
   chosen experts and the shared expert in one launch, their down projections,
   the router's weighted sum, the shared expert's and the residual in a second
@@ -449,8 +448,7 @@ _SELECT_BODY = """
         if (lane == 0) inds[j] = win;
     }
     if (lane == 0) {
-        float d = TOPK_NORM ? total + 1e-20f : 1.0f;
-        for (uint j = 0; j < TOPK; j++) weights[j] = wv[j] / d * AS_FLOAT((uint)SCALE);
+        for (uint j = 0; j < TOPK; j++) weights[j] = (NORM ? wv[j] / (total + 1e-20f) : wv[j]) * AS_FLOAT((uint)SCALE);
     }
 """
 
@@ -574,29 +572,6 @@ _GROUPED_BODY = """
                 ((DEV uint*)y)[(o + col) / 2] = bf16x2(v0, v1);
             }
         }
-    }
-"""
-
-# The router's logits and its choice in one launch (CUDA; router_choice): glm_router_logits's threadgroups,
-# then the last of them to finish (by a counter in device memory, `count`, that wraps at their number, so a
-# launch leaves it as it found it) runs glm_router_select's simdgroup over the logits the others wrote, read
-# past the cache after a fence (the CUDA programming guide's last-block pattern). Two launches with one
-# counter must not run at once: a router's launches follow each other through the layers' data. One launch
-# a layer fewer: a decode step is bound by the host's encoding, some 7-13 us a launch (BENCHMARKS.md,
-# session 22). No Metal twin: its device-scope fences could not be run here, so a Mac keeps two launches.
-_ROUTER_BODY = _LOGITS_BODY + """
-    __threadfence();
-    TGMEM uint last_one;
-    BARRIER;
-    if (tid == 0) {  // counts 0 .. n - 1 and wraps: the n-th threadgroup to arrive sees n - 1
-        uint n = gridDim.x * gridDim.y * gridDim.z;
-        last_one = atomicInc((uint*)count, n - 1) == n - 1;
-    }
-    BARRIER;
-    if (last_one && warp == 0) {
-        __threadfence();
-        const volatile float* logits = y;
-        {""" + _SELECT_BODY + """}
     }
 """
 
@@ -931,7 +906,6 @@ CUDA_KERNELS = {  # with no Metal twin (tensor-core instructions): the dispatch 
     "glm_grouped_qmm": (["x", "src", "dst", "tiles", "starts", "w", "s", "bb", "w2", "s2", "bb2"], ["y"],
                         _GROUPED_BODY, _CUDA_MMA + _CUDA_GROUPED),
     "glm_attention": (["q", "kc", "vc", "pos"], ["po", "pml"], _ATTN_BODY, _CUDA_MMA),
-    "glm_router": (["x", "w", "nw", "bias", "count"], ["y", "inds", "weights"], _ROUTER_BODY, ""),
     "glm_attention_merge": (["po", "pml"], ["y"], _ATTN_MERGE_BODY, ""),
 }
 
@@ -1371,33 +1345,9 @@ def router_select(logits: mx.array, bias: mx.array, k: int, norm: bool, scale: f
         return router_select_reference(logits, bias, k, norm, scale, lead)
     return tuple(_kernel(kind, "glm_router_select")(
         inputs=[logits, bias],
-        template=[("E", E), ("TOPK", k), ("TOPK_NORM", int(norm)), ("SCALE", _bits(scale))], grid=(32, 1, 1),
+        template=[("E", E), ("TOPK", k), ("NORM", int(norm)), ("SCALE", _bits(scale))], grid=(32, 1, 1),
         threadgroup=(32, 1, 1),
         output_shapes=[(*lead, k)] * 2, output_dtypes=[mx.uint32, mx.float32]))
-
-
-def router_choice(x: mx.array, weight: mx.array, bias: mx.array, k: int, norm_topk: bool, scale: float,
-                  norm=None, lead: tuple = (), count: mx.array | None = None):
-    """router_select(router_logits(x, weight, norm), bias, k, norm_topk, scale, lead), in one launch on CUDA
-    given `count`: a uint32 array of 64 zeros (router_counter) that only this router's launches use, one at a
-    time (each leaves it as it found it; two at once, which MLX's CUDA graph allows for launches that do not
-    depend on each other, would choose wrongly)."""
-    E, kind = weight.shape[0], _gpu(x)
-    nw = _norm_input(norm, x.size)
-    if (count is None or kind != "cuda" or nw is None or weight.dtype != mx.float32 or weight.shape[-1] != x.size
-            or E > 32 * 16 or bias.dtype != mx.float32):
-        return router_select(router_logits(x, weight, norm), bias, k, norm_topk, scale, lead)
-    _, inds, weights = _run(kind, "glm_router", [x, weight, nw[0], bias, count], E, 1,
-                            [((E,), mx.float32), ((*lead, k), mx.uint32), ((*lead, k), mx.float32)], per_lane=8,
-                            K=x.size, N=E, NORM=int(norm is not None), EPS=nw[1], E=E, TOPK=k,
-                            TOPK_NORM=int(norm_topk), SCALE=_bits(scale))
-    return inds, weights
-
-
-def router_counter() -> mx.array:
-    """A router_choice launch's counter: 64 words, so that it is not one of the arrays of 8 bytes or less that
-    MLX's CUDA backend keeps in managed memory the host writes (_bits)."""
-    return mx.zeros((64,), mx.uint32)
 
 
 def dequantize(w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> mx.array:

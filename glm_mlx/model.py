@@ -21,7 +21,7 @@ from .cache import KVCache, attend, make_caches
 from .config import ModelArgs
 from .experts import QuantizedSwitchLinear, SwitchGLU, prefilling
 from .kernels import (attention_fits, backend, decode_attention, linear_decode, moe_decode, position, qkv_decode,
-                      qkv_decode_cached, router_choice, router_counter)
+                      qkv_decode_cached, router_logits, router_select)
 
 
 class Attention(nn.Module):
@@ -144,10 +144,10 @@ class Router(nn.Module):
         """(expert ids, weights) [..., top_k] for x normalised by `norm` (when given)."""
         f32 = mx.float32
         if x.size == x.shape[-1] and decode_kernels() and self.topk_group >= self.n_group:
-            # one token on a GPU: the logits (the norm included) and everything after them, in one launch
-            # on CUDA, two on Metal (glm_mlx/kernels.py)
-            return router_choice(x, self.weight, self.e_score_correction_bias.astype(f32), self.top_k,
-                                 self.norm_topk_prob, self.scaling, norm, x.shape[:-1], self.counter())
+            # one token on a GPU: the logits (the norm included), then everything after them, one
+            # launch each (glm_mlx/kernels.py)
+            return router_select(router_logits(x, self.weight, norm), self.e_score_correction_bias.astype(f32),
+                                 self.top_k, self.norm_topk_prob, self.scaling, x.shape[:-1])
         x = _normed(x, norm)
         logits = x.astype(f32) @ self.weight.astype(f32).T
         scores = mx.sigmoid(logits)
@@ -165,17 +165,6 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
         return inds, weights * self.scaling
-
-    def counter(self) -> mx.array:
-        """The one-token launch's counter (kernels.router_choice): made once, outside any trace (made inside
-        one, it would be made again, zeros and a copy, each replay), and kept as a plain attribute, not a
-        parameter. DecoderLayer._decode_plan makes it before it traces."""
-        count = self.__dict__.get("_count")
-        if count is None:
-            count = router_counter()
-            mx.eval(count)
-            object.__setattr__(self, "_count", count)
-        return count
 
 
 class MoE(nn.Module):
@@ -267,6 +256,13 @@ class DecoderLayer(nn.Module):
         h = self.self_attn(x, cache, residual=x, norm=self.input_layernorm)
         return self._mlp_half(h)
 
+    def traces_whole(self, cache, dtype) -> bool:
+        """Whether one token's layer can be in GLMModel's whole-step trace with a cache like `cache`: its
+        q|k|v launch writes the cache and its attention reads it in place (no op depends on the length), and
+        no host work mid-layer (an offloaded bank)."""
+        attn = self.self_attn
+        return not _host_side(self.mlp) and attn.writes_cache(cache) and attn.attends_in_place(dtype)
+
     # The norms go in with their inputs: one token's kernels apply them as they read x.
     def _project(self, x: mx.array, offset: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         return self.self_attn.project(x, offset, self.input_layernorm)
@@ -295,8 +291,6 @@ class DecoderLayer(nn.Module):
         A trace holds the weights it saw, so both are traced again whenever any module or array of
         the layer is another one (weights loaded, an adapter applied or fused, a dtype set) or
         FUSED_DECODE changes. With COMPILED_DECODE off, the halves untraced."""
-        if "gate" in self.mlp:
-            self.mlp.gate.counter()
         if not COMPILED_DECODE:
             return self._project, self._finish
         plan = self.__dict__.get("_plan")
@@ -334,6 +328,10 @@ KV_IN_KERNEL = True
 # One token's attention through kernels.decode_attention where it fits (CUDA): off with
 # GLM_MLX_ATTENTION_KERNEL=0, mx.fast's over slices of the cache then (to measure one against the other).
 ATTENTION_IN_KERNEL = os.environ.get("GLM_MLX_ATTENTION_KERNEL", "1") != "0"
+
+# One token through all the layers as one compiled trace (GLMModel._whole_step) where they all fit; off with
+# GLM_MLX_WHOLE_STEP=0, a trace a layer then (to measure one against the other).
+WHOLE_STEP = os.environ.get("GLM_MLX_WHOLE_STEP", "1") != "0"
 
 # Off with GLM_MLX_COMPILED_DECODE=0: one token's layer runs the same ops, built by Python each time rather
 # than replayed from a trace. An escape hatch where a backend mishandles the traces (the Metal kernels
@@ -422,12 +420,60 @@ class GLMModel(nn.Module):
         """Final normed hidden states. `eval_layers` evaluates each layer before the next
         is built (prefill: a layer's temporaries are freed before the next one's exist)."""
         h = self.embed_tokens(tokens)
+        if cache is not None and not eval_layers and h.size == h.shape[-1]:
+            out = self._whole_step(h, cache)
+            if out is not None:
+                return out
         with prefilling() if eval_layers else contextlib.nullcontext():  # a synchronisation a layer anyway
             for i, layer in enumerate(self.layers):
                 h = layer(h, cache[i] if cache is not None else None)
                 if eval_layers:
                     mx.eval(h)
         return self.norm(h)
+
+    def _whole_step(self, h: mx.array, cache: list) -> mx.array | None:
+        """One token h [1, 1, D] through every layer and the final norm as one compiled trace, where every
+        layer's token is one (DecoderLayer.traces_whole: attention over the buffers in place) and the caches
+        are float KVCaches at one position with buffers of one capacity: the normed hidden states, or None.
+        One call a step in place of one a layer: a decode step is bound by the host as much as by the
+        device, and each layer's call cost Python some 15-30 us around its trace's replay (BENCHMARKS.md,
+        session 24). Traced again as _decode_plan's halves are (what the model holds, the switches), and
+        for each capacity of the buffers (only the latest kept, as DecoderLayer._traced does)."""
+        if not COMPILED_DECODE or not WHOLE_STEP or len(cache) != len(self.layers):
+            return None
+        if not all(type(c) is KVCache for c in cache) or any(c.offset != cache[0].offset for c in cache):
+            return None
+        switches = (decode_kernels(), KV_IN_KERNEL, ATTENTION_IN_KERNEL, h.dtype)
+        plan = self.__dict__.get("_whole")
+        if plan is None or plan[0] != switches or not plan[1].holds():
+            fits = switches[0] and all(layer.traces_whole(cache[0], h.dtype) for layer in self.layers)
+            plan = (switches, _Tree(self), fits, [])
+            object.__setattr__(self, "_whole", plan)  # a plain attribute, not a parameter
+        if not plan[2]:
+            return None
+        attn = self.layers[0].self_attn
+        shape = (1, attn.n_kv_heads, 1, attn.head_dim)
+        rooms = [c.room(shape, h.dtype) for c in cache]
+        capacity = rooms[0][0].shape[2]
+        if any(k.shape[2] != capacity for k, _ in rooms):
+            return None
+        kept = plan[3]
+        if not kept or kept[0][0] != capacity:
+            kept[:] = [(capacity, mx.compile(self._layers_step))]
+        out, keys, values, written = kept[0][1](h, position(cache[0].offset), [k for k, _ in rooms],
+                                                [v for _, v in rooms], [c.last_write(shape, h.dtype) for c in cache])
+        for c, k, v, w in zip(cache, keys, values, written):
+            c.advance(k, v, 1, w)
+        return out
+
+    def _layers_step(self, h: mx.array, offset: mx.array, keys: list, values: list, afters: list):
+        ks, vs, ws = [], [], []
+        for layer, k, v, a in zip(self.layers, keys, values, afters):
+            h, k, v, w = layer._step_cached(h, offset, k, v, a)
+            ks.append(k)
+            vs.append(v)
+            ws.append(w)
+        return self.norm(h), ks, vs, ws
 
 
 class Model(nn.Module):

@@ -41,8 +41,6 @@ from glm_mlx.kernels import (
     qkv_decode,
     qkv_decode_cached,
     qkv_decode_reference,
-    router_choice,
-    router_counter,
     router_logits,
     router_logits_reference,
     router_select,
@@ -476,24 +474,6 @@ def main():
             return i, w / (w.sum() + 1e-20) * scale
         ours = per_call(lambda i: router_select(logits, bias, topk, True, scale)[1])
         report(rows, name, err, {kernels.RPW: ours}, per_call(lambda i: mlx_router()[1]), "MLX ops", 0.0)
-    # The router's logits and choice in one launch (CUDA), many launches on one counter in turn: each must
-    # leave it as it found it
-    for name, E, D, topk, scale in (("Air router: logits + norm + choice, one launch", 128, 4096, 8, 1.0),
-                                    ("GLM-4.5 router: logits + norm + choice, one launch", 160, 5120, 8, 2.5)):
-        ws = [mx.random.normal((E, D)) * D**-0.5 for _ in range(copies(E * D * 4 / 1e9))]
-        x, norm, bias = rand((D,), 1.0), rms_norm(D), mx.random.normal((E,)) * 0.1
-        mx.eval(ws, x, bias)
-        count, err = router_counter(), 0.0
-        for i in range(3 * len(ws)):
-            wi, ww = router_select_reference(router_logits_reference(x, ws[i % len(ws)], norm), bias, topk, True, scale)
-            gi, gw = router_choice(x, ws[i % len(ws)], bias, topk, True, scale, norm, (), count)
-            same = mx.array_equal(wi, gi).item()
-            err = max(err, (mx.abs(gw - ww).max() / mx.abs(ww).max()).item() if same else float("inf"))
-        counts = [router_counter() for _ in range(50)]  # per_call's launches do not depend on each other
-        mx.eval(counts)
-        ours = per_call(lambda i: router_choice(x, ws[i % len(ws)], bias, topk, True, scale, norm, (), counts[i])[1])
-        two = per_call(lambda i: router_select(router_logits(x, ws[i % len(ws)], norm), bias, topk, True, scale)[1])
-        report(rows, name, err, {kernels.RPW: ours}, two, "our two launches", E * D * 4 / 1e9)
     # The model's decode through all of them, against its plain MLX path, on the same weights
     import glm_mlx.model as model_mod
     from glm_mlx.bench import bench_config, build_ours, random_weights

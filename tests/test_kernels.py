@@ -169,7 +169,8 @@ def test_the_model_decodes_the_same_through_the_fused_path(converted, monkeypatc
     calls = []
     monkeypatch.setattr(model_mod, "backend", lambda: "cuda")  # take the fused path (its references, on the CPU)
     monkeypatch.setattr(model_mod, "COMPILED_DECODE", False)  # count every call (a compiled trace replays them)
-    for name in ("moe_decode", "qkv_decode", "qkv_decode_cached", "linear_decode", "router_choice"):
+    for name in ("moe_decode", "qkv_decode", "qkv_decode_cached", "linear_decode", "router_logits",
+                 "router_select"):
         real = getattr(model_mod, name)
         monkeypatch.setattr(model_mod, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     fused = decode()
@@ -180,7 +181,8 @@ def test_the_model_decodes_the_same_through_the_fused_path(converted, monkeypatc
     assert calls.count("moe_decode") == 8 * a.num_hidden_layers
     assert calls.count("linear_decode") == 8 * (a.num_hidden_layers + 1)  # o_proj, and lm_head
     moe_layers = a.num_hidden_layers - a.first_k_dense_replace
-    assert calls.count("router_choice") == (8 * moe_layers if a.n_group == a.topk_group else 0)
+    assert calls.count("router_select") == (8 * moe_layers if a.n_group == a.topk_group else 0)
+    assert calls.count("router_logits") == calls.count("router_select")  # the norm in the logits' launch
     assert rel_err(fused, plain) < 1e-5
 
 
@@ -251,23 +253,49 @@ def test_decode_attention_reference_reads_the_buffers_up_to_the_devices_position
     assert rel_err(decode_attention_reference(q, keys * junk, values * junk, position(pos), 0.125), want) < 1e-6
 
 
-def test_the_whole_layer_is_one_trace_where_attention_reads_the_cache_in_place(converted, monkeypatch):
+@pytest.mark.parametrize("whole", [True, False])
+def test_the_whole_layer_is_one_trace_where_attention_reads_the_cache_in_place(converted, monkeypatch, whole):
     """Where one token's attention reads the KV cache's buffers in place (kernels.decode_attention; its
-    reference here, on the CPU), each layer's token is one compiled trace for the cache's capacity, and
-    the logits stay those of the plain path, across a growth of the buffers (256 positions)."""
+    reference here, on the CPU), the token is one compiled trace for the caches' capacity: of every layer
+    and the final norm (model.WHOLE_STEP), or each layer's; the logits stay those of the plain path, across
+    a growth of the buffers (256 positions)."""
     model, _ = load_model(converted("air-tiny", "mixed"), "float32")
     toks = np.random.default_rng(4).integers(0, model.args.vocab_size, size=(1, 260))
     plain = decode_logits(model, toks, 250)
     monkeypatch.setattr(model_mod, "backend", lambda: "cuda")
     monkeypatch.setattr(model_mod, "attention_fits", lambda *a: True)
+    monkeypatch.setattr(model_mod, "WHOLE_STEP", whole)
     attended = []
     real = model_mod.decode_attention
     monkeypatch.setattr(model_mod, "decode_attention", lambda *a: attended.append(a[1].shape[2]) or real(*a))
     stepped = decode_logits(model, toks, 250)
     layers = model.model.layers
-    assert all(layer.__dict__["_stepped"][1] == 512 for layer in layers)  # traced again when the buffers grew
-    assert sorted(set(attended)) == [256, 512]  # traced once a capacity: the buffers whole, not slices
+    if whole:  # traced again when the buffers grew
+        assert model.model.__dict__["_whole"][3][0][0] == 512
+        assert all("_stepped" not in layer.__dict__ for layer in layers)
+    else:
+        assert all(layer.__dict__["_stepped"][1] == 512 for layer in layers)
+    # traced once a capacity (each layer's attention, in the whole trace or in its own): the buffers whole
+    assert sorted(attended) == [256] * len(layers) + [512] * len(layers)
     assert rel_err(stepped, plain) < 1e-5
+
+
+def test_the_whole_step_trace_is_made_again_when_a_weight_is_replaced(converted, monkeypatch):
+    """The whole-step trace holds the weights it saw: a norm's weight replaced in a layer and the final
+    norm's, after it was traced, give the logits of the plain path on the new weights."""
+    model, _ = load_model(converted("air-tiny", "mixed"), "float32")
+    toks = np.random.default_rng(5).integers(0, model.args.vocab_size, size=(1, 12))
+    monkeypatch.setattr(model_mod, "backend", lambda: "cuda")
+    monkeypatch.setattr(model_mod, "attention_fits", lambda *a: True)
+    decode_logits(model, toks, 8)
+    traced = model.model.__dict__["_whole"]
+    layer = model.model.layers[-1]
+    layer.post_attention_layernorm.weight = layer.post_attention_layernorm.weight * 2
+    model.model.norm.weight = model.model.norm.weight * 0.5
+    got = decode_logits(model, toks, 8)
+    assert model.model.__dict__["_whole"] is not traced
+    monkeypatch.setattr(model_mod, "FUSED_DECODE", False)
+    assert rel_err(got, decode_logits(model, toks, 8)) < 1e-5
 
 
 def test_a_layer_snapshot_sees_every_replaced_or_added_array_or_module(converted):
