@@ -781,11 +781,11 @@ _ATTN_BODY = """
 """
 
 # The splits of glm_attention combined: o = sum_s o_s 2^(m_s - M) / sum_s l_s 2^(m_s - M), M = max m_s
-# (128 splits or fewer); a threadgroup of MT threads a query head, in its dtype. The first warp weighs the
+# (NSMAX splits or fewer); a threadgroup of MT threads a query head, in its dtype. The first warp weighs the
 # splits; then MT / D threads a dim each sum a share of them.
 _ATTN_MERGE_BODY = """
     uint NS = pml_shape[0], HQ = pml_shape[1];
-    TGMEM float f[128], part[MT];
+    TGMEM float f[NSMAX], part[MT];
     if (warp == 0) {  // each lane weighs the splits s = lane mod 32
         float M = NEG_INF, sum = 0.0f;
         for (uint s = lane; s < NS; s += 32) M = fmaxf(M, pml[2 * ((ulong)s * HQ + bx)]);
@@ -1285,8 +1285,9 @@ def decode_attention(q: mx.array, keys: mx.array, values: mx.array, pos: mx.arra
     HKV, CAP = keys.shape[1], keys.shape[2]
     if not attention_fits(HQ, HKV, D, q.dtype) or keys.dtype != q.dtype or values.dtype != q.dtype:
         return decode_attention_reference(q, keys, values, pos, scale)
-    # threadgroups a kv head: its tiles shared by up to 128 x ATTENTION_WARPS warps, two tiles each or more
-    splits = max(1, min(ATTENTION_BLOCKS // HKV, 128, -(-CAP // (32 * ATTENTION_WARPS))))
+    # threadgroups a kv head: its tiles shared by up to ATTENTION_SPLITS x ATTENTION_WARPS warps, two tiles each
+    # or more
+    splits = max(1, min(ATTENTION_BLOCKS // HKV, ATTENTION_SPLITS, -(-CAP // (32 * ATTENTION_WARPS))))
     po, pml = _kernel("cuda", "glm_attention")(
         inputs=[q, keys, values, _as(pos, mx.int32)],
         template=[("D", D), ("G", HQ // HKV), ("HKV", HKV), ("SC", _bits(scale * math.log2(math.e))),
@@ -1294,17 +1295,18 @@ def decode_attention(q: mx.array, keys: mx.array, values: mx.array, pos: mx.arra
         grid=(splits * 32 * ATTENTION_WARPS, HKV, 1), threadgroup=(32 * ATTENTION_WARPS, 1, 1),
         output_shapes=[(splits, HQ, D), (splits, HQ, 2)], output_dtypes=[mx.float32, mx.float32])
     return _kernel("cuda", "glm_attention_merge")(
-        inputs=[po, pml], template=[("D", D), ("MT", ATTENTION_MERGE_THREADS)],
+        inputs=[po, pml], template=[("D", D), ("MT", ATTENTION_MERGE_THREADS), ("NSMAX", ATTENTION_SPLITS)],
         grid=(HQ * ATTENTION_MERGE_THREADS, 1, 1), threadgroup=(ATTENTION_MERGE_THREADS, 1, 1),
         output_shapes=[q.shape], output_dtypes=[q.dtype])[0]
 
 
-# decode_attention's shape: warps a threadgroup, tiles each warp's ring holds (threadgroup memory:
-# ATTENTION_WARPS * ATTENTION_STAGES * head_dim * 64 bytes, 48 KB or less), threadgroups in all, threads
-# a query head in the merge. On H100 (132 SMs) at Air's heads, 256 threadgroups (32 splits a kv head) beat
-# 512 and 1024 at 4K and 32K positions: the merge reads half what it did; 2 warps of 2 tiles as 2 of 3
-# and 1 of 3 or 4 (scripts/attention_probe.py, BENCHMARKS.md, session 24).
-ATTENTION_WARPS, ATTENTION_STAGES, ATTENTION_BLOCKS, ATTENTION_MERGE_THREADS = 2, 2, 256, 1024
+# decode_attention's shape: warps a threadgroup, tiles each warp's ring holds (2 or more; threadgroup memory:
+# ATTENTION_WARPS * ATTENTION_STAGES * head_dim * 64 bytes, 48 KB or less), threadgroups in all, threads a
+# query head in the merge, and the most threadgroups a kv head (the merge holds a weight for each). On H100
+# (132 SMs) at Air's heads, 256 threadgroups (32 splits a kv head) beat 512 and 1024 at 4K and 32K positions:
+# the merge reads half what it did; 2 warps of 2 tiles as 2 of 3 and 1 of 3 or 4 (scripts/attention_probe.py,
+# BENCHMARKS.md, session 24).
+ATTENTION_WARPS, ATTENTION_STAGES, ATTENTION_BLOCKS, ATTENTION_MERGE_THREADS, ATTENTION_SPLITS = 2, 2, 256, 1024, 128
 
 
 def router_logits(x: mx.array, weight: mx.array, norm=None) -> mx.array:

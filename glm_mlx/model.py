@@ -225,6 +225,7 @@ def decode_kernels(*layers) -> bool:
 
 FUSED_DECODE = True
 
+
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, moe: bool):
         super().__init__()
@@ -312,13 +313,18 @@ class DecoderLayer(nn.Module):
         return self._traced("_stepped", self._step_cached, capacity)
 
     def _traced(self, slot: str, fn, capacity: int):
-        if not COMPILED_DECODE:
-            return fn
-        plan, kept = self.__dict__["_plan"], self.__dict__.get(slot)
-        if kept is None or kept[0] is not plan or kept[1] != capacity:
-            kept = (plan, capacity, mx.compile(fn))
-            object.__setattr__(self, slot, kept)
-        return kept[2]
+        return _compiled(self, slot, self.__dict__["_plan"], fn, capacity) if COMPILED_DECODE else fn
+
+
+def _compiled(owner, slot: str, plan, fn, capacity: int):
+    """fn compiled for one capacity of the KV cache's buffers under `plan` (what the owner's traces were
+    made for), kept in the owner's `slot`, a plain attribute: only the latest, made again when the plan or
+    the capacity changes (kept for every capacity, traces would pile up as the cache grows)."""
+    kept = owner.__dict__.get(slot)
+    if kept is None or kept[0] is not plan or kept[1] != capacity:
+        kept = (plan, capacity, mx.compile(fn))
+        object.__setattr__(owner, slot, kept)
+    return kept[2]
 
 
 # One token's q|k|v launch writes k and v into a float KV cache itself (Attention.writes_cache): two ops
@@ -438,16 +444,17 @@ class GLMModel(nn.Module):
         One call a step in place of one a layer: a decode step is bound by the host as much as by the
         device, and each layer's call cost Python some 15-30 us around its trace's replay (BENCHMARKS.md,
         session 24). Traced again as _decode_plan's halves are (what the model holds, the switches), and
-        for each capacity of the buffers (only the latest kept, as DecoderLayer._traced does)."""
-        if not COMPILED_DECODE or not WHOLE_STEP or len(cache) != len(self.layers):
+        for each capacity of the buffers (_compiled)."""
+        # what holds for every layer alike first: no walk of the model's tree where it cannot fit (the CPU, a Mac)
+        if (not COMPILED_DECODE or not WHOLE_STEP or len(cache) != len(self.layers) or not decode_kernels()
+                or not self.layers[0].self_attn.attends_in_place(h.dtype)):
             return None
         if not all(type(c) is KVCache for c in cache) or any(c.offset != cache[0].offset for c in cache):
             return None
-        switches = (decode_kernels(), KV_IN_KERNEL, ATTENTION_IN_KERNEL, h.dtype)
+        switches = (KV_IN_KERNEL, ATTENTION_IN_KERNEL, h.dtype)
         plan = self.__dict__.get("_whole")
         if plan is None or plan[0] != switches or not plan[1].holds():
-            fits = switches[0] and all(layer.traces_whole(cache[0], h.dtype) for layer in self.layers)
-            plan = (switches, _Tree(self), fits, [])
+            plan = (switches, _Tree(self), all(layer.traces_whole(cache[0], h.dtype) for layer in self.layers))
             object.__setattr__(self, "_whole", plan)  # a plain attribute, not a parameter
         if not plan[2]:
             return None
@@ -457,11 +464,9 @@ class GLMModel(nn.Module):
         capacity = rooms[0][0].shape[2]
         if any(k.shape[2] != capacity for k, _ in rooms):
             return None
-        kept = plan[3]
-        if not kept or kept[0][0] != capacity:
-            kept[:] = [(capacity, mx.compile(self._layers_step))]
-        out, keys, values, written = kept[0][1](h, position(cache[0].offset), [k for k, _ in rooms],
-                                                [v for _, v in rooms], [c.last_write(shape, h.dtype) for c in cache])
+        step = _compiled(self, "_whole_traced", plan, self._layers_step, capacity)
+        out, keys, values, written = step(h, position(cache[0].offset), [k for k, _ in rooms], [v for _, v in rooms],
+                                          [c.last_write(shape, h.dtype) for c in cache])
         for c, k, v, w in zip(cache, keys, values, written):
             c.advance(k, v, 1, w)
         return out

@@ -271,7 +271,7 @@ def test_the_whole_layer_is_one_trace_where_attention_reads_the_cache_in_place(c
     stepped = decode_logits(model, toks, 250)
     layers = model.model.layers
     if whole:  # traced again when the buffers grew
-        assert model.model.__dict__["_whole"][3][0][0] == 512
+        assert model.model.__dict__["_whole_traced"][1] == 512
         assert all("_stepped" not in layer.__dict__ for layer in layers)
     else:
         assert all(layer.__dict__["_stepped"][1] == 512 for layer in layers)
