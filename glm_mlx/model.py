@@ -177,26 +177,44 @@ class MoE(nn.Module):
     def __call__(self, x: mx.array, residual: mx.array | None = None, norm: nn.RMSNorm | None = None) -> mx.array:
         """The routed experts' weighted sum and the shared expert's output for x normalised by `norm`
         (when given), plus `residual` when given."""
-        experts, shared = self.experts, self.shared_experts
-        if x.size == x.shape[-1] and fused_decode(experts):
+        if x.size == x.shape[-1] and fused_decode(self.experts):
             # one token on a GPU: the router in two launches, then routed and shared experts, the norm
             # and the residual in two more (a shared expert the kernels do not take, LoRA-wrapped, after)
-            inds, weights = self.gate(x, norm)
-            glu = _fused_glu(experts)
-            slots = inds if glu is experts else experts.slots_for(_normed(x, norm), inds)  # an offloaded bank's
-            if slots is not None:
-                fuse = shared.decodes()
-                y = moe_decode(x, glu, slots, weights, shared if fuse else None, residual, norm).astype(x.dtype)
-                return y if fuse else y + shared(_normed(x, norm))
-            x = _normed(x, norm)  # more experts than the bank has slots: it sums them in groups
-        else:
-            x = _normed(x, norm)
-            inds, weights = self.gate(x)
+            return self.routed(x, *self.gate(x, norm), residual, norm)
+        x = _normed(x, norm)
+        return self._summed(x, *self.gate(x), residual)
+
+    def routed(self, x: mx.array, inds: mx.array, weights: mx.array, residual: mx.array | None = None,
+               norm: nn.RMSNorm | None = None, mixed=None) -> mx.array:
+        """One token's output (fused_decode) given its router's choice: an offloaded bank first makes the
+        chosen experts resident (the host reads them) and names their slots. `mixed(x, slots, weights)`:
+        what computes on the slots, `self.mixed` with this residual and norm (a layer hands its trace of it)."""
+        experts = self.experts
+        mixed = mixed or (lambda x, slots, weights: self.mixed(x, slots, weights, residual, norm))
+        if _fused_glu(experts) is experts:
+            return mixed(x, inds, weights)
+        slots = experts.slots_for(_normed(x, norm), inds)
+        if slots is None:  # more experts than the bank has slots: it sums them in groups
+            return self._summed(_normed(x, norm), inds, weights, residual)
+        return mixed(x, slots, weights)
+
+    def mixed(self, x: mx.array, slots: mx.array, weights: mx.array, residual: mx.array | None = None,
+              norm: nn.RMSNorm | None = None) -> mx.array:
+        """One token's routed experts (in the slots of their stacked weights) and shared expert, the norm and
+        the residual in two launches (a shared expert the kernels do not take, LoRA-wrapped, after)."""
+        shared = self.shared_experts
+        fuse = shared.decodes()
+        y = moe_decode(x, _fused_glu(self.experts), slots, weights, shared if fuse else None, residual,
+                       norm).astype(x.dtype)
+        return y if fuse else y + shared(_normed(x, norm))
+
+    def _summed(self, x: mx.array, inds: mx.array, weights: mx.array, residual: mx.array | None) -> mx.array:
+        experts = self.experts
         if getattr(experts, "mixes", False):  # an offloaded bank: the weighted sum is its own op (training)
-            y = experts(x, inds, weights) + shared(x)
+            y = experts(x, inds, weights) + self.shared_experts(x)
         else:
             y = experts(x, inds)  # [..., k, D]
-            y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2) + shared(x)
+            y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2) + self.shared_experts(x)
         return y if residual is None else residual + y
 
 
@@ -235,9 +253,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
-        if x.size == x.shape[-1] and cache is not None and decode_kernels() and not _host_side(self.mlp):
+        if x.size == x.shape[-1] and cache is not None and decode_kernels() and self._decodes():
             # one token on a GPU
-            project, finish = self._decode_plan()
+            project, finish, mixed = self._decode_plan()
             attn, offset = self.self_attn, position(cache.offset)
             if attn.writes_cache(cache):
                 shape = (1, attn.n_kv_heads, 1, attn.head_dim)
@@ -246,16 +264,30 @@ class DecoderLayer(nn.Module):
                 if attn.attends_in_place(x.dtype):  # the whole layer one trace: no op depends on the length
                     y, keys, values, written = self._cached_step(keys.shape[2])(x, offset, keys, values, after)
                     cache.advance(keys, values, 1, written)
-                    return y
+                    return self._experts(y, mixed)
                 q, keys, values, written = self._cached_projection(keys.shape[2])(x, offset, keys, values, after)
                 cache.advance(keys, values, 1, written)
                 k, v = cache.fetch()
             else:
                 q, k, v = project(x, offset)
                 k, v = cache.update_and_fetch(k, v)
-            return finish(attend(q, k, v, cache, attn.scale, causal=False), x)
+            return self._experts(finish(attend(q, k, v, cache, attn.scale, causal=False), x), mixed)
         h = self.self_attn(x, cache, residual=x, norm=self.input_layernorm)
         return self._mlp_half(h)
+
+    def _decodes(self) -> bool:
+        """Whether one token's layer takes the decode plan: its MLP computes on the card alone, or is an
+        offloaded bank whose slots the fused kernels take (the plan's halves then stop at the router's
+        choice and go on from the slots, with the host's reads between them: _experts)."""
+        return not _host_side(self.mlp) or fused_decode(self.mlp["experts"])
+
+    def _experts(self, y, mixed):
+        """A decode half's output on: y itself, or, where the host reads the routed experts (an offloaded
+        bank), (h, the router's choice) through the bank and the compiled `mixed`."""
+        if not _host_side(self.mlp):
+            return y
+        h, inds, weights = y
+        return self.mlp.routed(h, inds, weights, h, self.post_attention_layernorm, mixed)
 
     def traces_whole(self, cache, dtype) -> bool:
         """Whether one token's layer can be in GLMModel's whole-step trace with a cache like `cache`: its
@@ -278,8 +310,14 @@ class DecoderLayer(nn.Module):
         o = decode_attention(q, keys, values, offset, self.self_attn.scale)
         return self._finish(o, x), keys, values, written
 
-    def _finish(self, o: mx.array, x: mx.array) -> mx.array:
-        return self._mlp_half(self.self_attn.output(o, residual=x))
+    def _finish(self, o: mx.array, x: mx.array):
+        h = self.self_attn.output(o, residual=x)
+        if _host_side(self.mlp):  # the host must read the router's choice: the half ends there (_experts)
+            return h, *self.mlp.gate(h, self.post_attention_layernorm)
+        return self._mlp_half(h)
+
+    def _mixed(self, h: mx.array, slots: mx.array, weights: mx.array) -> mx.array:
+        return self.mlp.mixed(h, slots, weights, h, self.post_attention_layernorm)
 
     def _mlp_half(self, h: mx.array) -> mx.array:
         return self.mlp(h, residual=h, norm=self.post_attention_layernorm)
@@ -293,10 +331,11 @@ class DecoderLayer(nn.Module):
         the layer is another one (weights loaded, an adapter applied or fused, a dtype set) or
         FUSED_DECODE changes. With COMPILED_DECODE off, the halves untraced."""
         if not COMPILED_DECODE:
-            return self._project, self._finish
+            return self._project, self._finish, self._mixed
         plan = self.__dict__.get("_plan")
         if plan is None or plan[0] != FUSED_DECODE or not plan[1].holds():
-            plan = (FUSED_DECODE, _Tree(self), (mx.compile(self._project), mx.compile(self._finish)))
+            plan = (FUSED_DECODE, _Tree(self), (mx.compile(self._project), mx.compile(self._finish),
+                                                mx.compile(self._mixed)))
             object.__setattr__(self, "_plan", plan)  # a plain attribute, not a parameter
         return plan[2]
 

@@ -8,9 +8,9 @@ read bandwidth with the offloader's own access pattern (parallel preads of
 whole experts, page cache dropped), then decodes with the routed experts
 limited to 100%, 50%, 25% and 10% of their bytes, on two routing traces:
 uniform (every expert equally likely) and skewed (Zipf popularity, and each
-token reusing most of the previous token's experts). The router's choice is
-replaced by the trace (the offloader is what is measured), made to depend on
-the layer's input so that reading it waits for the card as a real router's
+token reusing most of the previous token's experts). The router's choice of
+experts is replaced by the trace (the offloader is what is measured), made to
+depend on the router's own so that reading it waits for the card as a real
 choice does; every read goes to the disk (direct reads, or each expert's pages
 dropped after it is read). The bound
 for a run is the disk bandwidth over the bytes read per token (prefetches included). Each row's last logits
@@ -189,17 +189,19 @@ def guess(tr: np.ndarray, accuracy: float, E: int, seed: int) -> np.ndarray:
 
 
 DEFAULT_PIECE = DEFAULT_WORKERS = None  # set from glm_mlx.offload in main
-VARIANTS = {  # name: (eviction, pin, prefetch accuracy or None, CUDA managed memory's hints, direct reads)
-    "lru": ("lru", False, None, "expert", True),
-    "lfu": ("lfu", False, None, "expert", True),
-    "lfu+pin": ("lfu", True, None, "expert", True),
-    "lfu (hints a piece)": ("lfu", False, None, "piece", True),
-    "lfu (no hints)": ("lfu", False, None, False, True),
-    "lfu (buffered)": ("lfu", False, None, "expert", False),
-    "lfu (copies)": ("lfu", False, None, "copy", True),
-    "lfu+prefetch 100%": ("lfu", False, 1.0, "expert", True),
-    "lfu+prefetch 75%": ("lfu", False, 0.75, "expert", True),
-    "lfu+prefetch 50%": ("lfu", False, 0.5, "expert", True),
+# name: (eviction, pin, prefetch accuracy or None, CUDA managed memory's hints, direct reads, compiled halves)
+VARIANTS = {
+    "lru": ("lru", False, None, "expert", True, True),
+    "lfu": ("lfu", False, None, "expert", True, True),
+    "lfu+pin": ("lfu", True, None, "expert", True, True),
+    "lfu (hints a piece)": ("lfu", False, None, "piece", True, True),
+    "lfu (no hints)": ("lfu", False, None, False, True, True),
+    "lfu (buffered)": ("lfu", False, None, "expert", False, True),
+    "lfu (copies)": ("lfu", False, None, "copy", True, True),
+    "lfu (uncompiled)": ("lfu", False, None, "expert", True, False),
+    "lfu+prefetch 100%": ("lfu", False, 1.0, "expert", True, True),
+    "lfu+prefetch 75%": ("lfu", False, 0.75, "expert", True, True),
+    "lfu+prefetch 50%": ("lfu", False, 0.5, "expert", True, True),
 }
 
 
@@ -208,29 +210,36 @@ def run(folder: Path, budget_frac: float, kind: str, tokens: int, warm: int, var
     import glm_mlx.offload as offload
     from glm_mlx.loading import expert_bytes, load_model
 
-    policy, pin, accuracy, hints, direct = VARIANTS[variant]
+    policy, pin, accuracy, hints, direct, compiled = VARIANTS[variant]
     offload.POLICY, offload.PIN, offload.PREFETCH, offload.HINTS, offload.DIRECT = policy, pin, False, hints, direct
     gc.collect()  # the previous row's model gone before this one's peak is measured
     offload.PIECE = piece or DEFAULT_PIECE
     offload.WORKERS = workers or DEFAULT_WORKERS
     manifest = json.loads((folder / MANIFEST).read_text())
     total = expert_bytes(manifest)
-    model, _ = load_model(folder, expert_memory=int(total * budget_frac) if budget_frac < 1 else None)
+    offloaded = budget_frac < 1
+    model, _ = load_model(folder, expert_memory=int(total * budget_frac) if offloaded else None)
     a = model.args
     tr = trace(kind, warm + tokens, a.num_hidden_layers, a.n_routed_experts, a.num_experts_per_tok, seed=1)
     step = [0]
-    k = a.num_experts_per_tok
-    # The trace stands in for the router. It is read on the host each token, which a compiled
-    # decode trace would freeze at its first token: the resident model runs its layers uncompiled.
-    # It depends on the layer's input, so that the host reading it waits for the card's work up to
-    # there, as it does for a real router's choice (and with `sync` False it does not: the card then
-    # works only once the token's graph is built).
-    model_mod.COMPILED_DECODE = False
-    for i, layer in enumerate(model.model.layers):
-        def gate(x, norm=None, i=i):
-            ids = mx.array(tr[step[0], i][None, None])
-            return mx.depends(ids, x) if sync else ids, mx.full((1, 1, k), 1.0 / k)
-        layer.mlp.gate = gate
+
+    def chosen(i: int, inds: mx.array) -> mx.array:
+        """Layer i's experts for this token: the trace's, in place of the router's choice `inds`. They depend
+        on it, so that the host reading them waits for the card up to the router as a real run does (with
+        `sync` False they do not: the card then works only once the token's graph is built)."""
+        ids = mx.array(tr[step[0], i].reshape(inds.shape))
+        return mx.depends(ids, inds) if sync else ids
+
+    # The trace stands in for the router's choice of experts (its weights stay the router's). An offloaded
+    # layer hands the choice to its bank on the host (below). A resident one keeps it on the card, in a trace
+    # a compiled decode would freeze at its first token: the resident model runs its layers uncompiled.
+    model_mod.COMPILED_DECODE = offloaded and compiled
+    if not offloaded:
+        for i, layer in enumerate(model.model.layers):
+            def gate(x, norm=None, i=i, router=layer.mlp.gate):
+                inds, weights = router(x, norm)
+                return chosen(i, inds), weights
+            layer.mlp.gate = gate
     banks = offload.offloaded_banks(model)  # in layer order
     if accuracy is not None:
         # The prediction is the trace's next layer, right with probability `accuracy`:
@@ -239,12 +248,12 @@ def run(folder: Path, budget_frac: float, kind: str, tokens: int, warm: int, var
         for i, (b, nxt) in enumerate(zip(banks, banks[1:])):
             object.__setattr__(b, "next", (lambda x, i=i: (mx.array(pred[step[0], i + 1][None, None]), None), nxt))
     routing = [0.0]  # seconds the host spent on the routers' choices, its waits for reads left out: the card's work
-    for b in banks:
+    for i, b in enumerate(banks):
         b.file.drop_pages = True  # every read from the disk
 
-        def route(x, inds, b=b, inner=b._route):
+        def route(x, inds, b=b, i=i, inner=b._route):
             t, w = time.perf_counter(), sum(c.stats.seconds for c in banks)
-            out = inner(x, inds)
+            out = inner(x, chosen(i, inds))
             routing[0] += time.perf_counter() - t - (sum(c.stats.seconds for c in banks) - w)
             return out
         object.__setattr__(b, "_route", route)

@@ -330,11 +330,15 @@ def test_every_kernel_body_uses_only_the_shared_names():
             assert word not in body, (name, word)
 
 
-def test_offloaded_experts_take_the_same_fused_path(converted, monkeypatch):
+@pytest.mark.parametrize("preset,in_place", [("glm45-tiny", False), ("air-tiny", True)])
+def test_offloaded_experts_take_the_same_fused_path(converted, monkeypatch, preset, in_place):
     """On a GPU one token's experts go through the fused kernels whether resident or
-    offloaded (here their references, on the CPU): the logits stay equal."""
-    folder = converted("glm45-tiny", "mixed")
+    offloaded (here their references, on the CPU): the logits stay equal. An offloaded layer
+    decodes through its compiled halves, split at the router's choice (the host reads the
+    experts it names between them): the attention in place where it fits (air-tiny)."""
+    folder = converted(preset, "mixed")
     monkeypatch.setattr(model_mod, "backend", lambda: "cuda")
+    monkeypatch.setattr(model_mod, "attention_fits", lambda *a: in_place)
     calls = []
     real = model_mod.moe_decode
     monkeypatch.setattr(model_mod, "moe_decode", lambda *a: calls.append(1) or real(*a))
@@ -355,8 +359,14 @@ def test_offloaded_experts_take_the_same_fused_path(converted, monkeypatch):
     monkeypatch.setattr(offload.OffloadedExperts, "slots_for",
                         lambda self, *a: (lambda s: banked.append(s is not None) or s)(slots_for(self, *a)))
     for slots in (m.num_experts_per_tok + 1, m.n_routed_experts - 1):  # a token's experts fit the bank
-        model, _ = load_model(folder, "float32", expert_memory=slots * stride)
-        np.testing.assert_array_equal(decode(model), want)
+        for compiled in (True, False):
+            monkeypatch.setattr(model_mod, "COMPILED_DECODE", compiled)
+            model, _ = load_model(folder, "float32", expert_memory=slots * stride)
+            np.testing.assert_array_equal(decode(model), want)
+            moe = [layer for layer in model.model.layers if "experts" in layer.mlp]
+            assert all(("_plan" in layer.__dict__) == compiled for layer in moe)  # the layer's halves traced
+            if compiled and in_place:
+                assert all("_stepped" in layer.__dict__ for layer in moe)  # attention to the router one trace
     assert any(banked)  # the bank computed through the fused path
     routes = []
     route = offload.OffloadedExperts._route
