@@ -167,12 +167,6 @@ HINTS: bool | str = "expert"
 _hinting = ThreadPoolExecutor(max_workers=1)
 
 
-def _hint(views: list[memoryview], at: int) -> None:
-    """HINTS "piece": a piece's pages sent to the card by its reading thread once read (a hint's failure
-    costs time, not data)."""
-    uvm.after_write(views)
-
-
 class _Spans:
     """Page-locked host memory for HINTS "copy": an expert in flight is read into a span of its own, then
     copied into its slot by the copy engine; the slot stays on the card and no page moves. At most `n` spans
@@ -257,10 +251,10 @@ class ExpertFile:
         spec = self.parts[part]
         return int(np.prod(spec["shape"])) * np.dtype(STORED_DTYPES[spec["dtype"]]).itemsize
 
-    def read_piece(self, views: list[memoryview], offset: int, then=None) -> tuple[int, int]:
+    def read_piece(self, views: list[memoryview], offset: int, hints: bool = False) -> tuple[int, int]:
         """(bytes read, their crc32) of one piece at `offset` within an expert's range: past the page
-        cache when the piece is aligned. `then(views)`, when given, runs once the piece is read and
-        checksummed (glm_mlx.uvm: its pages sent to the card in bulk, or its bytes copied into a slot there)."""
+        cache when the piece is aligned. `hints`: the views are CUDA managed memory, sent to the card in
+        bulk once read, rather than a page fault at a time when a kernel first reads them (glm_mlx.uvm)."""
         direct = self.direct
         if direct is not None and _aligned(views, offset):
             try:
@@ -280,18 +274,15 @@ class ExpertFile:
         crc = 0
         for v in views:
             crc = zlib.crc32(v, crc)
-        if then is not None:  # after the checksum: a hint's pages would fault back for its reads
-            then(views)
+        if hints:  # after the checksum, whose reads would fault the pages back
+            uvm.after_write(views)
         return n, crc
 
-    def start_read(self, pool, e: int, views: list[memoryview], then=None) -> "ExpertRead":
-        """Start reading expert e into `views` (writable bytes, in file order), in pieces; `then(piece, at)`,
-        when given, runs on each piece's views once read, `at` its first byte's place in the expert."""
-        offset = base = self.start + e * self.stride
-        futures = []
+    def start_read(self, pool, e: int, views: list[memoryview], hints: bool = False) -> "ExpertRead":
+        """Start reading expert e into `views` (writable bytes, in file order), in pieces."""
+        offset, futures = self.start + e * self.stride, []
         for piece in split(views, PIECE):
-            after = None if then is None else functools.partial(then, at=offset - base)
-            futures.append((pool.submit(self.read_piece, piece, offset, after), sum(v.nbytes for v in piece)))
+            futures.append((pool.submit(self.read_piece, piece, offset, hints), sum(v.nbytes for v in piece)))
             offset += futures[-1][1]
         return ExpertRead(self, e, futures)
 
@@ -475,54 +466,42 @@ class OffloadedExperts(nn.Module):
     # --- reads ----------------------------------------------------------------
 
     def _start(self, e: int, slot: int) -> tuple:
-        """Start reading expert e: straight into its slot, into a span whose pieces are copied into it as
-        they arrive (HINTS "copy"), or into a buffer to convert. (expert, slot, ExpertRead, span, buffer or None)."""
+        """Start reading expert e: straight into its slot, into a span to copy into it (HINTS "copy"),
+        or into a buffer to convert. (expert, slot, ExpertRead, span, buffer or None)."""
         if self.views is not None:
             span = _spans.take(self.file.stride) if self.hints == "copy" else None
-            if span is not None:  # into page-locked memory, each piece copied into the slot once read
-                return e, slot, self.file.start_read(self.pool, e, [span], self._copier(slot)), span
-            hint = _hint if self.hints == "piece" else None
-            return e, slot, self.file.start_read(self.pool, e, self.views[slot], hint), None
+            if span is not None:  # into page-locked memory, copied into the slot once read (_wait)
+                return e, slot, self.file.start_read(self.pool, e, [span]), span
+            return e, slot, self.file.start_read(self.pool, e, self.views[slot], self.hints == "piece"), None
         blob = aligned_buffer(self.file.stride)
         return e, slot, self.file.start_read(self.pool, e, [blob]), blob
 
-    def _copier(self, slot: int):
-        """What copies a piece read into a span into the same place in `slot`, by the copy engine
-        (while the expert's other pieces are still read): a failed copy is a failed read."""
-        dst = self.views[slot]
-
-        def copy(piece: list[memoryview], at: int) -> None:
-            err = uvm.copy_to_card(dst, piece, at)
-            if err:
-                raise OSError(f"copying it to the card failed (CUDA error {err})")
-        return copy
-
     def _wait(self, reads: list[tuple]) -> None:
-        """Wait for reads from _start (and for the copies of their pieces into slots); fill converted ones;
-        a failed read empties its slot and raises once every read has stopped writing."""
+        """Wait for reads from _start; fill converted ones; a failed read empties its
+        slot and raises once every read has stopped writing."""
         t0 = time.perf_counter()
-        error, blobs, spans = None, [], []
+        error, blobs, spans, copy_err = None, [], [], 0
         for e, slot, read, blob in reads:
-            copied = self.views is not None and blob is not None  # through a span
             try:
                 read.result()
             except ExpertReadError as ex:
                 error = error or ex
                 self.table.free(slot)
-                if copied:
-                    spans.append((None, blob))  # given back once its pieces' copies are done
+                if self.views is not None and blob is not None:
+                    _spans.give(blob)
                 continue
-            if copied:
+            if self.views is not None and blob is not None:  # a span: copied into the slot on the card
+                copy_err = copy_err or uvm.copy_to_card(self.views[slot], blob)
                 spans.append((slot, blob))
             elif blob is not None:
                 blobs.append((slot, e, blob))
             elif self.hints in ("expert", "copy"):  # ("copy" when no span was free)
                 _hinting.submit(uvm.after_write, self.views[slot])
         if spans:
-            copy_err = uvm.copies_done()
+            copy_err = uvm.copies_done() or copy_err
             for slot, span in spans:
                 _spans.give(span)
-                if copy_err and slot is not None:  # what the slots hold is not known
+                if copy_err:  # what the slots hold is not known
                     self.table.free(slot)
             if copy_err and error is None:
                 error = ExpertReadError(f"{self.file.path}: copying experts of layer {self.file.layer} to the card "
@@ -557,7 +536,7 @@ class OffloadedExperts(nn.Module):
         if not self.pending:
             return []
         want = set(map(int, needed))
-        reads, spans = [], []
+        reads = []
         for e, r in self.pending.items():
             if e in want or r[2].abandon():
                 reads.append(r)
@@ -565,11 +544,7 @@ class OffloadedExperts(nn.Module):
             else:
                 self.table.free(r[1])
                 if self.views is not None and r[3] is not None:
-                    spans.append(r[3])
-        if spans:  # the copies of pieces already read finish before their span or slot is written again
-            uvm.copies_done()
-            for span in spans:
-                _spans.give(span)
+                    _spans.give(r[3])
         self.pending.clear()
         return reads
 
