@@ -167,6 +167,14 @@ HINTS: bool | str = "expert"
 _hinting = ThreadPoolExecutor(max_workers=1)
 
 
+def _hints_settled() -> None:
+    """Wait until every hint asked for so far is made and its pages have moved (the hint thread's queue, then the
+    stream the hints go on). A read must not write into a slot whose pages a hint is still moving: a direct read
+    writes the pages the disk was handed, the move copies them away mid-write, and the read's checksum fails (an
+    offload_bench run hit it, session 25)."""
+    _hinting.submit(uvm.hints_done).result()
+
+
 class _Spans:
     """Page-locked host memory for HINTS "copy": an expert in flight is read into a span of its own, then
     copied into its slot by the copy engine; the slot stays on the card and no page moves. At most `n` spans
@@ -450,6 +458,7 @@ class OffloadedExperts(nn.Module):
         object.__setattr__(self, "next", None)  # (router, OffloadedExperts) of the next MoE layer
         object.__setattr__(self, "views", None)
         object.__setattr__(self, "routed", None)  # (inds, _route's answer) that slots_for could not use
+        object.__setattr__(self, "hinted", set())  # slots hinted since the hints last settled (_start)
         if direct:  # slot s of every part, in file order: the iovecs of one preadv
             whole = {p: memoryview(getattr(getattr(glu, p.split(".")[0]), p.split(".")[1])).cast("B")
                      for p in file.order}
@@ -469,6 +478,11 @@ class OffloadedExperts(nn.Module):
         """Start reading expert e: straight into its slot, into a span to copy into it (HINTS "copy"),
         or into a buffer to convert. (expert, slot, ExpertRead, span, buffer or None)."""
         if self.views is not None:
+            if slot in self.hinted:  # a hint may still be moving the slot's pages
+                _hints_settled()
+                self.hinted.clear()
+            if self.hints == "piece":
+                self.hinted.add(slot)  # (the reading threads hint each piece)
             span = _spans.take(self.file.stride) if self.hints == "copy" else None
             if span is not None:  # into page-locked memory, copied into the slot once read (_wait)
                 return e, slot, self.file.start_read(self.pool, e, [span]), span
@@ -497,6 +511,7 @@ class OffloadedExperts(nn.Module):
                 blobs.append((slot, e, blob))
             elif self.hints in ("expert", "copy"):  # ("copy" when no span was free)
                 _hinting.submit(uvm.after_write, self.views[slot])
+                self.hinted.add(slot)
         if spans:
             copy_err = uvm.copies_done() or copy_err
             for slot, span in spans:
@@ -536,16 +551,20 @@ class OffloadedExperts(nn.Module):
         if not self.pending:
             return []
         want = set(map(int, needed))
-        reads = []
+        reads, kept = [], []
         for e, r in self.pending.items():
-            if e in want or r[2].abandon():
+            if e in want:
                 reads.append(r)
-                self.stats.prefetch_used += e in want
+                self.stats.prefetch_used += 1
+            elif r[2].abandon():  # read whole anyway: it stays in the bank, but its slot is not this step's
+                kept.append(r)
             else:
                 self.table.free(r[1])
                 if self.views is not None and r[3] is not None:
                     _spans.give(r[3])
         self.pending.clear()
+        if kept:  # finished (checked, hinted) before this step's misses may take their slots: waited for among
+            self._wait(kept)  # the step's own reads, one would be hinted after another read began writing in it
         return reads
 
     def ensure(self, needed: np.ndarray, then=None, under_way: list | None = None) -> None:

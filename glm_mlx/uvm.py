@@ -115,6 +115,15 @@ def after_write(views) -> int:
     return err
 
 
+def hints_done() -> int:
+    """Wait for every hint and copy started on the stream hints go on: 0, or a CUresult."""
+    d = _driver()
+    if d is None:
+        return 0
+    lib, dev = d
+    return lib.cuStreamSynchronize(_stream(lib, dev))
+
+
 def pinned(n: int) -> memoryview | None:
     """n bytes of page-locked host memory at a page boundary (which a direct read can fill and the copy
     engine read), or None where there is no driver or it refuses. Kept for the process's life."""

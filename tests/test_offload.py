@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import Future
 
 import mlx.core as mx
 import numpy as np
@@ -20,6 +21,15 @@ from test_convert import ENV, ROOT, cli
 
 def rel_err(a, b) -> float:
     return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+
+
+class Now:
+    """offload's hints thread, made synchronous (each call made at once, its future done)."""
+
+    def submit(self, fn, *args):
+        f = Future()
+        f.set_result(fn(*args))
+        return f
 
 
 def budget_for(folder, slots: int) -> int:
@@ -427,10 +437,7 @@ def test_reads_into_the_bank_are_sent_to_the_card_once_read(hints, converted, mo
     calls = []
     monkeypatch.setattr(glm_mlx.offload, "HINTS", hints)
 
-    class Now:  # the hints' own thread, made synchronous: the bytes recorded are the read's, not a later one's
-        def submit(self, fn, *args):
-            fn(*args)
-
+    # the hints' own thread, made synchronous: the bytes recorded are the read's, not a later one's
     monkeypatch.setattr(glm_mlx.offload, "_hinting", Now())
     monkeypatch.setattr(uvm, "available", lambda a=None: True)
     monkeypatch.setattr(uvm, "after_write", lambda views: calls.append(("after", [bytes(v) for v in views])))
@@ -473,3 +480,56 @@ def test_reads_into_the_bank_are_sent_to_the_card_once_read(hints, converted, mo
     model, _ = load_model(folder, expert_memory=budget_for(folder, 2))
     run_all(model, toks)
     assert not calls and not any(b.hints for b in offloaded_banks(model))
+
+
+def test_no_hint_moves_a_slot_while_a_read_writes_it(converted, monkeypatch):
+    """CUDA's hint (the bulk move of a slot's pages to the card) never comes while a read is writing that slot,
+    and a read into a slot waits for the hints asked for before it (the hints' thread and stream settled):
+    here with prefetches whose wrong guesses were read whole before this step's misses took their slots (an
+    offload_bench run on the GPU failed a checksum there). The hints are recorded (no-ops off CUDA)."""
+    import glm_mlx.offload as offload
+    from glm_mlx import uvm
+
+    folder = converted("glm45-tiny", "mixed")
+    resident, _ = load_model(folder)
+    toks = np.random.default_rng(1).integers(0, resident.args.vocab_size, size=(1, 24))
+    want = run_all(resident, toks)
+    events = []
+
+    key = lambda views: offload._address(views[0])  # noqa: E731 - a slot, by its first byte
+    monkeypatch.setattr(offload, "PREFETCH", True)
+    monkeypatch.setattr(offload, "_hinting", Now())  # the hints' thread, made synchronous
+    monkeypatch.setattr(uvm, "available", lambda a=None: True)
+    monkeypatch.setattr(uvm, "after_write", lambda views: events.append(("hint", key(views))) or 0)
+    monkeypatch.setattr(uvm, "hints_done", lambda: events.append(("settled", None)) or 0)
+    start = OffloadedExperts._start
+
+    def recorded(self, e, slot):
+        r = start(self, e, slot)
+        k, read = key(self.views[slot]), r[2]
+        events.append(("read", k))
+        result, abandon = read.result, read.abandon
+        read.result = lambda: (result(), events.append(("got", k)))[0]
+        read.abandon = lambda: abandon() or events.append(("dropped", k)) or False
+        return r
+
+    monkeypatch.setattr(OffloadedExperts, "_start", recorded)
+    k = resident.args.num_experts_per_tok
+    model, _ = load_model(folder, expert_memory=budget_for(folder, k + 1))  # room to read one ahead
+    for a, b in zip(run_all(model, toks), want):
+        np.testing.assert_array_equal(a, b)
+    st = offloaded_stats(model)
+    assert st.prefetched > st.prefetch_used > 0  # some guesses right, some wrong
+    reading, hinted = {}, set()  # reads under way into each slot; slots hinted since the hints settled
+    for what, k in events:
+        if what == "hint":
+            assert not reading.get(k), "a hint moved a slot while a read was writing it"
+            hinted.add(k)
+        elif what == "settled":
+            hinted.clear()
+        elif what == "read":
+            assert k not in hinted, "a read wrote into a slot a hint may still be moving"
+            reading[k] = reading.get(k, 0) + 1
+        else:
+            reading[k] -= 1
+    assert ("settled", None) in events
