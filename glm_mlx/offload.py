@@ -67,6 +67,7 @@ class Stats:
     prefetched: int = 0  # reads started ahead by a prediction
     prefetch_used: int = 0  # of those, experts the step then needed
     bytes: int = 0  # everything read, prefetches included
+    dropped: int = 0  # bytes of abandoned prefetches never read (not in `bytes`)
     seconds: float = 0.0  # time spent waiting for reads
 
     @property
@@ -78,7 +79,7 @@ class Stats:
         return self.bytes / max(self.seconds, 1e-9) / 1e9
 
     def add(self, other: "Stats") -> None:
-        for k in ("hits", "misses", "prefetched", "prefetch_used", "bytes", "seconds"):
+        for k in ("hits", "misses", "prefetched", "prefetch_used", "bytes", "dropped", "seconds"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
 
     def line(self) -> str:
@@ -300,6 +301,7 @@ class ExpertRead:
 
     def __init__(self, file: ExpertFile, e: int, futures: list):
         self.file, self.e, self.futures = file, e, futures
+        self.dropped = 0  # bytes abandon() dropped before they were read
 
     def result(self) -> None:
         """Wait for every piece; a short or corrupt expert raises ExpertReadError."""
@@ -323,13 +325,21 @@ class ExpertRead:
                                   "manifest's checksum (the file is corrupt)")
 
     def abandon(self) -> bool:
-        """Stop a read no longer wanted: pieces not started are dropped, those under
-        way finish (they write into the slot). True when it had all been read anyway."""
-        dropped = [fut.cancel() for fut, _ in self.futures]
+        """Stop a read no longer wanted, without waiting: pieces not started are dropped, those under way go
+        on writing into their memory until they finish (`done`). True when it had all been read already."""
+        dropped = [size for fut, size in self.futures if fut.cancel()]
+        self.dropped = sum(dropped)
+        return not dropped and self.done()
+
+    def done(self) -> bool:
+        """Whether no piece is under way or waiting (read, failed or dropped)."""
+        return all(fut.done() for fut, _ in self.futures)
+
+    def stop(self) -> None:
+        """Wait for the pieces under way (after abandon)."""
         for fut, _ in self.futures:
             if not fut.cancelled():
-                fut.exception()  # wait
-        return not any(dropped)
+                fut.exception()
 
 
 def arrays(file: ExpertFile, blob: memoryview) -> dict[str, np.ndarray]:
@@ -351,6 +361,9 @@ def _detached(a: mx.array) -> mx.array:
     return mx.array(np.array(a))
 
 
+FREE, HELD = -1, -2  # a slot that holds no expert: free, or held until an abandoned read into it stops
+
+
 class Slots:
     """Which expert each of a bank's slots holds, and the eviction policy's bookkeeping: no I/O, so that
     scripts/policy_sim.py replays routing traces through it alone (hit rates, against the optimum)."""
@@ -360,7 +373,7 @@ class Slots:
             raise ValueError(f"eviction policy {policy!r}: choose from {', '.join(POLICIES)}")
         self.slots, self.policy, self.pin = slots, policy, pin
         self.slot_of = np.full(experts, -1, dtype=np.int64)
-        self.expert_in = np.full(slots, -1, dtype=np.int64)
+        self.expert_in = np.full(slots, FREE, dtype=np.int64)  # an expert's id, FREE or HELD
         self.score = np.zeros(experts)
         self.recent = np.zeros(experts, dtype=bool)  # used by the previous step
         self.clock = 0
@@ -376,11 +389,12 @@ class Slots:
 
     def victim(self, protect: np.ndarray, spare_recent: bool = False) -> int | None:
         """A slot to (re)fill: a free one, else the coldest unprotected one; with pin, one the previous
-        step did not use if there is one; with `spare_recent`, only such a one (None when there is none)."""
-        free = np.flatnonzero(self.expert_in < 0)
+        step did not use if there is one; with `spare_recent`, only such a one (None when there is none).
+        Never a held one."""
+        free = np.flatnonzero(self.expert_in == FREE)
         if free.size:
             return int(free[0])
-        cand = np.flatnonzero(~protect)
+        cand = np.flatnonzero(~protect & (self.expert_in >= 0))
         if (self.pin or spare_recent) and cand.size:
             cold = cand[~self.recent[self.expert_in[cand]]]
             cand = cold if cold.size or spare_recent else cand
@@ -392,10 +406,17 @@ class Slots:
         self.free(slot)
         self.expert_in[slot], self.slot_of[e] = e, slot
 
-    def free(self, slot: int) -> None:
+    def free(self, slot: int, held: bool = False) -> None:
+        """The slot holds no expert: free, or `held` (neither free nor any expert's: an abandoned read still
+        writes into it) until freed again."""
         if self.expert_in[slot] >= 0:
             self.slot_of[self.expert_in[slot]] = -1
-        self.expert_in[slot] = -1
+        self.expert_in[slot] = HELD if held else FREE
+
+    @property
+    def usable(self) -> int:
+        """Slots not held."""
+        return int((self.expert_in != HELD).sum())
 
     def admit(self, needed: np.ndarray, spare_recent: bool = False) -> list[tuple[int, int]]:
         """(expert, slot) for each of `needed`'s experts not resident, its slot taken for it: never one
@@ -455,6 +476,7 @@ class OffloadedExperts(nn.Module):
         object.__setattr__(self, "file", file)
         object.__setattr__(self, "pool", pool)
         object.__setattr__(self, "pending", {})  # expert -> a prefetch's read, as _start returns it
+        object.__setattr__(self, "stopping", [])  # abandoned prefetches' reads (_start's tuples), slots held
         object.__setattr__(self, "next", None)  # (router, OffloadedExperts) of the next MoE layer
         object.__setattr__(self, "views", None)
         object.__setattr__(self, "routed", None)  # (inds, _route's answer) that slots_for could not use
@@ -558,20 +580,37 @@ class OffloadedExperts(nn.Module):
                 self.stats.prefetch_used += 1
             elif r[2].abandon():  # read whole anyway: it stays in the bank, but its slot is not this step's
                 kept.append(r)
-            else:
-                self.table.free(r[1])
-                if self.views is not None and r[3] is not None:
-                    _spans.give(r[3])
+            else:  # its slot (and span) held, not waited for, until the pieces under way stop (_release)
+                self.table.free(r[1], held=True)
+                self.stopping.append(r)
+                self.stats.bytes -= r[2].dropped
+                self.stats.dropped += r[2].dropped
         self.pending.clear()
         if kept:  # finished (checked, hinted) before this step's misses may take their slots: waited for among
             self._wait(kept)  # the step's own reads, one would be hinted after another read began writing in it
         return reads
+
+    def _release(self, wait: bool = False) -> None:
+        """Free the slots (and spans) of abandoned reads whose pieces have stopped (`wait`: all, once stopped)."""
+        going = []
+        for r in self.stopping:
+            if wait:
+                r[2].stop()
+            if not r[2].done():
+                going.append(r)
+                continue
+            self.table.free(r[1])
+            if self.views is not None and r[3] is not None:
+                _spans.give(r[3])
+        self.stopping[:] = going
 
     def ensure(self, needed: np.ndarray, then=None, under_way: list | None = None) -> None:
         """Make every expert in `needed` resident (len(needed) <= slots); `then` runs
         once this step's reads are queued (the next layer's prefetch goes behind them),
         before waiting for them and for `under_way` (this layer's prefetched reads): so
         the next layer's reads are queued while this layer's are still in flight."""
+        if self.stopping:
+            self._release(wait=self.table.usable < needed.size)  # a held slot is waited for only if needed
         misses = self.table.admit(needed)
         self.stats.hits += len(needed) - len(misses)
         self.stats.misses += len(misses)
@@ -582,7 +621,8 @@ class OffloadedExperts(nn.Module):
         self._wait((under_way or []) + reads)
 
     def prefetch(self, experts: np.ndarray) -> None:
-        """Start reading predicted experts into cold slots (never the last step's)."""
+        """Start reading predicted experts into cold slots (never the last step's nor held ones)."""
+        self._release()
         for e, slot in self.table.admit(experts, spare_recent=True):
             self.pending[e] = self._start(e, slot)
             self.stats.prefetched += 1
