@@ -176,12 +176,6 @@ def _hints_settled() -> None:
     _hinting.submit(uvm.hints_done).result()
 
 
-def _hint(views: list[memoryview], at: int) -> None:
-    """HINTS "piece": a piece's pages sent to the card by its reading thread once read (a hint's failure
-    costs time, not data)."""
-    uvm.after_write(views)
-
-
 class _Spans:
     """Page-locked host memory for HINTS "copy": an expert in flight is read into a span of its own, then
     copied into its slot by the copy engine; the slot stays on the card and no page moves. At most `n` spans
@@ -266,10 +260,10 @@ class ExpertFile:
         spec = self.parts[part]
         return int(np.prod(spec["shape"])) * np.dtype(STORED_DTYPES[spec["dtype"]]).itemsize
 
-    def read_piece(self, views: list[memoryview], offset: int, then=None) -> tuple[int, int]:
+    def read_piece(self, views: list[memoryview], offset: int, hints: bool = False) -> tuple[int, int]:
         """(bytes read, their crc32) of one piece at `offset` within an expert's range: past the page
-        cache when the piece is aligned. `then(views)`, when given, runs once the piece is read and
-        checksummed (glm_mlx.uvm: its pages sent to the card in bulk, or its bytes copied into a slot there)."""
+        cache when the piece is aligned. `hints`: the views are CUDA managed memory, sent to the card in
+        bulk once read, rather than a page fault at a time when a kernel first reads them (glm_mlx.uvm)."""
         direct = self.direct
         if direct is not None and _aligned(views, offset):
             try:
@@ -289,18 +283,15 @@ class ExpertFile:
         crc = 0
         for v in views:
             crc = zlib.crc32(v, crc)
-        if then is not None:  # after the checksum: a hint's pages would fault back for its reads
-            then(views)
+        if hints:  # after the checksum, whose reads would fault the pages back
+            uvm.after_write(views)
         return n, crc
 
-    def start_read(self, pool, e: int, views: list[memoryview], then=None) -> "ExpertRead":
-        """Start reading expert e into `views` (writable bytes, in file order), in pieces; `then(piece, at)`,
-        when given, runs on each piece's views once read, `at` its first byte's place in the expert."""
-        offset = base = self.start + e * self.stride
-        futures = []
+    def start_read(self, pool, e: int, views: list[memoryview], hints: bool = False) -> "ExpertRead":
+        """Start reading expert e into `views` (writable bytes, in file order), in pieces."""
+        offset, futures = self.start + e * self.stride, []
         for piece in split(views, PIECE):
-            after = None if then is None else functools.partial(then, at=offset - base)
-            futures.append((pool.submit(self.read_piece, piece, offset, after), sum(v.nbytes for v in piece)))
+            futures.append((pool.submit(self.read_piece, piece, offset, hints), sum(v.nbytes for v in piece)))
             offset += futures[-1][1]
         return ExpertRead(self, e, futures)
 
@@ -311,7 +302,6 @@ class ExpertRead:
     def __init__(self, file: ExpertFile, e: int, futures: list):
         self.file, self.e, self.futures = file, e, futures
         self.dropped = 0  # bytes abandon() dropped before they were read
-        self.copies = []  # futures of its pieces' copies into a slot (HINTS "copy")
 
     def result(self) -> None:
         """Wait for every piece; a short or corrupt expert raises ExpertReadError."""
@@ -516,53 +506,43 @@ class OffloadedExperts(nn.Module):
             if self.hints == "piece":
                 self.hinted.add(slot)  # (the reading threads hint each piece)
             span = _spans.take(self.file.stride) if self.hints == "copy" else None
-            if span is not None:  # into page-locked memory, each piece copied into the slot once read
-                self.hinted.add(slot)  # (the copies go on the hints' thread and stream)
-                copies, dst = [], self.views[slot]
-                read = self.file.start_read(self.pool, e, [span], lambda piece, at: copies.append(
-                    _hinting.submit(uvm.copy_to_card, dst, piece, at)))
-                read.copies = copies
-                return e, slot, read, span
-            return e, slot, self.file.start_read(self.pool, e, self.views[slot], _hint if self.hints == "piece"
-                                                 else None), None
+            if span is not None:  # into page-locked memory, copied into the slot once read (_wait)
+                return e, slot, self.file.start_read(self.pool, e, [span]), span
+            return e, slot, self.file.start_read(self.pool, e, self.views[slot], self.hints == "piece"), None
         blob = aligned_buffer(self.file.stride)
         return e, slot, self.file.start_read(self.pool, e, [blob]), blob
 
     def _wait(self, reads: list[tuple]) -> None:
-        """Wait for reads from _start (and the copies of their pieces into slots, HINTS "copy"); fill converted
-        ones; a failed read or copy empties its slot and raises once every read has stopped writing."""
+        """Wait for reads from _start; fill converted ones; a failed read empties its
+        slot and raises once every read has stopped writing."""
         t0 = time.perf_counter()
-        error, blobs, spans = None, [], []
+        error, blobs, spans, copy_err = None, [], [], 0
         for e, slot, read, blob in reads:
-            copied = self.views is not None and blob is not None  # through a span
             try:
                 read.result()
-                err = next((c for c in [f.result() for f in read.copies] if c), 0)  # every copy made, first
-                if err:
-                    raise ExpertReadError(f"{self.file.path}: copying expert {e} of layer {self.file.layer} to "
-                                          f"the card failed (CUDA error {err})")
             except ExpertReadError as ex:
                 error = error or ex
                 self.table.free(slot)
-                if copied:
-                    spans.append(blob)  # given back once its pieces' copies are done
+                if self.views is not None and blob is not None:
+                    _spans.give(blob)
                 continue
-            if copied:
-                spans.append(blob)
+            if self.views is not None and blob is not None:  # a span: copied into the slot on the card
+                copy_err = copy_err or uvm.copy_to_card(self.views[slot], blob)
+                spans.append((slot, blob))
             elif blob is not None:
                 blobs.append((slot, e, blob))
             elif self.hints in ("expert", "copy"):  # ("copy" when no span was free)
                 _hinting.submit(uvm.after_write, self.views[slot])
                 self.hinted.add(slot)
         if spans:
-            err = uvm.copies_done()
-            for span in spans:
+            copy_err = uvm.copies_done() or copy_err
+            for slot, span in spans:
                 _spans.give(span)
-            if err and error is None:  # what the slots hold is not known
-                for _, slot, _, blob in reads:
+                if copy_err:  # what the slots hold is not known
                     self.table.free(slot)
+            if copy_err and error is None:
                 error = ExpertReadError(f"{self.file.path}: copying experts of layer {self.file.layer} to the card "
-                                        f"failed (CUDA error {err})")
+                                        f"failed (CUDA error {copy_err})")
         self.stats.seconds += time.perf_counter() - t0
         if blobs:
             self._fill(blobs)
@@ -619,13 +599,9 @@ class OffloadedExperts(nn.Module):
             if not r[2].done():
                 going.append(r)
                 continue
-            if self.views is not None and r[3] is not None:  # through a span: its pieces' copies done first
-                if not all(f.done() for f in r[2].copies):
-                    going.append(r)
-                    continue
-                uvm.copies_done()
-                _spans.give(r[3])
             self.table.free(r[1])
+            if self.views is not None and r[3] is not None:
+                _spans.give(r[3])
         self.stopping[:] = going
 
     def ensure(self, needed: np.ndarray, then=None, under_way: list | None = None) -> None:

@@ -138,42 +138,22 @@ def pinned(n: int) -> memoryview | None:
     return buf
 
 
-def copy_to_card(views: list[memoryview], src, at: int = 0) -> int:
-    """Start copying src (pinned: a memoryview, or a list of them back to back) into views (consecutive pieces of
-    managed arrays, read as one run of bytes) from its byte `at`, with the copy engine, on the stream hints go on:
-    0, or the CUresult of what failed (`copies_done` waits)."""
+def copy_to_card(views: list[memoryview], src: memoryview) -> int:
+    """Start copying src (pinned) into views (consecutive pieces of managed arrays, src's length in all) with
+    the copy engine, on the stream hints go on: 0, or the CUresult of what failed (`copies_done` waits)."""
     d = _driver()
     if d is None:
         return -1
     lib, dev = d
     st = _stream(lib, dev)
-    srcs = [src] if isinstance(src, memoryview) else src
-    for to, frm, n in runs([_range(v) for v in views], [_range(v) for v in srcs], at):
-        err = lib.cuMemcpyHtoDAsync_v2(ctypes.c_uint64(to), ctypes.c_void_p(frm), ctypes.c_size_t(n), st)
+    at, base = 0, _range(src)[0]
+    for v in views:
+        ptr, n = _range(v)
+        err = lib.cuMemcpyHtoDAsync_v2(ctypes.c_uint64(ptr), ctypes.c_void_p(base + at), ctypes.c_size_t(n), st)
         if err:
             return err
+        at += n
     return 0
-
-
-def runs(dst: list[tuple[int, int]], src: list[tuple[int, int]], at: int) -> list[tuple[int, int, int]]:
-    """(to, from, bytes) of each copy that writes the (address, bytes) ranges `src`, back to back, into the
-    ranges `dst` taken as one run of bytes, from its byte `at`."""
-    out, i = [], 0
-    while i < len(dst) and at >= dst[i][1]:  # the range holding byte `at`, and `at` within it
-        at -= dst[i][1]
-        i += 1
-    for base, n in src:
-        done = 0
-        while done < n:
-            if i == len(dst):
-                raise ValueError("copy_to_card: more bytes than the views hold")
-            ptr, size = dst[i]
-            m = min(size - at, n - done)
-            out.append((ptr + at, base + done, m))
-            done, at = done + m, at + m
-            if at == size:
-                i, at = i + 1, 0
-    return out
 
 
 def copies_done() -> int:

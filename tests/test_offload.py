@@ -243,22 +243,6 @@ def test_a_prefetch_never_evicts_the_last_steps_experts():
     assert t.admit(np.array([8])) and 8 in t.expert_in  # a step's own miss: the coldest, whichever it is
 
 
-def test_a_copy_into_a_slot_writes_each_byte_to_its_place():
-    """uvm.runs, the copies a piece read into page-locked memory becomes: the piece's bytes, from its
-    place in the expert, land at the same place in the slot's parts (views of several arrays)."""
-    from glm_mlx.uvm import runs
-
-    parts = [(1000, 30), (5000, 12), (9000, 50)]  # a slot: three arrays' bytes, back to back in file order
-    whole = [a + i for a, n in parts for i in range(n)]  # the address of each of the slot's 92 bytes
-    for at, src in ((0, [(100, 92)]), (25, [(100, 10), (300, 20)]), (42, [(100, 50)]), (91, [(7, 1)])):
-        got = [to + i for to, _, n in runs(parts, src, at) for i in range(n)]
-        assert got == whole[at: at + sum(n for _, n in src)]
-        frm = [f + i for _, f, n in runs(parts, src, at) for i in range(n)]
-        assert frm == [b + i for b, n in src for i in range(n)]
-    with pytest.raises(ValueError, match="more bytes"):
-        runs(parts, [(0, 10)], 85)
-
-
 def test_a_held_slot_is_never_taken_until_freed():
     """A slot an abandoned read still writes into (Slots.free held=True) holds no expert and is neither
     free nor evictable; freed again, it is the first taken."""
@@ -459,9 +443,8 @@ def test_a_grouped_step_starts_with_the_experts_already_in_the_bank(converted):
 def test_reads_into_the_bank_are_sent_to_the_card_once_read(hints, converted, monkeypatch):
     """With HINTS on CUDA, what is read into a slot is sent to the card once read (glm_mlx.uvm; a no-op here,
     so recorded): each piece by its reading thread ("piece"), or each expert once checked ("expert"), or
-    each expert read into page-locked memory, each piece copied into its place in the slot once read, on the
-    hints' thread ("copy"); the file's bytes in it by then; the logits still the resident model's; a copy
-    that fails is a clear error."""
+    each expert read into page-locked memory and copied into its slot ("copy"); the file's bytes in it by
+    then; the logits still the resident model's; a copy that fails is a clear error."""
     from glm_mlx import uvm
     from glm_mlx.offload import _Spans, aligned_buffer
 
@@ -479,21 +462,16 @@ def test_reads_into_the_bank_are_sent_to_the_card_once_read(hints, converted, mo
     monkeypatch.setattr(uvm, "available", lambda a=None: True)
     monkeypatch.setattr(uvm, "after_write", lambda views: calls.append(("after", [bytes(v) for v in views])))
 
-    def copy(views, src, at=0):  # what the copy engine would do (uvm.runs over the views' and src's bytes)
-        whole = bytearray(b"".join(bytes(v) for v in views))
-        data = b"".join(bytes(v) for v in ([src] if isinstance(src, memoryview) else src))
-        whole[at: at + len(data)] = data
-        i = 0
+    def copy(views, src):
+        at = 0
         for v in views:
-            v[:] = whole[i: i + v.nbytes]
-            i += v.nbytes
-        calls.append(("copy", [data]))
+            v[:] = src[at: at + v.nbytes]
+            at += v.nbytes
+        calls.append(("copy", [bytes(v) for v in views]))
         return 0
 
     monkeypatch.setattr(uvm, "pinned", aligned_buffer)
     monkeypatch.setattr(uvm, "copy_to_card", copy)
-    if hints == "copy":  # pieces that split the expert's parts: each copied to its own place in the slot
-        monkeypatch.setattr(glm_mlx.offload, "PIECE", 1000)
     monkeypatch.setattr(glm_mlx.offload, "_spans", _Spans(1))  # fewer than a step's misses: some take the hints
     model, _ = load_model(folder, expert_memory=budget_for(folder, 2))
     banks = offloaded_banks(model)
@@ -508,13 +486,12 @@ def test_reads_into_the_bank_are_sent_to_the_card_once_read(hints, converted, mo
     assert all(any(b"".join(bs) in x for x in experts) for bs in afters)  # each piece holds the file's bytes
     if hints == "expert":  # one hint an expert, for its whole slot
         assert len(afters) == st.misses and all(len(b"".join(bs)) == banks[0].file.stride for bs in afters)
-    if hints == "copy":  # each piece copied once read, or (no span free) read into its slot and hinted whole
-        assert {c[0] for c in calls} == {"copy", "after"}
-        assert all(len(b"".join(bs)) == banks[0].file.stride for kind, bs in calls if kind == "after")
-        assert max(len(bs[0]) for kind, bs in calls if kind == "copy") <= 1000  # pieces, not whole experts
+    if hints == "copy":  # each expert copied whole, or (no span free) read into its slot and hinted whole
+        assert {c[0] for c in calls} == {"copy", "after"} and len(afters) == st.misses
+        assert all(len(b"".join(bs)) == banks[0].file.stride for bs in afters)
         spans = glm_mlx.offload._spans
         assert spans.made == 1 and len(spans.free[banks[0].file.stride]) == 1  # the span given back
-        monkeypatch.setattr(uvm, "copy_to_card", lambda views, src, at: 700)
+        monkeypatch.setattr(uvm, "copy_to_card", lambda views, src: 700)
         model, _ = load_model(folder, expert_memory=budget_for(folder, 2))
         with pytest.raises(ExpertReadError, match="to the card failed .CUDA error 700"):
             model(toks)
