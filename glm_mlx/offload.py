@@ -600,8 +600,10 @@ class OffloadedExperts(nn.Module):
                 going.append(r)
                 continue
             self.table.free(r[1])
-            if self.views is not None and r[3] is not None:
-                _spans.give(r[3])
+            if self.views is not None:
+                self.hinted.add(r[1])  # a piece's hint (HINTS "piece") may have come after the hints last settled
+                if r[3] is not None:
+                    _spans.give(r[3])
         self.stopping[:] = going
 
     def ensure(self, needed: np.ndarray, then=None, under_way: list | None = None) -> None:
