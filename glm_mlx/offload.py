@@ -166,6 +166,9 @@ def split(views: list[memoryview], size: int) -> list[list[memoryview]]:
 # and won all three skewed cells by 5-13 points, but tied or lost uniform ones (session 20): not the default.
 HINTS: bool | str = "expert"
 _hinting = ThreadPoolExecutor(max_workers=1)
+# With HINTS "copy", the copy engine only for a step that reads at most this many experts, the hints beyond:
+# a copy is a transfer beside the disk's, and many at once slowed the reads (BENCHMARKS.md, session 25).
+COPY_MISSES = 1 << 30
 
 
 def _hints_settled() -> None:
@@ -496,7 +499,7 @@ class OffloadedExperts(nn.Module):
 
     # --- reads ----------------------------------------------------------------
 
-    def _start(self, e: int, slot: int) -> tuple:
+    def _start(self, e: int, slot: int, copy: bool = True) -> tuple:
         """Start reading expert e: straight into its slot, into a span to copy into it (HINTS "copy"),
         or into a buffer to convert. (expert, slot, ExpertRead, span, buffer or None)."""
         if self.views is not None:
@@ -505,7 +508,7 @@ class OffloadedExperts(nn.Module):
                 self.hinted.clear()
             if self.hints == "piece":
                 self.hinted.add(slot)  # (the reading threads hint each piece)
-            span = _spans.take(self.file.stride) if self.hints == "copy" else None
+            span = _spans.take(self.file.stride) if self.hints == "copy" and copy else None
             if span is not None:  # into page-locked memory, copied into the slot once read (_wait)
                 return e, slot, self.file.start_read(self.pool, e, [span]), span
             return e, slot, self.file.start_read(self.pool, e, self.views[slot], self.hints == "piece"), None
@@ -617,7 +620,7 @@ class OffloadedExperts(nn.Module):
         self.stats.hits += len(needed) - len(misses)
         self.stats.misses += len(misses)
         self.stats.bytes += len(misses) * self.file.stride
-        reads = [self._start(e, slot) for e, slot in misses]
+        reads = [self._start(e, slot, len(misses) <= COPY_MISSES) for e, slot in misses]
         if then is not None:
             then()
         self._wait((under_way or []) + reads)
@@ -625,8 +628,9 @@ class OffloadedExperts(nn.Module):
     def prefetch(self, experts: np.ndarray) -> None:
         """Start reading predicted experts into cold slots (never the last step's nor held ones)."""
         self._release()
-        for e, slot in self.table.admit(experts, spare_recent=True):
-            self.pending[e] = self._start(e, slot)
+        guesses = self.table.admit(experts, spare_recent=True)
+        for e, slot in guesses:
+            self.pending[e] = self._start(e, slot, len(guesses) <= COPY_MISSES)
             self.stats.prefetched += 1
             self.stats.bytes += self.file.stride
 

@@ -198,6 +198,7 @@ VARIANTS = {
     "lfu (no hints)": ("lfu", False, None, False, True, True),
     "lfu (buffered)": ("lfu", False, None, "expert", False, True),
     "lfu (copies)": ("lfu", False, None, "copy", True, True),
+    "lfu (copies <= 2)": ("lfu", False, None, "copy <= 2", True, True),
     "lfu (uncompiled)": ("lfu", False, None, "expert", True, False),
     "lfu+prefetch 100%": ("lfu", False, 1.0, "expert", True, True),
     "lfu+prefetch 75%": ("lfu", False, 0.75, "expert", True, True),
@@ -211,6 +212,8 @@ def run(folder: Path, budget_frac: float, kind: str, tokens: int, warm: int, var
     from glm_mlx.loading import expert_bytes, load_model
 
     policy, pin, accuracy, hints, direct, compiled = VARIANTS[variant]
+    hints, _, most = hints.partition(" <= ") if isinstance(hints, str) else (hints, "", "")
+    offload.COPY_MISSES = int(most) if most else 1 << 30  # "copy <= N": the copy engine for up to N reads a step
     offload.POLICY, offload.PIN, offload.PREFETCH, offload.HINTS, offload.DIRECT = policy, pin, False, hints, direct
     gc.collect()  # the previous row's model gone before this one's peak is measured
     offload.PIECE = piece or DEFAULT_PIECE
