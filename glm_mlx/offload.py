@@ -162,8 +162,9 @@ def split(views: list[memoryview], size: int) -> list[list[memoryview]]:
 # faults its pages over, ~0.1 ms a MB). With direct reads, "piece" lost or tied in every cell of the
 # benchmark, and "expert" made the card's part of a token 2.5-6.5x shorter than none (BENCHMARKS.md, session 19).
 # "copy" is no hint: each expert is read into page-locked host memory of its own (_Spans) and the copy engine
-# writes it into its slot, which stays on the card. In one run it shortened the card's part of a token 2-3x
-# and won all three skewed cells by 5-13 points, but tied or lost uniform ones (session 20): not the default.
+# writes it into its slot, which stays on the card. It halves the card's part of a token, but the reads wait
+# longer beside its transfers (copying each piece as it arrived was worse): over session 25's runs it won 11 of
+# 16 skewed cells and lost 6 of 10 uniform ones (tied 3). An option, not the default; COPY_MISSES below.
 HINTS: bool | str = "expert"
 _hinting = ThreadPoolExecutor(max_workers=1)
 # With HINTS "copy", the copy engine only for a step that reads at most this many experts, the hints beyond:
