@@ -539,9 +539,9 @@ def test_no_hint_moves_a_slot_while_a_read_writes_it(converted, monkeypatch, slo
         monkeypatch.setattr(offload.ExpertFile, "read_piece", lambda *a: time.sleep(0.002) or read_piece(*a))
     start = OffloadedExperts._start
 
-    def recorded(self, e, slot):
+    def recorded(self, e, slot, *rest):
         assert all(r[1] != slot for r in self.stopping), "a read into a slot an abandoned read still writes"
-        r = start(self, e, slot)
+        r = start(self, e, slot, *rest)
         k, read = key(self.views[slot]), r[2]
         events.append(("read", k))
         result = read.result
