@@ -605,7 +605,8 @@ class OffloadedExperts(nn.Module):
                 continue
             self.table.free(r[1])
             if self.views is not None:
-                self.hinted.add(r[1])  # a piece's hint (HINTS "piece") may have come after the hints last settled
+                if self.hints:  # a piece's hint (HINTS "piece") may have come after the hints last settled
+                    self.hinted.add(r[1])
                 if r[3] is not None:
                     _spans.give(r[3])
         self.stopping[:] = going
