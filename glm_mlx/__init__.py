@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 
 def load(path: str | Path, dtype: str | None = None, adapter: str | Path | None = None,
-         expert_memory: str | int | None = None):
+         expert_memory: str | int | None = None, prefetch: bool = False):
     """(model, tokenizer) from a glm-mlx model folder written by `glm-mlx convert`.
 
     `dtype="float32"` computes in float32 (exact checks on the CPU); by default
@@ -19,12 +19,15 @@ def load(path: str | Path, dtype: str | None = None, adapter: str | Path | None 
     routed experts never occupy more than that; the others are read from the
     folder when a token needs them (the logits are the resident model's).
     "auto" keeps them all resident when the model fits in this machine's
-    memory; None (the default here) always does.
+    memory; None (the default here) always does. `prefetch`: with experts
+    offloaded, each layer also reads the experts the next layer's router,
+    applied to this layer's input, picks (it pays only when those guesses are
+    mostly right; the banks' stats count how many were used).
     """
     from .loading import load_model
     from .tokenizer import Tokenizer
 
-    model, manifest = load_model(path, dtype, expert_memory)
+    model, manifest = load_model(path, dtype, expert_memory, prefetch=prefetch)
     if adapter is not None:
         from .lora import load_adapter
 

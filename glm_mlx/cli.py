@@ -70,6 +70,9 @@ ADAPTER = typer.Option(None, "--adapter", help="a LoRA adapter folder from glm-m
 EXPERT_MEMORY = typer.Option("auto", "--expert-memory", help="most memory routed experts may take (e.g. 24GB); the "
                              "rest are read from disk. auto (the default): all resident when the model fits in "
                              "memory, else what is left")
+PREFETCH = typer.Option(False, "--prefetch", help="with experts offloaded: each layer also reads the experts the "
+                        "next layer's router picks from its input (pays only when those guesses are mostly right; "
+                        "the stats show how many were used)")
 KV_BITS = typer.Option(None, "--kv-bits", callback=check_kv_bits, help="quantize the KV cache to 8 or 4 bits (long "
                        "contexts: about 1/2 or 1/4 of its bf16 memory)")
 MTP = typer.Option(False, "--mtp", help="speculative decoding: the MTP layer drafts a token ahead, the model "
@@ -117,6 +120,7 @@ def generate(
     dtype: Optional[str] = DTYPE,
     adapter: Optional[Path] = ADAPTER,
     expert_memory: Optional[str] = EXPERT_MEMORY,
+    prefetch: bool = PREFETCH,
     kv_bits: Optional[int] = KV_BITS,
     mtp: bool = MTP,
 ):
@@ -129,7 +133,8 @@ def generate(
     if (prompt is None) == (token_ids is None):
         fail("give exactly one of --prompt or --token-ids")
     try:
-        m, tok = glm_mlx.load(model, dtype=dtype, adapter=adapter, expert_memory=expert_memory)
+        m, tok = glm_mlx.load(model, dtype=dtype, adapter=adapter, expert_memory=expert_memory,
+                              prefetch=prefetch)
         say_offloaded(m)
         if token_ids is not None:
             ids = [int(t) for t in token_ids.replace(" ", "").split(",") if t]
@@ -341,6 +346,7 @@ def chat(
     dtype: Optional[str] = DTYPE,
     adapter: Optional[Path] = ADAPTER,
     expert_memory: Optional[str] = EXPERT_MEMORY,
+    prefetch: bool = PREFETCH,
     kv_bits: Optional[int] = KV_BITS,
     mtp: bool = MTP,
 ):
@@ -355,7 +361,8 @@ def chat(
     folder = resolve_model(model, yes)
     try:
         tool_map = load_tools(tools) if tools else {}
-        m, tok = glm_mlx.load(folder, dtype=dtype, adapter=adapter, expert_memory=expert_memory)
+        m, tok = glm_mlx.load(folder, dtype=dtype, adapter=adapter, expert_memory=expert_memory,
+                              prefetch=prefetch)
         say_offloaded(m)
         session = ChatSession(m, tok, system=system, tools=[t.schema for t in tool_map.values()] or None,
                               think=think, temp=temp, top_p=top_p, max_tokens=max_tokens, context_limit=context,
@@ -386,7 +393,8 @@ def demo(
             fail(str(e))
     convert(str(ckpt), out, "mixed", None, None)
     generate(model=out, prompt=prompt, token_ids=None, max_tokens=max_tokens, temp=0.0, top_p=1.0,
-             seed=0, think=False, system=None, dtype=None, adapter=None, expert_memory=None, kv_bits=None, mtp=False)
+             seed=0, think=False, system=None, dtype=None, adapter=None, expert_memory=None, prefetch=False,
+             kv_bits=None, mtp=False)
 
 
 def main() -> None:

@@ -134,10 +134,11 @@ def prepare_model(model: Model) -> None:
 
 
 def load_model(path: str | Path, dtype: str | None = None, expert_memory: str | int | None = None,
-               reserve: int = 0) -> tuple[Model, dict]:
+               reserve: int = 0, prefetch: bool | None = None) -> tuple[Model, dict]:
     """(model, manifest). `expert_memory` (bytes, "24GB", "auto"): routed experts
     never occupy more than that; the rest are read from the folder on demand.
-    `reserve`: bytes "auto" leaves free beyond its own reserve (a training step's)."""
+    `reserve`: bytes "auto" leaves free beyond its own reserve (a training step's).
+    `prefetch`: offloaded banks read the next layer's guessed experts ahead (None: offload.PREFETCH)."""
     from .offload import offload_experts, parse_size
 
     folder = Path(path)
@@ -171,7 +172,7 @@ def load_model(path: str | Path, dtype: str | None = None, expert_memory: str | 
         dt = getattr(mx, dtype)
         weights = [(k, v.astype(dt) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights]
     if offloaded:
-        offload_experts(model, folder, manifest, budget, getattr(mx, dtype) if dtype else None)
+        offload_experts(model, folder, manifest, budget, getattr(mx, dtype) if dtype else None, prefetch)
     try:
         model.load_weights(weights, strict=True)
     except ValueError as e:

@@ -354,6 +354,11 @@ def test_generate_with_expert_memory_and_adapters_on_the_experts(converted, tmp_
     assert "experts:" in p.stderr and "hits" in p.stderr
     resident = cli("generate", "--model", folder, "--prompt", "hi", "-n", "6", "--temp", "0", check_ok=True)
     assert p.stdout == resident.stdout
+    ahead = cli("generate", "--model", folder, "--prompt", "hi", "-n", "6", "--temp", "0", "--prefetch",
+                "--expert-memory", str(budget_for(folder, 5)), check_ok=True)  # room beside a step's 4 to guess
+    assert ahead.stdout == resident.stdout and " prefetched used" in ahead.stderr
+    banks = offloaded_banks(glm_mlx.load(folder, expert_memory=budget_for(folder, 5), prefetch=True)[0])
+    assert [b.next is not None for b in banks] == [True, False, False]  # the trunk's first layer guesses the second's
     from glm_mlx.lora import apply_lora, base_info, lora_modules, save_adapter
 
     model, manifest = load_model(folder, "float32")
