@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 
 def load(path: str | Path, dtype: str | None = None, adapter: str | Path | None = None,
-         expert_memory: str | int | None = None, prefetch: bool = False):
+         expert_memory: str | int | None = None, prefetch: bool | None = None):
     """(model, tokenizer) from a glm-mlx model folder written by `glm-mlx convert`.
 
     `dtype="float32"` computes in float32 (exact checks on the CPU); by default
@@ -22,7 +22,8 @@ def load(path: str | Path, dtype: str | None = None, adapter: str | Path | None 
     memory; None (the default here) always does. `prefetch`: with experts
     offloaded, each layer also reads the experts the next layer's router,
     applied to this layer's input, picks (it pays only when those guesses are
-    mostly right; the banks' stats count how many were used).
+    mostly right; the banks' stats count how many were used). None: the
+    offloader's default (off).
     """
     from .loading import load_model
     from .tokenizer import Tokenizer

@@ -177,7 +177,7 @@ def _hints_settled() -> None:
     stream the hints go on). A read must not write into a slot whose pages a hint is still moving: a direct read
     writes the pages the disk was handed, the move copies them away mid-write, and the read's checksum fails (an
     offload_bench run hit it, session 25)."""
-    _hinting.submit(uvm.hints_done).result()
+    _hinting.submit(uvm.copies_done).result()
 
 
 class _Spans:

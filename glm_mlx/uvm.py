@@ -115,15 +115,6 @@ def after_write(views) -> int:
     return err
 
 
-def hints_done() -> int:
-    """Wait for every hint and copy started on the stream hints go on: 0, or a CUresult."""
-    d = _driver()
-    if d is None:
-        return 0
-    lib, dev = d
-    return lib.cuStreamSynchronize(_stream(lib, dev))
-
-
 def pinned(n: int) -> memoryview | None:
     """n bytes of page-locked host memory at a page boundary (which a direct read can fill and the copy
     engine read), or None where there is no driver or it refuses. Kept for the process's life."""
@@ -157,7 +148,8 @@ def copy_to_card(views: list[memoryview], src: memoryview) -> int:
 
 
 def copies_done() -> int:
-    """Wait for every copy started on the stream (a sleeping wait, not a spinning one): 0, or a CUresult."""
+    """Wait for every copy and hint started on the stream they go on (a sleeping wait, not a spinning one): 0, or a
+    CUresult."""
     d = _driver()
     if d is None:
         return 0

@@ -536,7 +536,7 @@ def test_no_hint_moves_a_slot_while_a_read_writes_it(converted, monkeypatch, slo
     monkeypatch.setattr(offload, "_hinting", Now())  # the hints' thread, made synchronous
     monkeypatch.setattr(uvm, "available", lambda a=None: True)
     monkeypatch.setattr(uvm, "after_write", lambda views: events.append(("hint", key(views))) or 0)
-    monkeypatch.setattr(uvm, "hints_done", lambda: events.append(("settled", None)) or 0)
+    monkeypatch.setattr(uvm, "copies_done", lambda: events.append(("settled", None)) or 0)
     if slow:  # seven pieces an expert, each a while, one at a time: a wrong guess's pieces still queued
         monkeypatch.setattr(offload, "PIECE", 1024)
         monkeypatch.setattr(offload, "WORKERS", 1)
