@@ -178,18 +178,26 @@ def trace(kind: str, tokens: int, layers: int, E: int, k: int, seed: int) -> np.
     return out
 
 
-def guess(tr: np.ndarray, accuracy: float, E: int, seed: int) -> np.ndarray:
-    """A prediction of the trace: each expert right with probability `accuracy`,
-    else another expert (what a router applied one layer early might give)."""
+def guess(tr: np.ndarray, accuracy: float, E: int, seed: int, near: bool = False) -> np.ndarray:
+    """A prediction of the trace: each expert right with probability `accuracy`, else another
+    expert (what a router applied one layer early might give): any expert alike, or (`near`)
+    one drawn as often as the layer's own choices draw it, a near miss, likelier to be in the bank."""
     rng = np.random.default_rng(seed)
     out = tr.copy()
     wrong = rng.random(tr.shape) >= accuracy
-    out[wrong] = rng.integers(0, E, wrong.sum())
+    if not near:
+        out[wrong] = rng.integers(0, E, wrong.sum())
+        return out
+    for layer in range(tr.shape[1]):
+        p = np.bincount(tr[:, layer].ravel(), minlength=E).astype(np.float64)
+        w = wrong[:, layer]
+        out[:, layer][w] = rng.choice(E, w.sum(), p=p / p.sum())
     return out
 
 
 DEFAULT_PIECE = DEFAULT_WORKERS = None  # set from glm_mlx.offload in main
-# name: (eviction, pin, prefetch accuracy or None, CUDA managed memory's hints, direct reads, compiled halves)
+# name: (eviction, pin, prefetch accuracy or None (or (accuracy, "near"): guess's near misses),
+#        CUDA managed memory's hints, direct reads, compiled halves)
 VARIANTS = {
     "lru": ("lru", False, None, "expert", True, True),
     "lfu": ("lfu", False, None, "expert", True, True),
@@ -203,6 +211,8 @@ VARIANTS = {
     "lfu+prefetch 100%": ("lfu", False, 1.0, "expert", True, True),
     "lfu+prefetch 75%": ("lfu", False, 0.75, "expert", True, True),
     "lfu+prefetch 50%": ("lfu", False, 0.5, "expert", True, True),
+    "lfu+prefetch 75% (near)": ("lfu", False, (0.75, "near"), "expert", True, True),
+    "lfu+prefetch 50% (near)": ("lfu", False, (0.5, "near"), "expert", True, True),
 }
 
 
@@ -247,7 +257,8 @@ def run(folder: Path, budget_frac: float, kind: str, tokens: int, warm: int, var
     if accuracy is not None:
         # The prediction is the trace's next layer, right with probability `accuracy`:
         # at 100% an oracle, the most prefetch can buy.
-        pred = guess(tr, accuracy, a.n_routed_experts, seed=2)
+        right, near = accuracy if isinstance(accuracy, tuple) else (accuracy, "")
+        pred = guess(tr, right, a.n_routed_experts, seed=2, near=near == "near")
         for i, (b, nxt) in enumerate(zip(banks, banks[1:])):
             object.__setattr__(b, "next", (lambda x, i=i: (mx.array(pred[step[0], i + 1][None, None]), None), nxt))
     routing = [0.0]  # seconds the host spent on the routers' choices, its waits for reads left out: the card's work
