@@ -584,3 +584,38 @@ def test_no_hint_moves_a_slot_while_a_read_writes_it(converted, monkeypatch, slo
         else:
             reading[k] -= 1
     assert ("settled", None) in events
+
+
+def test_offload_bench_guesses_and_bursts(tmp_path):
+    """offload_bench's prediction of a trace is right at about the accuracy asked; its wrong guesses are any expert
+    alike, or (near) only experts the layer itself chooses in the trace; the disk measured in bursts reads every
+    byte of the experts asked for."""
+    from test_bench import _script
+
+    sys.path.insert(0, str(ROOT / "scripts"))  # (offload_bench imports convert)
+    try:
+        ob = _script("offload_bench")
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    tr = ob.trace("skewed", 40, 3, 128, 8, seed=1)  # (each layer chooses about half the experts in 40 tokens)
+    freq = [np.bincount(tr[:, layer].ravel(), minlength=128) for layer in range(3)]
+    drawn = {}
+    for near in (False, True):
+        g = ob.guess(tr, 0.75, 128, seed=2, near=near)
+        assert 0.70 < (g == tr).mean() < 0.80
+        _, layers, _ = np.nonzero(g != tr)
+        drawn[near] = np.array([freq[layer][e] for layer, e in zip(layers, g[g != tr])])
+    assert (drawn[True] > 0).all() and (drawn[False] == 0).mean() > 0.3  # near: only experts the layer chooses
+    assert drawn[True].mean() > 3 * drawn[False].mean()  # and as often as it chooses them
+    f = tmp_path / "experts.bin"
+    f.write_bytes(os.urandom(4096 + 6 * 3000))
+    entry = {"file": f.name, "stride": 3000, "data_start": 4096}
+    calls = []
+    real = os.pread
+    os.pread = lambda fd, n, at: calls.append((n, at)) or real(fd, n, at)
+    try:
+        assert ob.disk_bandwidth(tmp_path, entry, piece=1024, workers=2, experts=6, burst=4) > 0
+    finally:
+        os.pread = real
+    assert sorted(calls) == sorted((min(1024, 3000 - o), 4096 + e * 3000 + o) for e in range(6)
+                                   for o in range(0, 3000, 1024))
