@@ -199,7 +199,7 @@ def guess(tr: np.ndarray, accuracy: float, E: int, seed: int, near: bool = False
 
 
 DEFAULT_PIECE = DEFAULT_WORKERS = None  # set from glm_mlx.offload in main
-# name: (eviction, pin, prefetch accuracy or None (or (accuracy, "near"): guess's near misses),
+# name: (eviction, pin, prefetch accuracy or None (or (accuracy, True): wrong guesses near misses, see guess),
 #        CUDA managed memory's hints, direct reads, compiled halves)
 VARIANTS = {
     "lru": ("lru", False, None, "expert", True, True),
@@ -214,8 +214,8 @@ VARIANTS = {
     "lfu+prefetch 100%": ("lfu", False, 1.0, "expert", True, True),
     "lfu+prefetch 75%": ("lfu", False, 0.75, "expert", True, True),
     "lfu+prefetch 50%": ("lfu", False, 0.5, "expert", True, True),
-    "lfu+prefetch 75% (near)": ("lfu", False, (0.75, "near"), "expert", True, True),
-    "lfu+prefetch 50% (near)": ("lfu", False, (0.5, "near"), "expert", True, True),
+    "lfu+prefetch 75% (near)": ("lfu", False, (0.75, True), "expert", True, True),
+    "lfu+prefetch 50% (near)": ("lfu", False, (0.5, True), "expert", True, True),
 }
 
 
@@ -260,8 +260,8 @@ def run(folder: Path, budget_frac: float, kind: str, tokens: int, warm: int, var
     if accuracy is not None:
         # The prediction is the trace's next layer, right with probability `accuracy`:
         # at 100% an oracle, the most prefetch can buy.
-        right, near = accuracy if isinstance(accuracy, tuple) else (accuracy, "")
-        pred = guess(tr, right, a.n_routed_experts, seed=2, near=near == "near")
+        right, near = accuracy if isinstance(accuracy, tuple) else (accuracy, False)
+        pred = guess(tr, right, a.n_routed_experts, seed=2, near=near)
         for i, (b, nxt) in enumerate(zip(banks, banks[1:])):
             object.__setattr__(b, "next", (lambda x, i=i: (mx.array(pred[step[0], i + 1][None, None]), None), nxt))
     routing = [0.0]  # seconds the host spent on the routers' choices, its waits for reads left out: the card's work
@@ -412,18 +412,6 @@ def main():
           + "; ".join(f"{k}: {v:.2f}" for k, v in disk.items()) + "; parallel preads, page cache dropped); "
           f"expert {manifest['experts']['0']['stride'] / 1e6:.2f} MB; {a.layers} MoE layers of GLM-4.5-Air's shapes",
           flush=True)
-    # Not the bound's: the same disk when a layer's misses come as a burst of a few experts, each waited
-    # for before the next (the offloader's pattern, 32 experts in all). The bound's bandwidth has no term
-    # for a burst's latency; this says what it costs on this disk.
-    stride = manifest["experts"]["0"]["stride"]
-    def burst(n: int, direct: bool = True) -> float:  # (through the page cache where direct reads cannot go)
-        entry = manifest["experts"][layers[(5 + n) % len(layers)]]
-        return disk_bandwidth(a.dir, entry, DEFAULT_PIECE, DEFAULT_WORKERS, experts=32, direct=direct, burst=n)
-
-    bursts = {n: burst(n) or burst(n, False) for n in (1, 2, 4)}
-    print("disk in bursts (one layer's misses at a time): " + "; ".join(
-        f"{n} expert{'s' * (n > 1)}: {g:.2f} GB/s, {n * stride / g / 1e6 if g else float('nan'):.1f} ms a burst"
-        for n, g in bursts.items()), flush=True)
     if a.train:
         print(f"QLoRA steps of {a.train} tokens; bound = the disk's GB/s over the GB a step reads")
         print("| budget | s/step | GB read/step | read wait s/step | bound s/step | of bound | peak GB |")
@@ -439,6 +427,20 @@ def main():
                   flush=True)
         print(json.dumps({"disk_gbps": bw, "train_rows": rows}))
         return
+    # Not the bound's: the same disk when a layer's misses come as a burst of a few experts, each waited
+    # for before the next (the offloader's pattern, 32 experts in all). The bound's bandwidth has no term
+    # for a burst's latency; this says what it costs on this disk.
+    stride = manifest["experts"]["0"]["stride"]
+
+    def burst(n: int, direct: bool = True) -> float:  # (through the page cache where direct reads cannot go)
+        entry = manifest["experts"][layers[(5 + n) % len(layers)]]
+        return disk_bandwidth(a.dir, entry, DEFAULT_PIECE, DEFAULT_WORKERS, experts=32, direct=direct, burst=n)
+
+    bursts = {n: burst(n) or burst(n, False) for n in (1, 2, 4)}
+    print("disk in bursts (one layer's misses at a time): " + "; ".join(
+        f"{n} expert{'s' * (n > 1)}: {g:.2f} GB/s, {n * stride / g / 1e6 if g else float('nan'):.1f} ms a burst"
+        for n, g in bursts.items()), flush=True)
+
     pieces = [int(float(p) * 2**20) for p in a.pieces.split(",") if p]
     workers = [int(w) for w in a.workers.split(",") if w]
     if workers:

@@ -207,11 +207,7 @@ def test_frequency_with_aging_beats_lru_on_skewed_routing():
     policy beats the optimum (Belady's) on any trace."""
     from test_bench import _script
 
-    sys.path.insert(0, str(ROOT / "scripts"))  # policy_sim imports offload_bench
-    try:
-        sim = _script("policy_sim")
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    sim = _script("policy_sim")  # (scripts/ on the path while it imports offload_bench)
     from glm_mlx.offload import PIN, POLICY
 
     assert (POLICY, PIN) == sim.POLICIES["lfu"]  # the default is the policy tested
@@ -586,17 +582,13 @@ def test_no_hint_moves_a_slot_while_a_read_writes_it(converted, monkeypatch, slo
     assert ("settled", None) in events
 
 
-def test_offload_bench_guesses_and_bursts(tmp_path):
+def test_offload_bench_guesses_and_bursts(tmp_path, monkeypatch):
     """offload_bench's prediction of a trace is right at about the accuracy asked; its wrong guesses are any expert
     alike, or (near) only experts the layer itself chooses in the trace; the disk measured in bursts reads every
     byte of the experts asked for."""
     from test_bench import _script
 
-    sys.path.insert(0, str(ROOT / "scripts"))  # (offload_bench imports convert)
-    try:
-        ob = _script("offload_bench")
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    ob = _script("offload_bench")
     tr = ob.trace("skewed", 40, 3, 128, 8, seed=1)  # (each layer chooses about half the experts in 40 tokens)
     freq = [np.bincount(tr[:, layer].ravel(), minlength=128) for layer in range(3)]
     drawn = {}
@@ -610,12 +602,8 @@ def test_offload_bench_guesses_and_bursts(tmp_path):
     f = tmp_path / "experts.bin"
     f.write_bytes(os.urandom(4096 + 6 * 3000))
     entry = {"file": f.name, "stride": 3000, "data_start": 4096}
-    calls = []
-    real = os.pread
-    os.pread = lambda fd, n, at: calls.append((n, at)) or real(fd, n, at)
-    try:
-        assert ob.disk_bandwidth(tmp_path, entry, piece=1024, workers=2, experts=6, burst=4) > 0
-    finally:
-        os.pread = real
+    calls, real = [], os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, at: calls.append((n, at)) or real(fd, n, at))
+    assert ob.disk_bandwidth(tmp_path, entry, piece=1024, workers=2, experts=6, burst=4) > 0
     assert sorted(calls) == sorted((min(1024, 3000 - o), 4096 + e * 3000 + o) for e in range(6)
                                    for o in range(0, 3000, 1024))
