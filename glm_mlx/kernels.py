@@ -38,7 +38,7 @@ cache's buffers in place, its length read on the device, CUDA only: a Mac keeps 
 `decode_attention_reference` (scripts/kernel_check.py --attention).
 
 The decode bodies are shared: each backend supplies the same few names (tid, lane,
-warp, bx, by, BF16(p, i), AS_FLOAT(u), SIMD_SUM/MAX/MIN(v), the
+warp, bx, by, BF16_BITS(v), AS_FLOAT(u), SIMD_SUM/MAX/MIN(v), first(p), put_input(p, i, v), the
 address-space words DEV, LOC, TGMEM and TG, BARRIER) in its prologue and header, so the body
 tested on the NVIDIA machine is the one a Mac runs. The dispatch picks the
 backend's kernel, or the reference where there is none (the CPU).
@@ -51,6 +51,8 @@ import re
 
 import mlx.core as mx
 import numpy as np
+
+from . import selfcheck
 
 WARPS = 8  # simdgroups (warps) per threadgroup of 256 threads
 RPW = 8  # output rows per row set: x is loaded once for all of them (scripts/kernel_check.py --rpw)
@@ -67,6 +69,12 @@ SPLIT = None  # simdgroups per row set, None for _split's choice (scripts/kernel
 # float) serves all R rows. Dequantized in registers:
 # sum_j (scale * q_j + bias) * x_j = scale * sum_j q_j x_j + bias * sum_j x_j.
 _DOT = """
+// An input's element as a float: a float, or a bf16's bits shifted into a float's top half.
+FN float to_f(float v) { return v; }
+FN float to_f(BF16_T v) { return AS_FLOAT((uint)BF16_BITS(v) << 16); }
+// Inputs come in any address space: MLX's Metal signature puts one of fewer than 8 elements (a placeholder
+// the launch does not read, a tiny model's) in constant memory, the rest in device memory. The vector
+// loads below take device memory; their templates take any pointer, an element at a time.
 FN void ld8(const DEV float* p, ulong i, LOC float* v) {
     float4 a = ((const DEV float4*)(p + i))[0], b = ((const DEV float4*)(p + i))[1];
     v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
@@ -79,8 +87,24 @@ FN void ld8(const DEV BF16_T* p, ulong i, LOC float* v) {
         v[2 * j + 1] = AS_FLOAT(u[j] & 0xffff0000u);
     }
 }
-FN float ld1(const DEV float* p, ulong i) { return p[i]; }
-FN float ld1(const DEV BF16_T* p, ulong i) { return BF16(p, i); }
+template <typename P>
+FN void ld8(P p, ulong i, LOC float* v) {
+    for (int j = 0; j < 8; j++) v[j] = to_f(p[i + j]);
+}
+template <typename P> FN float ld1(P p, ulong i) { return to_f(p[i]); }
+// Four 32-bit words from word i of w, and two.
+FN uint4 ld4(const DEV uint* w, ulong i) { return *(const DEV uint4*)(w + i); }
+template <typename P> FN uint4 ld4(P w, ulong i) {
+    uint4 v;
+    v.x = w[i]; v.y = w[i + 1]; v.z = w[i + 2]; v.w = w[i + 3];
+    return v;
+}
+FN uint2 ld2(const DEV uint* w, ulong i) { return *(const DEV uint2*)(w + i); }
+template <typename P> FN uint2 ld2(P w, ulong i) {
+    uint2 v;
+    v.x = w[i]; v.y = w[i + 1];
+    return v;
+}
 template <typename T> FN void put(DEV T* p, ulong i, float v) { p[i] = T(v); }
 // 8 bf16 values packed in a 16-byte word of threadgroup memory.
 FN void ld8(const TG uint4* p, ulong i, LOC float* v) {
@@ -110,27 +134,27 @@ FN uint4 bf16x8(LOC const float* v) {
 // on the H100 the matvecs measured the same either way (BENCHMARKS.md, session 16): not their bound.
 FN float code_f(uint q) { return AS_FLOAT(q | 0x4B000000u) - 8388608.0f; }
 // Chunk c of a quantized row w (its 8 codes: one 32-bit word at 4 bits, two at 8) as floats in q.
-template <int BITS>
-FN void codes8(const DEV uint* w, ulong c, LOC float* q) {
+template <int BITS, typename P>
+FN void codes8(P w, ulong c, LOC float* q) {
     if (BITS == 4) {
         uint word = w[c];
         for (int j = 0; j < 8; j++) q[j] = code_f((word >> (4 * j)) & 15u);
     } else {
-        uint2 word = ((const DEV uint2*)w)[c];
+        uint2 word = ld2(w, 2 * c);
         for (int j = 0; j < 4; j++) q[j] = code_f((word.x >> (8 * j)) & 255u);
         for (int j = 0; j < 4; j++) q[4 + j] = code_f((word.y >> (8 * j)) & 255u);
     }
 }
 // x's chunk c of 8 values (from xbase + 8 c) as floats in v: from the threadgroup's normalised
 // copy xn when NORM, else from x.
-template <bool NORM, typename X>
-FN void ld_x8(const DEV X* x, ulong xbase, uint c, const TG uint4* xn, LOC float* v) {
+template <bool NORM, typename XP>
+FN void ld_x8(XP x, ulong xbase, uint c, const TG uint4* xn, LOC float* v) {
     if (NORM) ld8(xn, c, v);
     else ld8(x, xbase + c * 8, v);
 }
 // x's chunk c of 32 values (from xbase + 32 c), the same way. Returns their sum.
-template <bool NORM, typename X>
-FN float ld_x(const DEV X* x, ulong xbase, uint c, const TG uint4* xn, LOC float* v) {
+template <bool NORM, typename XP>
+FN float ld_x(XP x, ulong xbase, uint c, const TG uint4* xn, LOC float* v) {
     float s = 0.0f;
     for (int k = 0; k < 4; k++) {
         LOC float* p = v + 8 * k;
@@ -181,8 +205,8 @@ FN float codes_dot(LOC const uint* u, LOC const float* xv, float xs) {
 // chunk is one 16-byte load at 4 bits (two at 8), and all R rows' loads, scales and biases are
 // issued before any arithmetic: read a word (8 codes) a row at a time, a 46-layer Air step kept the
 // H100 busy 8894 us, this way 7735-8038 (BENCHMARKS.md, session 16; the down half alone slower).
-template <int K, int GROUP, int BITS, int R, typename S>
-FN void dot_chunk(const DEV uint* w, const DEV S* scales, const DEV S* biases, ulong row0, uint gap, uint rows,
+template <int K, int GROUP, int BITS, int R, typename WP, typename SP>
+FN void dot_chunk(WP w, SP scales, SP biases, ulong row0, uint gap, uint rows,
                   uint c, LOC const float* xv, float xs, float wt, LOC float* acc) {
     const uint wpr = K * BITS / 32;  // words per row
     uint4 wa[R], wb[R];
@@ -190,12 +214,12 @@ FN void dot_chunk(const DEV uint* w, const DEV S* scales, const DEV S* biases, u
     for (int r = 0; r < R; r++) {
         if ((uint)r < rows) {
             ulong row = row0 + r + (r >= R / 2 ? gap : 0);
-            const DEV uint4* p = (const DEV uint4*)(w + row * wpr) + c * (BITS / 4);
-            wa[r] = p[0];
-            if (BITS == 8) wb[r] = p[1];
+            ulong at = row * wpr + c * BITS;  // the chunk's first word
+            wa[r] = ld4(w, at);
+            if (BITS == 8) wb[r] = ld4(w, at + 4);
             ulong g = row * (K / GROUP) + (c * 32) / GROUP;
-            sc[r] = BF16(scales, g);
-            bi[r] = BF16(biases, g);
+            sc[r] = ld1(scales, g);
+            bi[r] = ld1(biases, g);
         }
     }
     for (int r = 0; r < R; r++) {
@@ -209,9 +233,9 @@ FN void dot_chunk(const DEV uint* w, const DEV S* scales, const DEV S* biases, u
 }
 // A row set's R rows' dot products with x[xbase : xbase + K] (the normalised copy xn when NORM):
 // this lane's chunks of them.
-template <int K, int GROUP, int BITS, int R, bool NORM, typename S, typename X>
-FN void dot_rows(const DEV uint* w, const DEV S* scales, const DEV S* biases, ulong row0, uint gap, uint rows,
-                 const DEV X* x, ulong xbase, const TG uint4* xn, uint sid, uint threads, LOC float* acc) {
+template <int K, int GROUP, int BITS, int R, bool NORM, typename WP, typename SP, typename XP>
+FN void dot_rows(WP w, SP scales, SP biases, ulong row0, uint gap, uint rows,
+                 XP x, ulong xbase, const TG uint4* xn, uint sid, uint threads, LOC float* acc) {
     for (uint c = sid; c < K / 32; c += threads) {
         float xv[32];
         float xs = ld_x<NORM>(x, xbase, c, xn, xv);
@@ -230,8 +254,8 @@ FN float group_total(float v, TG float* sh, uint lane, uint warp) {
 }
 // x [K] through RMSNorm (weights nw, eps) into xn [K / 8] as bf16 (as a bf16 model's norm hands
 // it on, rounded once), by the whole threadgroup of W simdgroups in one read of x (sums through sh [W]).
-template <int K, int W, typename NW>
-FN void stage_norm(const DEV BF16_T* x, const DEV NW* nw, float eps, TG uint4* xn, TG float* sh,
+template <int K, int W, typename XP, typename NP>
+FN void stage_norm(XP x, NP nw, float eps, TG uint4* xn, TG float* sh,
                    uint tid, uint lane, uint warp) {
     const uint T = 32 * W, C = (K / 8 + T - 1) / T;  // chunks per thread
     float v[C * 8], n[C * 8], s = 0.0f;
@@ -333,7 +357,7 @@ _QKV_BODY = _ROWS + _NORM_X + """
     float o = SIMD_SHUFFLE_XOR(v, RPW / 2);  // the pair's other row (lanes sid and sid ^ RPW / 2)
     if (rot && sid < rows) {
         float d = (float)((m % HD) % (ROPE / 2));
-        float th = (float)pos[0] * EXP2(-d / (float)(ROPE / 2) * AS_FLOAT((uint)LBASE));
+        float th = (float)first(pos) * EXP2(-d / (float)(ROPE / 2) * AS_FLOAT((uint)LBASE));
         float c = cos(th), s = sin(th);
         v = sid < RPW / 2 ? v * c - o * s : v * c + o * s;
     }
@@ -342,8 +366,8 @@ _QKV_BODY = _ROWS + _NORM_X + """
         else if (part == 1) put(yk, m, v);
         else put(yv, m, v);
         if (CACHE && part > 0) {  // k and v also into the KV cache [1, NK / HD, kc_shape[2], HD] at pos[0]
-            ulong at = ((ulong)(m / HD) * kc_shape[2] + (ulong)pos[0]) * HD + m % HD;
-            put((DEV BF16_T*)(part == 1 ? kc : vc), at, v);
+            ulong at = ((ulong)(m / HD) * kc_shape[2] + (ulong)first(pos)) * HD + m % HD;
+            put_input(part == 1 ? kc : vc, at, v);
         }
     }
 """
@@ -459,7 +483,7 @@ _DEQUANT_BODY = """
     ulong c = (ulong)bx * 32 * WARPS + tid;  // chunk of 8 values
     if (c < (ulong)ROWS * (K / 8)) {
         ulong row = c / (K / 8), g = row * (K / GROUP) + (c - row * (K / 8)) * 8 / GROUP;
-        float sc_ = BF16(scales, g), bi = BF16(biases, g), q[8];
+        float sc_ = ld1(scales, g), bi = ld1(biases, g), q[8];
         codes8<BITS>(w, c, q);
         for (int j = 0; j < 8; j++) q[j] = sc_ * q[j] + bi;
         ((DEV uint4*)y)[c] = bf16x8(q);
@@ -819,7 +843,10 @@ typedef unsigned long long ulong;
 #define BF16_T __nv_bfloat16
 #define AS_FLOAT(u) __uint_as_float(u)
 #define AS_UINT(f) __float_as_uint(f)
-#define BF16(p, i) __uint_as_float(((unsigned int)reinterpret_cast<const unsigned short*>(p)[i]) << 16)
+#define BF16_BITS(v) __bfloat16_as_ushort(v)
+// An input's first element; an input written in place (the KV cache), given as the const pointer MLX passes.
+template <typename T> FN T first(const T* p) { return p[0]; }
+template <typename T> FN void put_input(const T* p, ulong i, float v) { const_cast<T*>(p)[i] = T(v); }
 FN float glm_simd_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
@@ -853,7 +880,15 @@ _METAL_HEADER = """
 #define BF16_T bfloat16_t
 #define AS_FLOAT(u) as_type<float>(u)
 #define AS_UINT(f) as_type<uint>(f)
-#define BF16(p, i) as_type<float>(((uint)((const device ushort*)(p))[i]) << 16)
+#define BF16_BITS(v) as_type<ushort>(v)
+// An input's first element, where MLX passes a pointer to device or constant memory, or (a 0-dim input) a
+// reference; an input written in place (the KV cache): in device memory, or a placeholder of fewer than 8
+// elements in constant memory, which the launch does not write (its CACHE is 0).
+template <typename T> FN T first(const device T* p) { return p[0]; }
+template <typename T> FN T first(const constant T* p) { return p[0]; }
+template <typename T> FN T first(const constant T& v) { return v; }
+template <typename T> FN void put_input(const device T* p, ulong i, float v) { ((device T*)p)[i] = T(v); }
+template <typename T> FN void put_input(const constant T* p, ulong i, float v) {}
 #define SIMD_SUM(v) simd_sum(v)
 #define SIMD_MAX(v) simd_max(v)
 #define SIMD_MIN(v) simd_min(v)
@@ -936,6 +971,189 @@ def _kernel(kind: str, name: str):
     if (kind, name) not in _kernels:
         _kernels[kind, name] = build(kind, name, *(KERNELS[name] if name in KERNELS else CUDA_KERNELS[name]))
     return _kernels[kind, name]
+
+
+def source(kind: str, name: str) -> str:
+    """What kernel `name` hands MLX on backend `kind` (its body and header as build gives them): what its
+    self-check's verdict is cached against."""
+    inputs, outputs, body, *header = KERNELS[name] if name in KERNELS else CUDA_KERNELS[name]
+    prologue, macros = (_CUDA_PROLOGUE, _CUDA_HEADER) if kind == "cuda" else (_METAL_PROLOGUE, _METAL_HEADER)
+    return "\n".join([name, ",".join(inputs), ",".join(outputs), prologue + body, macros + _DOT + "".join(header)])
+
+
+_verdicts: dict[str, "selfcheck.Verdict"] = {}
+
+
+def enabled(*names: str) -> bool:
+    """Whether the dispatch may launch these kernels: each passed its self-check on this backend (run the
+    first time a process asks, or read from the cache), and GLM_MLX_KERNELS does not turn it off. A dict
+    lookup a call once known."""
+    for name in names:
+        v = _verdicts.get(name)
+        if v is None:
+            v = _verdicts[name] = _check(name)
+        if not v.ok:
+            return False
+    return True
+
+
+def verdict(name: str) -> "selfcheck.Verdict":
+    """Kernel `name`'s verdict on this backend (checked now if not yet)."""
+    enabled(name)
+    return _verdicts[name]
+
+
+def _check(name: str) -> "selfcheck.Verdict":
+    kind = backend()
+    if kind == "cpu":
+        return selfcheck.Verdict(False, "the CPU has no custom kernels")
+    if kind == "metal" and name in CUDA_KERNELS:
+        return selfcheck.Verdict(False, "CUDA only (tensor-core instructions); Metal keeps MLX's own op")
+    if selfcheck.forced_off(name):
+        return selfcheck.Verdict(False, "turned off by GLM_MLX_KERNELS")
+    device = str(mx.device_info().get("device_name", "unknown"))
+    key = selfcheck.key(mx.__version__, device, source(kind, name))
+    v = selfcheck.lookup(key)
+    if v is None:
+        _verdicts[name] = selfcheck.Verdict(True, "")  # while its probe runs, the dispatch takes it
+        try:
+            err, tol = PROBES[name]()
+            v = selfcheck.Verdict(bool(err <= tol), "" if err <= tol else
+                                  f"wrong numbers: max error {err:.3g} against a tolerance of {tol:.3g}")
+        except Exception as e:  # a build or launch failure of any kind: the kernel is off, the reason said
+            v = selfcheck.Verdict(False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+        selfcheck.store(key, v)
+    if not v.ok:
+        selfcheck.say_off(name, kind, v)
+    return v
+
+
+def _rand(shape: tuple, seed: int) -> mx.array:
+    """Normal noise from its own key: a probe leaves the process's random state (a user's --seed) alone."""
+    return mx.random.normal(shape, key=mx.random.key(seed))
+
+
+def _layer(E: int | None, N: int, K: int, bits: int, bias: bool = False, seed: int = 0):
+    """A quantized linear layer (stacked over E experts when E), bf16 scales, as a model folder holds one."""
+    from mlx import nn
+
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+    if E is None:
+        layer = nn.QuantizedLinear(K, N, bias=bias, group_size=64, bits=bits)
+    else:
+        layer = QuantizedSwitchLinear(K, N, E, bias=False, group_size=64, bits=bits)
+    w = _rand((E, N, K) if E else (N, K), seed) * K ** -0.5
+    layer.weight, layer.scales, layer.biases = mx.quantize(w, 64, bits)
+    layer.scales, layer.biases = layer.scales.astype(mx.bfloat16), layer.biases.astype(mx.bfloat16)
+    if bias:
+        layer.bias = (_rand((N,), seed + 100) * 0.1).astype(mx.bfloat16)
+    return layer
+
+
+def _glu(E: int | None, H: int, K: int, bits: int, seed: int):
+    from mlx import nn
+
+    m = nn.Module()
+    m.gate_proj, m.up_proj = _layer(E, H, K, bits, seed=seed), _layer(E, H, K, bits, seed=seed + 1)
+    m.down_proj = _layer(E, K, H, bits, seed=seed + 2)
+    return m
+
+
+def _norm(K: int):
+    from mlx import nn
+
+    norm = nn.RMSNorm(K, eps=1e-5)
+    norm.weight = (1 + 0.1 * _rand((K,), 7)).astype(mx.bfloat16)
+    return norm
+
+
+def _error(got, want) -> tuple[float, float]:
+    """(max |got - want|, the tolerance: 2% of want's largest magnitude plus 1e-3); NaN never passes."""
+    got, want = [mx.concatenate([mx.array(t).astype(mx.float32).reshape(-1) for t in
+                                 (v if isinstance(v, (tuple, list)) else (v,))]) for v in (got, want)]
+    err = mx.abs(got - want).max().item()
+    return (err if err == err else float("inf")), 0.02 * mx.abs(want).max().item() + 1e-3
+
+
+def _probe_gather_qmv():
+    x = _rand((1, 256), 11).astype(mx.bfloat16)
+    errs = []
+    for bits in (4, 8):
+        layer = _layer(3, 64, 256, bits)
+        args = (x, *_q(layer), mx.array([2, 0], mx.uint32), 64, bits)
+        errs.append(_error(gather_qmv(*args), gather_qmv_reference(*args)))
+    return max(errs)
+
+
+def _probe_linear():
+    x, res = (_rand((1, 1, n), n).astype(mx.bfloat16) for n in (256, 64))
+    return max(_error(linear_decode(x, layer, res), linear_decode_reference(x, layer, res))
+               for layer in (_layer(None, 64, 256, 4), _layer(None, 64, 256, 8)))
+
+
+def _probe_moe():
+    x, res = (_rand((1, 1, 256), i).astype(mx.bfloat16) for i in (12, 13))
+    errs = []
+    for bits in (4, 8):
+        experts, shared, norm = _glu(4, 128, 256, bits, 1), _glu(None, 128, 256, bits, 5), _norm(256)
+        inds, weights = mx.array([3, 1], mx.uint32), mx.array([0.7, 0.3])
+        errs.append(_error(moe_decode(x, experts, inds, weights, shared, res, norm),
+                           moe_decode_reference(x, experts, inds, weights, shared, res, norm)))
+    return max(errs)
+
+
+def _probe_qkv():
+    x = _rand((1, 1, 256), 14).astype(mx.bfloat16)
+    q, k, v = (_layer(None, n, 256, 4, bias=True, seed=i) for i, n in enumerate((256, 64, 64)))
+    shapes = ((1, 4, 1, 64), (1, 1, 1, 64), (1, 1, 1, 64))
+    args = (x, q, k, v, shapes, _norm(256), (32, 10000.0, position(5)))
+    return _error(qkv_decode(*args), qkv_decode_reference(*args))
+
+
+def _probe_router_logits():
+    x, w = _rand((1, 1, 256), 15).astype(mx.bfloat16), _rand((16, 256), 16) * 0.1
+    norm = _norm(256)
+    return _error(router_logits(x, w, norm), router_logits_reference(x, w, norm))
+
+
+def _probe_router_select():
+    logits, bias = _rand((16,), 17), _rand((16,), 18) * 0.1
+    got, want = router_select(logits, bias, 4, True, 2.5), router_select_reference(logits, bias, 4, True, 2.5)
+    if not mx.array_equal(got[0], want[0]).item():
+        return float("inf"), 0.0
+    return _error(got[1], want[1])
+
+
+def _probe_dequantize():
+    errs = []
+    for bits in (4, 8):
+        w, s, b = _q(_layer(2, 64, 256, bits))
+        errs.append(_error(dequantize(w, s, b, 64, bits), mx.dequantize(w, s, b, 64, bits)))
+    return max(errs)
+
+
+def _probe_grouped():
+    layer = _layer(4, GROUPED_BN, 128, 4)
+    x, idx = _rand((8, 128), 19).astype(mx.bfloat16), mx.array([0, 0, 1, 1, 1, 2, 3, 3], mx.uint32)
+    return _error(grouped_qmm(x, layer, idx, tile_map(idx, 4)), grouped_qmm_reference(x, layer, idx))
+
+
+def _probe_attention():
+    q = _rand((1, 8, 1, 64), 20).astype(mx.bfloat16)
+    keys, values = (_rand((1, 2, 64, 64), i).astype(mx.bfloat16) for i in (21, 22))
+    pos = position(37)
+    return _error(decode_attention(q, keys, values, pos, 0.125), decode_attention_reference(q, keys, values, pos, 0.125))
+
+
+# Each kernel's probe: (max error against its reference, tolerance) on small inputs through its dispatch.
+# glm_expert_down is checked alone (linear_decode) before glm_expert_up, which needs it.
+PROBES = {
+    "glm_gather_qmv": _probe_gather_qmv, "glm_expert_down": _probe_linear, "glm_expert_up": _probe_moe,
+    "glm_qkv": _probe_qkv, "glm_router_logits": _probe_router_logits, "glm_router_select": _probe_router_select,
+    "glm_dequantize": _probe_dequantize, "glm_grouped_qmm": _probe_grouped, "glm_attention": _probe_attention,
+    "glm_attention_merge": _probe_attention,
+}
 
 
 def _split(sets: int, values: int, per_lane: int) -> int:
@@ -1128,7 +1346,7 @@ def gather_qmv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, ind
     [E, N, K/group] (bf16), inds [M] -> [M, N] float32."""
     kind = _gpu(x)
     ok = bits in (4, 8) and group_size % 32 == 0 and x.shape[-1] % group_size == 0 and scales.dtype == mx.bfloat16
-    if kind is None or not ok:
+    if kind is None or not ok or not enabled("glm_gather_qmv"):
         return gather_qmv_reference(x, w, scales, biases, inds, group_size, bits)
     M, K, N = inds.size, x.shape[-1], w.shape[-2]
     return _run(kind, "glm_gather_qmv", [x, w, scales, biases, _as(inds, mx.uint32)], N, M,
@@ -1143,7 +1361,7 @@ def moe_decode(x: mx.array, experts, inds: mx.array | None, weights: mx.array | 
     kind, K = _gpu(x), x.size
     glus = [m for m in (experts, shared) if m is not None]
     H = glus[0]["gate_proj"]["weight"].shape[-2] if glus else 0
-    ok = kind is not None and glus and H % 8 == 0
+    ok = kind is not None and glus and H % 8 == 0 and enabled("glm_expert_down", "glm_expert_up")
     for m in glus if ok else ():
         g, u, d = m["gate_proj"], m["up_proj"], m["down_proj"]
         ok = ok and (_fits(g, K) and _fits(u, K) and _fits(d, H) and g["weight"].shape[-2] == u["weight"].shape[-2] == H
@@ -1183,7 +1401,7 @@ def linear_decode(x: mx.array, layer, residual: mx.array | None = None) -> mx.ar
     """residual + layer(x) for one token x [..., K] -> [..., N] (float32 without a residual; else shaped
     and typed like the residual), one launch on a GPU."""
     kind, K = _gpu(x), x.size
-    if kind is None or not _fits(layer, K) or "bias" in layer:
+    if kind is None or not _fits(layer, K) or "bias" in layer or not enabled("glm_expert_down"):
         return linear_decode_reference(x, layer, residual)
     N = layer["weight"].shape[-2]
     return _run(kind, "glm_expert_down", [x, _dummy(mx.uint32), _dummy(mx.bfloat16),
@@ -1204,6 +1422,7 @@ def _qkv_launch(x: mx.array, q, k, v, shapes: tuple, norm, rope: tuple | None,
     bias = ["bias" in p for p in (q, k, v)]
     nw = _norm_input(norm, K)
     ok = (kind is not None and nw is not None and all(_fits(p, K) for p in (q, k, v)) and v["weight"].shape[0] == NK
+          and enabled("glm_qkv")
           and NQ % RPW == 0 and NK % RPW == 0 and len(set(bias)) == 1
           and len({(p.bits, p.group_size) for p in (q, k, v)}) == 1
           and (cache is None or all(c.dtype == x.dtype for c in cache)))
@@ -1260,7 +1479,7 @@ def attention_fits(heads: int, kv_heads: int, head_dim: int, dtype) -> bool:
     """Whether decode_attention's kernel takes one token's attention of this shape (CUDA, bf16, a kv
     head's query heads the 16 rows of an mma or fewer, head_dim 64 or 128)."""
     return (backend() == "cuda" and dtype == mx.bfloat16 and heads % kv_heads == 0 and heads // kv_heads <= 16
-            and head_dim in (64, 128))
+            and head_dim in (64, 128) and enabled("glm_attention", "glm_attention_merge"))
 
 
 def decode_attention_reference(q: mx.array, keys: mx.array, values: mx.array, pos: mx.array,
@@ -1313,7 +1532,7 @@ def router_logits(x: mx.array, weight: mx.array, norm=None) -> mx.array:
     """router_logits_reference's numbers in one launch on a GPU, the norm included."""
     kind, K = _gpu(x), x.size
     nw = _norm_input(norm, K)
-    if kind is None or nw is None or weight.dtype != mx.float32 or weight.shape[-1] != K:
+    if kind is None or nw is None or weight.dtype != mx.float32 or weight.shape[-1] != K or not enabled("glm_router_logits"):
         return router_logits_reference(x, weight, norm)
     E = weight.shape[0]
     return _run(kind, "glm_router_logits", [x, weight, nw[0]], E, 1, [((E,), mx.float32)], per_lane=8, K=K, N=E,
@@ -1343,7 +1562,8 @@ def router_select(logits: mx.array, bias: mx.array, k: int, norm: bool, scale: f
     """router_select_reference's choice in one launch (one simdgroup) on a GPU."""
     kind = backend()
     E = logits.size
-    if kind == "cpu" or E > 32 * 16 or logits.dtype != mx.float32 or bias.dtype != mx.float32:
+    if (kind == "cpu" or E > 32 * 16 or logits.dtype != mx.float32 or bias.dtype != mx.float32
+            or not enabled("glm_router_select")):
         return router_select_reference(logits, bias, k, norm, scale, lead)
     return tuple(_kernel(kind, "glm_router_select")(
         inputs=[logits, bias],
@@ -1358,7 +1578,7 @@ def dequantize(w: mx.array, scales: mx.array, biases: mx.array, group_size: int,
     elsewhere."""
     kind = backend()
     K = w.shape[-1] * 32 // bits if bits in (4, 8) else 0
-    if kind == "cpu" or not K or scales.dtype != mx.bfloat16 or group_size % 8 or K % group_size:
+    if kind == "cpu" or not K or scales.dtype != mx.bfloat16 or group_size % 8 or K % group_size or not enabled("glm_dequantize"):
         return mx.dequantize(w, scales, biases, group_size, bits)
     rows, threads = w.size // w.shape[-1], 32 * WARPS
     return _kernel(kind, "glm_dequantize")(
@@ -1425,7 +1645,7 @@ def grouped_fits(x: mx.array, *layers) -> bool:
     """Whether glm_grouped_qmm takes these stacked projections on x: CUDA, bf16, affine 4 bits (8 bits
     runs, checked, but slower than the path it would replace), inputs a multiple of 64 wide, outputs of
     GROUPED_BN."""
-    if backend() != "cuda" or x.dtype != mx.bfloat16:
+    if backend() != "cuda" or x.dtype != mx.bfloat16 or not enabled("glm_grouped_qmm"):
         return False
     for lin in layers:
         w, s, _ = _q(lin)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from glm_mlx import experts, kernels, model
+from glm_mlx import experts, kernels, model, selfcheck
 
 CUDA_TYPES = {mx.bfloat16: "__nv_bfloat16", mx.float16: "__half", mx.float32: "float", mx.uint32: "uint32_t",
               mx.int32: "int32_t", mx.uint8: "uint8_t", mx.bool_: "bool"}
@@ -72,6 +72,30 @@ class Launch:
 
 
 @contextlib.contextmanager
+def dispatching(kind: str, make_kernel):
+    """Within: the dispatch takes backend `kind`'s kernels ("cuda" or "metal"), built by `make_kernel` in place of
+    mx.fast's (a recorder), and the layers' ops are built as they run, not traced."""
+    attr = "cuda_kernel" if kind == "cuda" else "metal_kernel"
+    saved = (getattr(mx.fast, attr), kernels.backend, model.backend, experts.backend, dict(kernels._kernels),
+             model.COMPILED_DECODE, dict(kernels._verdicts))
+    pick = lambda: kind  # noqa: E731
+    setattr(mx.fast, attr, make_kernel)
+    kernels.backend, model.backend, experts.backend = pick, pick, pick
+    kernels._kernels.clear()
+    model.COMPILED_DECODE = False
+    # every kernel taken, unchecked: a recorder's outputs are placeholders, not numbers to check
+    kernels._verdicts.clear()
+    kernels._verdicts.update({n: selfcheck.Verdict(True, "") for n in (*kernels.KERNELS, *kernels.CUDA_KERNELS)})
+    try:
+        yield
+    finally:
+        setattr(mx.fast, attr, saved[0])
+        kernels.backend, model.backend, experts.backend, kernels._kernels, model.COMPILED_DECODE = saved[1:6]
+        kernels._verdicts.clear()
+        kernels._verdicts.update(saved[6])
+
+
+@contextlib.contextmanager
 def recording():
     """Within: the dispatch takes CUDA's kernels, and each launch is recorded (outputs are zeros of
     their shapes) instead of run. Yields the list of launches."""
@@ -85,32 +109,49 @@ def recording():
             return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
         return launch
 
-    saved = (mx.fast.cuda_kernel, kernels.backend, model.backend, experts.backend, dict(kernels._kernels),
-             model.COMPILED_DECODE)
-    cuda = lambda: "cuda"  # noqa: E731
-    mx.fast.cuda_kernel, kernels.backend, model.backend, experts.backend = cuda_kernel, cuda, cuda, cuda
-    kernels._kernels.clear()
-    model.COMPILED_DECODE = False  # the layers' ops built as they run, not traced
-    try:
+    with dispatching("cuda", cuda_kernel):
         yield launches
-    finally:
-        mx.fast.cuda_kernel, kernels.backend, model.backend, experts.backend, kernels._kernels, \
-            model.COMPILED_DECODE = saved
 
 
-def model_launches(shape: str, recipe: str = "uniform4", prompt: int = 64) -> list[Launch]:
+def model_launches(shape: str, recipe: str = "uniform4", prompt: int = 64, record=None, zeros: bool = False) -> list:
     """The distinct kernel launches of a prefill of `prompt` tokens and a decode step, through the first
-    two layers of `shape` (bench's random weights under `recipe`, bf16): a dense one and a MoE one."""
+    two layers of `shape` (bench's random weights under `recipe`, bf16): a dense one and a MoE one.
+    `record`: the recorder (default: this module's `recording`, CUDA's); `zeros`: weights of zeros in the
+    recipe's shapes and dtypes, for a recorder that needs no numbers (seconds where random ones take minutes)."""
     from glm_mlx.bench import bench_config, build_ours, random_weights
     from glm_mlx.generate import prefill
 
     cfg = dict(bench_config(shape, 2), first_k_dense_replace=1)  # a dense layer, then a MoE one (GLM-4.5 has 3)
-    m = build_ours(cfg, random_weights(cfg, recipe, 0, mx.bfloat16), recipe)
-    with recording() as launches:
+    m = build_ours(cfg, (zero_weights if zeros else random_weights)(cfg, recipe, 0, mx.bfloat16), recipe)
+    with (record or recording)() as launches:
         cache = m.make_cache()
         prefill(m, mx.arange(prompt)[None] % cfg["vocab_size"], cache)
         m(mx.array([[3]]), cache, checked=True)
     return list(dict.fromkeys(launches))
+
+
+def zero_weights(cfg: dict, recipe: str, seed: int = 0, dtype: mx.Dtype = mx.bfloat16):
+    """bench.random_weights' tensors (names, shapes, dtypes), all zeros."""
+    from glm_mlx.bench import ModelArgs, precision, tensor_shapes
+
+    args = ModelArgs.from_dict(cfg)
+
+    def weights(layer: int | None) -> dict[str, mx.array]:
+        out = {}
+        for name, shape in tensor_shapes(args, layer).items():
+            module = name.rsplit(".", 1)[0]
+            prec = precision(recipe, module, shape[-1])
+            if name.endswith("e_score_correction_bias"):
+                out[name] = mx.zeros(shape)
+            elif prec.bits and not name.endswith(("norm.weight", ".bias")):
+                out[name] = mx.zeros((*shape[:-1], shape[-1] * prec.bits // 32), mx.uint32)
+                out[module + ".scales"] = out[module + ".biases"] = mx.zeros((*shape[:-1], shape[-1] // prec.group_size),
+                                                                             dtype)
+            else:
+                out[name] = mx.zeros(shape, dtype)
+        return out
+
+    return weights
 
 
 @functools.cache

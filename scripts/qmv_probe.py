@@ -48,7 +48,7 @@ FN void dot_word(const DEV uint* w, const DEV S* scales, const DEV S* biases, ul
             float q[8], dot = 0.0f;
             codes8<BITS>(w + row * wpr, c, q);
             for (int j = 0; j < 8; j++) dot += q[j] * xv[j];
-            acc[r] += BF16(scales, g) * dot + BF16(biases, g) * xs;
+            acc[r] += ld1(scales, g) * dot + ld1(biases, g) * xs;
         }
     }
 }
@@ -78,8 +78,8 @@ FN void chunk_loads(const DEV uint* w, const DEV S* scales, const DEV S* biases,
             wa[r] = p[0];
             if (BITS == 8) wb[r] = p[1];
             ulong g = row * (K / GROUP) + (c * 32) / GROUP;
-            sc[r] = BF16(scales, g);
-            bi[r] = BF16(biases, g);
+            sc[r] = ld1(scales, g);
+            bi[r] = ld1(biases, g);
         }
     }
 }
