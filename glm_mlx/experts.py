@@ -33,6 +33,18 @@ DEQUANT_ROWS = 1024
 PAD_WASTE, PAD_ROWS = 16.0, 8192
 
 
+def dequantize_whole(rows: int, dtype: mx.Dtype) -> bool:
+    """Whether a quantized projection over `rows` rows (x top-k) is dequantized whole and multiplied by
+    gather_mm rather than by gather_qmm. On CUDA from DEQUANT_ROWS (measured there); on the CPU for float32
+    inputs (gather_mm's only dtype there). Never on Metal: unmeasured on a Mac, so it keeps mlx-lm's choice,
+    gather_qmm on the rows sorted by expert; dequantizing whole would hold Air's experts of one projection
+    in bf16 (1.5 GB) per layer and chunk (scripts/prefill_memory.py measures the difference)."""
+    if rows < DEQUANT_ROWS:
+        return False
+    kind = backend()
+    return kind == "cuda" or (kind == "cpu" and dtype == mx.float32)
+
+
 class Switch:
     """A process-wide flag, true only within `with switch.on():` (restored on the way out, nested or not)."""
 
@@ -97,7 +109,7 @@ class QuantizedSwitchLinear(nn.Module):
         return q
 
     def __call__(self, x: mx.array, inds: mx.array, sorted_indices: bool = False) -> mx.array:
-        if inds.size >= DEQUANT_ROWS and (x.dtype == mx.float32 or mx.default_device() != mx.cpu):
+        if dequantize_whole(inds.size, x.dtype):
             # prefill: every expert serves many rows, so dequantize once and multiply densely
             return mx.gather_mm(x, self.dense(x.dtype, x).swapaxes(-1, -2), rhs_indices=inds,
                                 sorted_indices=sorted_indices)
