@@ -129,6 +129,7 @@ def generate(
 
     import glm_mlx
     from glm_mlx.generate import Stats, stream
+    from glm_mlx.memory import wired
 
     if (prompt is None) == (token_ids is None):
         fail("give exactly one of --prompt or --token-ids")
@@ -144,9 +145,10 @@ def generate(
         if seed is not None:
             mx.random.seed(seed)
         stats, cache = Stats(), m.make_cache(kv_bits, mtp=mtp)
-        for piece in stream(m, tok, ids, cache, temp=temp, top_p=top_p, max_tokens=max_tokens, stats=stats):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        with wired(m, len(ids) + max_tokens, kv_bits):
+            for piece in stream(m, tok, ids, cache, temp=temp, top_p=top_p, max_tokens=max_tokens, stats=stats):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
     except USER_ERRORS as e:
         fail(str(e))
     typer.echo("")
@@ -198,6 +200,7 @@ def finetune(
     from glm_mlx.data import load_dataset, split_path
     from glm_mlx.finetune import TrainConfig, Trainer, describe
     from glm_mlx.loading import load_model
+    from glm_mlx.memory import wired
     from glm_mlx.tokenizer import Tokenizer
 
     try:
@@ -231,7 +234,8 @@ def finetune(
             def show(rec, total):
                 bar.update(task, completed=rec["step"], description=describe(rec))
 
-            trainer.run(progress=show)
+            with wired(m, batch_size * max_seq_len):
+                trainer.run(progress=show)
     except USER_ERRORS as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -297,10 +301,12 @@ def bench(
 ):
     """Prefill and decode speed, peak memory and GB/s against the copy bandwidth, ours beside mlx-lm."""
     from glm_mlx.bench import render, run_bench
+    from glm_mlx.memory import wired
 
     try:
-        result = run_bench(shape, layers, recipe, int_list("--prompts", prompts), int_list("--contexts", contexts),
-                           steps, rounds, runtime, seed, dtype, log=lambda s: typer.echo(s, err=True))
+        with wired(None):
+            result = run_bench(shape, layers, recipe, int_list("--prompts", prompts), int_list("--contexts", contexts),
+                               steps, rounds, runtime, seed, dtype, log=lambda s: typer.echo(s, err=True))
     except USER_ERRORS as e:
         fail(str(e))
     typer.echo(json.dumps(result) if as_json else render(result))
@@ -356,6 +362,7 @@ def chat(
 
     import glm_mlx
     from glm_mlx.chat import ChatSession, Repl
+    from glm_mlx.memory import wired
     from glm_mlx.tools import load_tools
 
     folder = resolve_model(model, yes)
@@ -371,7 +378,8 @@ def chat(
         fail(str(e))
     if seed is not None:
         mx.random.seed(seed)
-    Repl(session, Console(highlight=False), tool_map, show_thinking=show_thinking, approve_all=yes).run()
+    with wired(m, session.context_limit, kv_bits):
+        Repl(session, Console(highlight=False), tool_map, show_thinking=show_thinking, approve_all=yes).run()
 
 
 @app.command()
@@ -395,6 +403,18 @@ def demo(
     generate(model=out, prompt=prompt, token_ids=None, max_tokens=max_tokens, temp=0.0, top_p=1.0,
              seed=0, think=False, system=None, dtype=None, adapter=None, expert_memory=None, prefetch=False,
              kv_bits=None, mtp=False)
+
+
+@app.command()
+def doctor():
+    """What a bug report needs: platform, MLX, device and memory, each kernel's path and why, the wired
+    limit, and a 5-token decode of a built-in tiny model against the reference path."""
+    from glm_mlx.doctor import report
+
+    lines = report()
+    typer.echo("\n".join(lines))
+    if any("MISMATCH" in line for line in lines):
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -46,6 +46,7 @@ backend's kernel, or the reference where there is none (the CPU).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 
@@ -995,6 +996,19 @@ def enabled(*names: str) -> bool:
         if not v.ok:
             return False
     return True
+
+
+@contextlib.contextmanager
+def reference_only():
+    """Within: every kernel off, the reference path taken (glm-mlx doctor's comparison)."""
+    saved = dict(_verdicts)
+    _verdicts.clear()
+    _verdicts.update({n: selfcheck.Verdict(False, "the reference path asked for") for n in (*KERNELS, *CUDA_KERNELS)})
+    try:
+        yield
+    finally:
+        _verdicts.clear()
+        _verdicts.update(saved)
 
 
 def verdict(name: str) -> "selfcheck.Verdict":

@@ -9,9 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from glm_mlx import experts, kernels, model, selfcheck
-from glm_mlx.bench import bench_config, build_ours, random_weights
-from glm_mlx.generate import prefill
+from glm_mlx import doctor, experts, kernels, memory, model, selfcheck
 
 
 @pytest.fixture
@@ -45,15 +43,7 @@ def fake_metal(monkeypatch, tmp_path):
 
 
 def _answer() -> mx.array:
-    """A new tiny model's logits (its compiled decode traces are its own) for a 6-token prompt's last
-    position, then for three decode steps on the greedy tokens."""
-    cfg = bench_config("small", 2)
-    m = build_ours(cfg, random_weights(cfg, "uniform4", 0, mx.bfloat16), "uniform4")
-    cache = m.make_cache()
-    out = [prefill(m, mx.arange(1, 7)[None] % cfg["vocab_size"], cache).reshape(1, -1)]
-    for _ in range(3):
-        out.append(m(mx.argmax(out[-1], axis=-1)[None], cache, checked=True).reshape(1, -1))
-    return mx.concatenate(out).astype(mx.float32)
+    return doctor.tiny_decode(3)[1]
 
 
 def test_failed_kernels_fall_back_with_one_line_each_and_the_verdicts_are_cached(fake_metal, monkeypatch, capsys):
@@ -105,3 +95,53 @@ def test_an_unreadable_cache_is_checked_anew(fake_metal, tmp_path):
 def test_the_cpu_takes_no_kernel():
     assert kernels.backend() == "cpu" and not kernels.enabled("glm_qkv")
     assert kernels.verdict("glm_qkv").reason == "the CPU has no custom kernels"
+
+
+def test_doctor_prints_every_kernels_path_and_the_decode_check():
+    from typer.testing import CliRunner
+
+    from glm_mlx.cli import app
+
+    r = CliRunner().invoke(app, ["doctor"])
+    assert r.exit_code == 0, r.output
+    for name in (*kernels.KERNELS, *kernels.CUDA_KERNELS):
+        assert f"{name} " in r.output
+    assert "5-token decode of a tiny model: ok" in r.output and "mlx 0.32" in r.output
+
+
+def test_the_doctor_says_mismatch_when_the_fast_path_disagrees(fake_metal, monkeypatch):
+    monkeypatch.setattr(kernels, "_verdicts", {n: selfcheck.Verdict(n != "glm_qkv", "") for n in kernels.PROBES})
+    lines = doctor.report()  # every fake kernel taken unchecked: zeros where numbers should be
+    assert "MISMATCH" in lines[-2] and "GLM_MLX_KERNELS=off" in lines[-1]
+
+
+def test_a_mac_wires_the_model_and_warns_when_it_cannot_fit(monkeypatch):
+    calls, said = [], []
+    monkeypatch.setattr(mx, "set_wired_limit", lambda n: calls.append(n) or 7)
+    m = build_tiny()
+    total, experts_ = memory.model_bytes(m)
+    assert 0 < experts_ < total
+    monkeypatch.setattr(memory, "working_set", lambda: 10 * total)
+    with memory.wired(m, 100, say=said.append):
+        assert calls == [10 * total]
+    assert calls == [10 * total, 7] and not said  # restored; it fits
+    monkeypatch.setattr(memory, "working_set", lambda: total)
+    with memory.wired(m, 100_000, say=said.append):
+        pass
+    assert len(said) == 1 and "does not fit even with every routed expert offloaded" in said[0]
+    monkeypatch.setattr(memory, "model_bytes", lambda model: (60e9, 50e9))  # as Air's 4-bit experts weigh
+    monkeypatch.setattr(memory, "working_set", lambda: 48e9)
+    with memory.wired(m, 1000, say=said.append):
+        pass
+    assert "--expert-memory 33GB" in said[1] and "60.0 GB" in said[1]
+    monkeypatch.setattr(memory, "working_set", lambda: None)
+    with memory.wired(m, 100):
+        pass
+    assert len(calls) == 6  # no Metal: the limit is left alone
+
+
+def build_tiny():
+    from glm_mlx.bench import bench_config, build_ours, random_weights
+
+    cfg = bench_config("small", 2)
+    return build_ours(cfg, random_weights(cfg, "uniform4", 0, mx.bfloat16), "uniform4")
