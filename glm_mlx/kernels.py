@@ -1546,7 +1546,8 @@ def router_logits(x: mx.array, weight: mx.array, norm=None) -> mx.array:
     """router_logits_reference's numbers in one launch on a GPU, the norm included."""
     kind, K = _gpu(x), x.size
     nw = _norm_input(norm, K)
-    if kind is None or nw is None or weight.dtype != mx.float32 or weight.shape[-1] != K or not enabled("glm_router_logits"):
+    if (kind is None or nw is None or weight.dtype != mx.float32 or weight.shape[-1] != K
+            or not enabled("glm_router_logits")):
         return router_logits_reference(x, weight, norm)
     E = weight.shape[0]
     return _run(kind, "glm_router_logits", [x, weight, nw[0]], E, 1, [((E,), mx.float32)], per_lane=8, K=K, N=E,
@@ -1592,7 +1593,8 @@ def dequantize(w: mx.array, scales: mx.array, biases: mx.array, group_size: int,
     elsewhere."""
     kind = backend()
     K = w.shape[-1] * 32 // bits if bits in (4, 8) else 0
-    if kind == "cpu" or not K or scales.dtype != mx.bfloat16 or group_size % 8 or K % group_size or not enabled("glm_dequantize"):
+    if (kind == "cpu" or not K or scales.dtype != mx.bfloat16 or group_size % 8 or K % group_size
+            or not enabled("glm_dequantize")):
         return mx.dequantize(w, scales, biases, group_size, bits)
     rows, threads = w.size // w.shape[-1], 32 * WARPS
     return _kernel(kind, "glm_dequantize")(

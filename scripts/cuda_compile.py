@@ -130,6 +130,18 @@ def model_launches(shape: str, recipe: str = "uniform4", prompt: int = 64, recor
     return list(dict.fromkeys(launches))
 
 
+def off_path_launches(record=None) -> list:
+    """The launches of gather_qmv and dequantize (not on a model's decode path everywhere) at 4 and 8 bits.
+    `record`: the recorder (default: CUDA's)."""
+    with (record or recording)() as launches:
+        for bits in (4, 8):
+            w, s, b = mx.quantize(mx.random.normal((3, 64, 256)), 64, bits)
+            s, b = s.astype(mx.bfloat16), b.astype(mx.bfloat16)
+            kernels.gather_qmv(mx.zeros((1, 256), mx.bfloat16), w, s, b, mx.array([2], mx.uint32), 64, bits)
+            kernels.dequantize(w, s, b, 64, bits)
+    return launches
+
+
 def zero_weights(cfg: dict, recipe: str, seed: int = 0, dtype: mx.Dtype = mx.bfloat16):
     """bench.random_weights' tensors (names, shapes, dtypes), all zeros."""
     from glm_mlx.bench import ModelArgs, precision, tensor_shapes

@@ -23,13 +23,7 @@ def launches():
     on a model's path on Metal) at 4 and 8 bits."""
     out = (metal_compile.model_launches("small", "uniform4") + metal_compile.model_launches("small", "mixed")
            + metal_compile.model_launches("air", "uniform4") + metal_compile.model_launches("glm45", "mixed"))
-    with metal_compile.recording() as extra:
-        for bits in (4, 8):
-            w, s, b = mx.quantize(mx.random.normal((3, 64, 256)), 64, bits)
-            s, b = s.astype(mx.bfloat16), b.astype(mx.bfloat16)
-            kernels.gather_qmv(mx.zeros((1, 256), mx.bfloat16), w, s, b, mx.array([2], mx.uint32), 64, bits)
-            kernels.dequantize(w, s, b, 64, bits)
-    return list(dict.fromkeys(out + extra))
+    return list(dict.fromkeys(out + metal_compile.cuda_compile.off_path_launches(metal_compile.recording)))
 
 
 def test_every_metal_kernel_is_launched_with_both_widths_and_the_real_shapes(launches):
@@ -75,6 +69,7 @@ def test_a_broken_body_fails(body, inputs, error):
 
 def test_a_body_that_minds_address_spaces_compiles():
     header = "template <typename P> inline float first_any(P p) { return p[0]; }\n"
-    body = "uint i = thread_position_in_grid.x; y[i] = first_any(a0) + a1 + a2[N - 1]; threadgroup_barrier(mem_flags::mem_threadgroup);"
+    body = ("uint i = thread_position_in_grid.x; y[i] = first_any(a0) + a1 + a2[N - 1];"
+            "threadgroup_barrier(mem_flags::mem_threadgroup);")
     c = metal_compile.compile_launch(_launch(body, (ONE, SCALAR, BIG), header))
     assert c.ok, c.log
