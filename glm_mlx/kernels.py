@@ -41,7 +41,10 @@ The decode bodies are shared: each backend supplies the same few names (tid, lan
 warp, bx, by, BF16_BITS(v), AS_FLOAT(u), SIMD_SUM/MAX/MIN(v), first(p), put_input(p, i, v), the
 address-space words DEV, LOC, TGMEM and TG, BARRIER) in its prologue and header, so the body
 tested on the NVIDIA machine is the one a Mac runs. The dispatch picks the
-backend's kernel, or the reference where there is none (the CPU).
+backend's kernel, or the reference where there is none (the CPU) or where the kernel failed its
+self-check: the first time a process wants it, it runs on small inputs against its reference
+(enabled, PROBES; the verdict cached by glm_mlx/selfcheck.py). scripts/metal_compile.py compiles
+the Metal sources MLX writes for them, scripts/cuda_compile.py the CUDA ones.
 """
 
 from __future__ import annotations
