@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Run, chat with and fine-tune GLM-4.5 / GLM-4.5-Air with MLX.")
 
 
@@ -21,8 +22,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 CUDA_OPS_PER_GRAPH = "400"
 
 
+def show_version(value: bool) -> None:
+    if value:
+        from glm_mlx import __version__
+
+        typer.echo(f"glm-mlx {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def setup() -> None:
+def setup(version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
     """Run, chat with and fine-tune GLM-4.5 / GLM-4.5-Air with MLX."""
     use_cuda_graph_default()
 
@@ -418,7 +428,7 @@ def doctor():
 
 
 def main() -> None:
-    app()
+    app(prog_name="glm-mlx")
 
 
 if __name__ == "__main__":
