@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -74,12 +76,94 @@ def check_kv_bits(value: Optional[int]) -> Optional[int]:
     return value
 
 
-# The options generate and chat share: the model as loaded, and its cache.
-DTYPE = typer.Option(None, "--dtype", help="compute dtype (float32 for exact checks)")
+# Every spelling of a compute dtype a user may type, and the MLX name it means.
+DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32",
+          "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16", "f16": "float16", "half": "float16"}
+
+
+def check_dtype(value: Optional[str]) -> Optional[str]:
+    """The MLX name of a --dtype (float32, bfloat16, float16 or a short name such as bf16)."""
+    if value is None:
+        return None
+    if value.lower() not in DTYPES:
+        fail(f"--dtype {value!r}: choose float32 (fp32), bfloat16 (bf16) or float16 (fp16)")
+    return DTYPES[value.lower()]
+
+
+def check_temp(value: float) -> float:
+    if not math.isfinite(value) or value < 0:
+        fail(f"--temp must be a number >= 0 (0: greedy), not {value}")
+    return value
+
+
+def check_top_p(value: float) -> float:
+    if not (0 < value <= 1):  # also refuses nan
+        fail(f"--top-p must be in (0, 1] (1: no nucleus cut), not {value}")
+    return value
+
+
+def check_max_tokens(value: int) -> int:
+    if value < 0:
+        fail(f"--max-tokens must be >= 0, not {value}")
+    return value
+
+
+def check_seed(value: Optional[int]) -> Optional[int]:
+    if value is not None and not (0 <= value < 2**64):
+        fail(f"--seed must be an integer from 0 to 2**64 - 1, not {value}")
+    return value
+
+
+def check_context(value: Optional[int]) -> Optional[int]:
+    if value is not None and value < 1:
+        fail(f"--context must be at least 1 token, not {value}")
+    return value
+
+
+def check_expert_memory(value: Optional[str]) -> Optional[str]:
+    """auto, or a size above zero that parses (the model's own bounds are checked when it loads)."""
+    from glm_mlx.offload import parse_size
+
+    if value is None or value.strip().lower() == "auto":
+        return value
+    try:
+        size = parse_size(value, total=0)
+    except ValueError:
+        size = None
+    if size is None or size <= 0:
+        fail(f"--expert-memory {value!r}: give a size above zero, like 24GB or 512MB, or auto")
+    return value
+
+
+def warn(message: str) -> None:
+    typer.echo(f"warning: {message}", err=True)
+
+
+def say_prefetch(model, prefetch: bool, mtp: bool) -> None:
+    """One warning line when --prefetch cannot act: nothing is offloaded, or MTP drafts (each step then
+    runs the layers on two tokens, and a layer guesses the next layer's experts only for one)."""
+    from glm_mlx.offload import offloaded_banks
+
+    if prefetch and not offloaded_banks(model):
+        warn("--prefetch does nothing here: every expert is resident (it acts only with experts offloaded)")
+    elif prefetch and mtp:
+        warn("--prefetch does nothing with --mtp: each step then checks two tokens, and prefetch guesses "
+             "only for one")
+
+
+def check_context_fits(model, context: Optional[int]) -> None:
+    if context is not None and context > model.args.max_position_embeddings:
+        fail(f"--context {context} is above this model's maximum of {model.args.max_position_embeddings} tokens")
+
+
+# The options generate and chat share: the model as loaded, and its cache, and the sampler.
+DTYPE = typer.Option(None, "--dtype", callback=check_dtype, help="compute dtype: float32 (exact checks), bfloat16 "
+                     "or float16, or fp32/bf16/fp16 (default: the folder's own)")
 ADAPTER = typer.Option(None, "--adapter", help="a LoRA adapter folder from glm-mlx finetune")
-EXPERT_MEMORY = typer.Option("auto", "--expert-memory", help="most memory routed experts may take (e.g. 24GB); the "
-                             "rest are read from disk. auto (the default): all resident when the model fits in "
-                             "memory, else what is left")
+EXPERT_MEMORY = typer.Option("auto", "--expert-memory", callback=check_expert_memory, help="most memory routed "
+                             "experts may take (e.g. 24GB); the rest are read from disk. auto (the default): all "
+                             "resident when the model fits in memory, else what is left")
 PREFETCH = typer.Option(False, "--prefetch", help="with experts offloaded: each layer also reads the experts the "
                         "next layer's router picks from its input (pays only when those guesses are mostly right; "
                         "the stats show how many were used)")
@@ -87,6 +171,11 @@ KV_BITS = typer.Option(None, "--kv-bits", callback=check_kv_bits, help="quantize
                        "contexts: about 1/2 or 1/4 of its bf16 memory)")
 MTP = typer.Option(False, "--mtp", help="speculative decoding: the MTP layer drafts a token ahead, the model "
                    "checks it (the tokens are the model's own, greedy or sampled)")
+TEMP = typer.Option(0.6, "--temp", callback=check_temp, help="sampling temperature (0: greedy)")
+TOP_P = typer.Option(0.95, "--top-p", callback=check_top_p, help="nucleus sampling: keep the likeliest tokens "
+                     "whose probabilities sum to this (1: all)")
+SEED = typer.Option(None, "--seed", callback=check_seed, help="seed for reproducible sampling")
+YES_CONVERT = typer.Option(False, "--yes", "-y", help="convert a repo id not converted yet without asking")
 
 
 @app.command()
@@ -117,14 +206,15 @@ def convert(
 
 @app.command()
 def generate(
-    model: Path = typer.Option(..., "--model", "-m", help="a glm-mlx model folder"),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="the user message"),
+    model: str = typer.Option(..., "--model", "-m", help="a glm-mlx model folder or a Hugging Face repo id "
+                              "(converted on first use)"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="the user message (- reads it from stdin)"),
     token_ids: Optional[str] = typer.Option(None, help="raw prompt token ids, comma-separated, "
                                             "instead of --prompt (no chat template)"),
-    max_tokens: int = typer.Option(256, "--max-tokens", "-n"),
-    temp: float = typer.Option(0.6, "--temp", help="sampling temperature (0: greedy)"),
-    top_p: float = typer.Option(0.95, "--top-p"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="seed for reproducible sampling"),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", callback=check_max_tokens),
+    temp: float = TEMP,
+    top_p: float = TOP_P,
+    seed: Optional[int] = SEED,
     think: bool = typer.Option(True, "--think/--no-think", help="let the model reason first"),
     system: Optional[str] = typer.Option(None, "--system", help="a system prompt"),
     dtype: Optional[str] = DTYPE,
@@ -133,6 +223,7 @@ def generate(
     prefetch: bool = PREFETCH,
     kv_bits: Optional[int] = KV_BITS,
     mtp: bool = MTP,
+    yes: bool = YES_CONVERT,
 ):
     """Generate one reply to a prompt, streamed, then the speed and peak memory."""
     import mlx.core as mx
@@ -143,13 +234,18 @@ def generate(
 
     if (prompt is None) == (token_ids is None):
         fail("give exactly one of --prompt or --token-ids")
+    if prompt == "-":
+        prompt = read_stdin("--prompt -")
+    ids = int_list("--token-ids", token_ids) if token_ids is not None else None
+    if ids == []:
+        fail("--token-ids: no token ids given")
+    folder = resolve_model(model, yes)
     try:
-        m, tok = glm_mlx.load(model, dtype=dtype, adapter=adapter, expert_memory=expert_memory,
+        m, tok = glm_mlx.load(folder, dtype=dtype, adapter=adapter, expert_memory=expert_memory,
                               prefetch=prefetch)
         say_offloaded(m)
-        if token_ids is not None:
-            ids = [int(t) for t in token_ids.replace(" ", "").split(",") if t]
-        else:
+        say_prefetch(m, prefetch, mtp)
+        if ids is None:
             msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
             ids = tok.encode(tok.apply_chat_template(msgs, enable_thinking=think))
         if seed is not None:
@@ -167,6 +263,20 @@ def generate(
 
     if (experts := offloaded_stats(m)) is not None:
         typer.echo(experts.line(), err=True)
+
+
+def read_stdin(option: str) -> str:
+    """All of stdin as text (invalid UTF-8 is refused, not guessed at)."""
+    if sys.stdin.isatty():
+        typer.echo("reading the prompt from stdin (end with Ctrl-D)", err=True)
+    data = sys.stdin.buffer.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        fail(f"{option}: stdin is not UTF-8 text (byte {e.start})")
+    if not text.strip():
+        fail(f"{option}: stdin was empty")
+    return text
 
 
 @app.command()
@@ -306,7 +416,8 @@ def bench(
     rounds: int = typer.Option(5, "--rounds", help="timed decode rounds at each context (the median is reported)"),
     runtime: str = typer.Option("both", "--runtime", help="both, ours or mlx-lm"),
     seed: int = typer.Option(0, "--seed", help="seed of the random weights"),
-    dtype: Optional[str] = typer.Option(None, help="compute dtype (default: float32 on the CPU, else bfloat16)"),
+    dtype: Optional[str] = typer.Option(None, callback=check_dtype, help="compute dtype: float32, bfloat16 or "
+                                        "float16 (default: float32 on the CPU, else bfloat16)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object with every raw number instead"),
 ):
     """Prefill and decode speed, peak memory and GB/s against the copy bandwidth, ours beside mlx-lm."""
@@ -329,19 +440,25 @@ def models_home() -> Path:
 
 
 def resolve_model(model: str, yes: bool) -> Path:
-    """A model folder, or a repo id converted (once, after asking) into the models home."""
+    """A model folder, or a repo id converted (once, after asking) into the models home: generate and
+    chat take either."""
     from convert.source import is_repo_id
 
-    if Path(model).expanduser().is_dir():
-        return Path(model).expanduser()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        fail(f"{model}: not a folder (give a glm-mlx model folder or a Hugging Face repo id)")
     if not is_repo_id(model):
         fail(f"{model}: no such model folder, and not a Hugging Face repo id")
     folder = models_home() / model.replace("/", "--")
     if (folder / "glm_mlx.json").is_file():
         return folder
-    if not yes and not typer.confirm(f"{model} is not converted yet: download and convert it into {folder}?"):
-        fail("not converted (pass --yes to convert without asking)")
-    convert(model, folder, "mixed", None, None)
+    what = f"{model}: no such folder here; as a Hugging Face repo id it is not converted yet"
+    if not yes and not (sys.stdin.isatty() and typer.confirm(f"{what}: download and convert it into {folder}?")):
+        fail(f"{what} (pass --yes to download and convert it into {folder})")
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the reply's alone
+        convert(model, folder, "mixed", None, None)
     return folder
 
 
@@ -353,12 +470,14 @@ def chat(
     think: bool = typer.Option(True, "--think/--no-think", help="reasoning on or off at the start"),
     show_thinking: bool = typer.Option(True, "--show-thinking/--hide-thinking", help="print the reasoning, dimmed"),
     yes: bool = typer.Option(False, "--yes", "-y", help="convert without asking; run every tool call without asking"),
-    temp: float = typer.Option(0.6, "--temp"),
-    top_p: float = typer.Option(0.95, "--top-p"),
-    max_tokens: int = typer.Option(4096, "--max-tokens", "-n", help="the most tokens one reply may have"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="seed for reproducible replies"),
+    temp: float = TEMP,
+    top_p: float = TOP_P,
+    max_tokens: int = typer.Option(4096, "--max-tokens", "-n", callback=check_max_tokens,
+                                   help="the most tokens one reply may have"),
+    seed: Optional[int] = SEED,
     system: Optional[str] = typer.Option(None, "--system", help="a system prompt"),
-    context: Optional[int] = typer.Option(None, "--context", help="context limit in tokens (default: the model's)"),
+    context: Optional[int] = typer.Option(None, "--context", callback=check_context,
+                                          help="context limit in tokens (default: the model's)"),
     dtype: Optional[str] = DTYPE,
     adapter: Optional[Path] = ADAPTER,
     expert_memory: Optional[str] = EXPERT_MEMORY,
@@ -381,6 +500,8 @@ def chat(
         m, tok = glm_mlx.load(folder, dtype=dtype, adapter=adapter, expert_memory=expert_memory,
                               prefetch=prefetch)
         say_offloaded(m)
+        say_prefetch(m, prefetch, mtp)
+        check_context_fits(m, context)
         session = ChatSession(m, tok, system=system, tools=[t.schema for t in tool_map.values()] or None,
                               think=think, temp=temp, top_p=top_p, max_tokens=max_tokens, context_limit=context,
                               kv_bits=kv_bits, mtp=mtp)
@@ -397,11 +518,14 @@ def demo(
     folder: Path = typer.Option(Path("glm-mlx-demo"), "--dir", help="where the tiny checkpoint and model go"),
     preset: str = typer.Option("air-tiny", help="tiny config: air-tiny, glm45-tiny, quality"),
     prompt: str = typer.Option("Hello! What can you do?", "--prompt", "-p"),
-    max_tokens: int = typer.Option(32, "--max-tokens", "-n"),
+    max_tokens: int = typer.Option(32, "--max-tokens", "-n", callback=check_max_tokens),
 ):
-    """End to end on a tiny generated GLM: write a checkpoint, convert it, generate."""
-    from convert.synthetic import make_config, write_checkpoint
+    """End to end on a tiny generated GLM with random weights: write a checkpoint in the published layout,
+    convert it with the default recipe, generate from it (the reply is noise; the path is the real one)."""
+    from convert.synthetic import PRESETS, make_config, write_checkpoint
 
+    if preset not in PRESETS:
+        fail(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
     ckpt, out = folder / "checkpoint", folder / "model"
     if not (ckpt / "model.safetensors.index.json").exists():
         typer.echo(f"writing a tiny {preset} checkpoint to {ckpt}", err=True)
@@ -410,9 +534,9 @@ def demo(
         except USER_ERRORS as e:
             fail(str(e))
     convert(str(ckpt), out, "mixed", None, None)
-    generate(model=out, prompt=prompt, token_ids=None, max_tokens=max_tokens, temp=0.0, top_p=1.0,
+    generate(model=str(out), prompt=prompt, token_ids=None, max_tokens=max_tokens, temp=0.0, top_p=1.0,
              seed=0, think=False, system=None, dtype=None, adapter=None, expert_memory=None, prefetch=False,
-             kv_bits=None, mtp=False)
+             kv_bits=None, mtp=False, yes=False)
 
 
 @app.command()

@@ -9,6 +9,7 @@ can never run code of its own and the prompt equals apply_chat_template's.
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -45,6 +46,9 @@ def _environment() -> ImmutableSandboxedEnvironment:
 
 class Tokenizer:
     def __init__(self, folder: str | Path):
+        # Only transformers' tokenizer is used: its "PyTorch was not found" advice (printed on import when
+        # torch is absent, as it is for users) does not apply. Set before the import, unless the user chose.
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
         from transformers import AutoTokenizer  # imported late: it is slow to import
 
         self.folder = Path(folder)
