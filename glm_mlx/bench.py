@@ -368,6 +368,10 @@ def run_bench(shape: str | None = None, layers: int | None = None, recipe: str =
         raise ValueError("nothing to measure: give --prompts or --contexts")
     if min([*prompts, *contexts, steps - 1, rounds - 1]) < 0 or 0 in prompts:
         raise ValueError("prompt lengths, --steps and --rounds must be positive, contexts not negative")
+    longest = max([*prompts, *(c + steps + 1 for c in contexts)])
+    if longest > cfg["max_position_embeddings"]:
+        raise ValueError(f"a prompt or a context of {longest} tokens (with its steps) is above the "
+                         f"{cfg['max_position_embeddings']} the {shape} shape allows")
     # CPU quantized matmuls accumulate in the input dtype: bf16 there would make the check noise.
     dtype = dtype or ("float32" if on_cpu else "bfloat16")
     if dtype not in ("float32", "bfloat16", "float16"):

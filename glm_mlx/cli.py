@@ -110,8 +110,8 @@ def check_max_tokens(value: int) -> int:
 
 
 def check_seed(value: Optional[int]) -> Optional[int]:
-    if value is not None and not (0 <= value < 2**64):
-        fail(f"--seed must be an integer from 0 to 2**64 - 1, not {value}")
+    if value is not None and not (0 <= value < 2**32):
+        fail(f"--seed must be an integer from 0 to {2**32 - 1}, not {value}")
     return value
 
 
@@ -415,7 +415,7 @@ def bench(
     steps: int = typer.Option(32, "--steps", help="decode steps a round"),
     rounds: int = typer.Option(5, "--rounds", help="timed decode rounds at each context (the median is reported)"),
     runtime: str = typer.Option("both", "--runtime", help="both, ours or mlx-lm"),
-    seed: int = typer.Option(0, "--seed", help="seed of the random weights"),
+    seed: int = typer.Option(0, "--seed", callback=check_seed, help="seed of the random weights"),
     dtype: Optional[str] = typer.Option(None, callback=check_dtype, help="compute dtype: float32, bfloat16 or "
                                         "float16 (default: float32 on the CPU, else bfloat16)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object with every raw number instead"),

@@ -149,3 +149,10 @@ def test_demo_refuses_an_unknown_preset_before_writing(tmp_path):
     p = run("demo", "--dir", tmp_path / "d", "--preset", "nope")
     one_error(p, "nope", "air-tiny")
     assert not (tmp_path / "d").exists()
+
+
+def test_bench_bounds():
+    r = CliRunner().invoke(app, ["bench", "--seed", "-1"])
+    assert r.exit_code == 1 and "--seed" in r.output
+    r = CliRunner().invoke(app, ["bench", "--runtime", "ours", "--prompts", "99999999", "--contexts", "0"])
+    assert r.exit_code == 1 and "above" in r.output, r.output

@@ -65,3 +65,13 @@ def demo_bad_preset(lab: Lab) -> str:
     if d.exists():
         raise Problem(f"{d} was written before the refusal")
     return line
+
+
+@case("33.13", "bench --seed -1", "error naming --seed")
+def bench_seed(lab: Lab) -> str:
+    return lab.cli("bench", "--seed", "-1").refused("--seed")
+
+
+@case("33.14", "bench --prompts 99999999", "error naming the shape's maximum, nothing allocated")
+def bench_huge_prompt(lab: Lab) -> str:
+    return lab.cli("bench", "--runtime", "ours", "--prompts", "99999999", "--contexts", "0").refused("above")
