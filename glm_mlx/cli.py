@@ -211,7 +211,8 @@ def generate(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="the user message (- reads it from stdin)"),
     token_ids: Optional[str] = typer.Option(None, help="raw prompt token ids, comma-separated, "
                                             "instead of --prompt (no chat template)"),
-    max_tokens: int = typer.Option(256, "--max-tokens", "-n", callback=check_max_tokens),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", callback=check_max_tokens,
+                                   help="the most tokens the reply may have"),
     temp: float = TEMP,
     top_p: float = TOP_P,
     seed: Optional[int] = SEED,
@@ -464,7 +465,8 @@ def resolve_model(model: str, yes: bool) -> Path:
 
 @app.command()
 def chat(
-    model: str = typer.Option(..., "--model", "-m", help="a glm-mlx model folder or a Hugging Face repo id"),
+    model: str = typer.Option(..., "--model", "-m", help="a glm-mlx model folder or a Hugging Face repo id "
+                              "(converted on first use)"),
     tools: Optional[Path] = typer.Option(None, "--tools", help="a .py file of typed, documented functions, "
                                          "or a .json file of OpenAI-style schemas with commands"),
     think: bool = typer.Option(True, "--think/--no-think", help="reasoning on or off at the start"),
