@@ -8,8 +8,12 @@ so loading rebuilds the same layers.
 
 The default, `mixed`, was chosen by measurement (scripts/quality.py, table in
 the README): routed experts, most of the weights, at 4 bits; everything a
-token always passes through at 8 bits; the router in float32, since a flipped
-expert choice costs more than any rounding.
+token always passes through at 8 bits; the router exactly as the source holds
+it, since a flipped expert choice costs more than any rounding: its stored
+values in their own dtype (bf16 in every published checkpoint; loading
+computes with them in float32, as transformers does), float32 only where
+they were dequantized from fp8 or packed bits and no narrower dtype holds
+them exactly.
 """
 
 from __future__ import annotations
@@ -22,14 +26,16 @@ from dataclasses import dataclass
 class Precision:
     bits: int | None = None  # None: not quantized
     group_size: int = 64
-    dtype: str = "source"  # float dtype when not quantized: "source", "bfloat16", "float32"
+    # float dtype when not quantized: "source" (the source's, bf16 for a dequantized one), "exact" (the
+    # source's where it stores the values as floats, else float32), "bfloat16", "float32"
+    dtype: str = "source"
 
     def to_json(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size} if self.bits else {"dtype": self.dtype}
 
 
 SOURCE = Precision()
-F32 = Precision(dtype="float32")
+EXACT = Precision(dtype="exact")
 Q4 = Precision(bits=4)
 Q8 = Precision(bits=8)
 
@@ -42,7 +48,7 @@ RECIPES: dict[str, dict[str, Precision]] = {
     "uniform4": {g: Q4 for g in ("experts", "shared_experts", "dense_mlp", "attention", "embed",
                                  "lm_head", "mtp_proj")},
     "mixed": {"experts": Q4, "shared_experts": Q8, "dense_mlp": Q8, "attention": Q8, "embed": Q8,
-              "lm_head": Q8, "mtp_proj": Q8, "router": F32},
+              "lm_head": Q8, "mtp_proj": Q8, "router": EXACT},
 }
 DEFAULT_RECIPE = "mixed"
 
