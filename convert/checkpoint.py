@@ -83,6 +83,9 @@ class Checkpoint:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder).resolve()
         cfg_path = self.folder / "config.json"
+        if (self.folder / "glm_mlx.json").is_file():
+            raise CheckpointError(f"{self.folder}: is already a glm-mlx model folder (convert's output); "
+                                  "give it to chat, generate or finetune as it is")
         if not cfg_path.is_file():
             raise CheckpointError(f"{cfg_path}: missing (not a model folder)")
         self.config = read_json(self.file("config.json"))

@@ -265,7 +265,10 @@ def convert(source_dir: str | Path, out: str | Path, recipe: str = DEFAULT_RECIP
     ours = manifest_path.exists() or state_path.exists()
     if out.exists() and not ours and any(p.name != LOCK for p in out.iterdir()):
         raise ConvertError(f"{out}: exists and is not an unfinished conversion; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConvertError(f"{out}: cannot create the folder ({e.strerror})") from None
     with writing(out):  # what is in the folder now, no one else changes until we are done
         if manifest_path.exists():
             m = _read(manifest_path)
@@ -292,7 +295,8 @@ def summary(out: Path) -> str:
 
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     stored, params = weight_bits(out)
-    return (f"{out}: {size / 1e9:.2f} GB on disk, {stored / params:.2f} bits per weight "
+    on_disk = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+    return (f"{out}: {on_disk} on disk, {stored / params:.2f} bits per weight "
             "(tensor bytes over parameters, the MTP layer left out)")
 
 

@@ -464,7 +464,7 @@ def test_convert_ends_with_the_folders_size_and_bits_per_weight(checkpoint, tmp_
     lines = []
     out = convert(checkpoint("air-tiny"), tmp_path / "m", "mixed", log=lines.append)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    assert lines[-1] == (f"{out}: {size / 1e9:.2f} GB on disk, {bits_per_weight(out):.2f} bits per weight "
+    assert lines[-1] == (f"{out}: {size / 1e6:.1f} MB on disk, {bits_per_weight(out):.2f} bits per weight "
                          "(tensor bytes over parameters, the MTP layer left out)")
 
 
