@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -79,6 +80,14 @@ LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 AUX = (".scales", ".biases", ".weight_scale", ".weight_scale_inv", ".input_scale")  # parts of a quantized weight
 
 
+def _blocks(shape: tuple, scales: tuple, block: list | None) -> bool:
+    """Whether `scales` is one per (bo, bi) block of a 2-D `shape` (block None: as the scales divide it)."""
+    if len(shape) != 2 or len(scales) != 2 or 0 in scales:
+        return False
+    bo, bi = block or (-(-shape[0] // scales[0]), -(-shape[1] // scales[1]))
+    return (-(-shape[0] // bo), -(-shape[1] // bi)) == tuple(scales)
+
+
 class Checkpoint:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder).resolve()
@@ -101,6 +110,7 @@ class Checkpoint:
             raise CheckpointError(f"{cfg_path}: {e}") from None
         self.files, where = self._open_shards()
         self._where = where  # tensor name -> SafetensorsFile
+        self.block = None  # fp8 block scales, (rows, columns) a scale, when the config gives them
         qc = self.config.get("quantization_config") or {}
         if not isinstance(qc, dict) or not isinstance(self.config.get("quantization", {}), dict):
             raise CheckpointError(f"{cfg_path}: quantization_config / quantization is not a JSON object")
@@ -229,11 +239,34 @@ class Checkpoint:
             if tuple(self.shape(name)) != tuple(shape):
                 raise CheckpointError(f"{self.where(name)}: {name} has shape {list(self.shape(name))}, "
                                       f"config.json implies {list(shape)}")
+        self._check_parts()
         for name in sorted(self.names - known):
             m = LAYER.match(name)
             if not (m and int(m[1]) >= n):  # layers past the config's (an MTP layer it does not count) are left out
                 raise CheckpointError(f"{self.where(name)}: holds {name}, which a GLM-4.5 model of this "
                                       "config.json does not have")
+
+    def _check_parts(self) -> None:
+        """A quantized weight's scales (and biases) have the shape its weight implies, so reading it
+        cannot fail halfway through the conversion."""
+        for n, f in self._where.items():
+            t, base = f.tensors[n], n[: -len(".weight")]
+            if self.kind == "mlx" and n.endswith(".weight") and base + ".scales" in self._where:
+                bits, gs = self._mlx_bits(base)
+                want = (*t.shape[:-1], t.shape[-1] * 32 // bits // gs)
+                for part in (f"{base}.scales", f"{base}.biases"):
+                    if t.dtype != "U32" or self._where[part].tensors[part].shape != want:
+                        raise CheckpointError(f"{self._where[part].path}: {part} has shape "
+                                              f"{list(self._where[part].tensors[part].shape)}, its {t.dtype} "
+                                              f"weight at {bits} bits, group {gs} implies {list(want)}")
+            elif t.dtype == "F8_E4M3":
+                scale = next((base + x for x in (".weight_scale_inv", ".weight_scale") if base + x in self._where), None)
+                if scale is None:
+                    raise CheckpointError(f"{f.path}: fp8 tensor {n} has no scale")
+                have = self._where[scale].tensors[scale].shape
+                if not (math.prod(have) == 1 or have in ((t.shape[0], 1), (t.shape[0],)) or _blocks(t.shape, have, self.block)):
+                    raise CheckpointError(f"{self._where[scale].path}: {scale} has shape {list(have)}, which "
+                                          f"scales {n} {list(t.shape)} neither per tensor, per row nor by blocks")
 
     def where(self, name: str) -> Path:
         """The shard holding a logical tensor."""

@@ -485,3 +485,32 @@ def test_router_is_stored_as_the_source_holds_it_and_computes_in_float32(checkpo
         loaded = getattr(model.model.layers[1].mlp.gate, attr)
         assert loaded.dtype == mx.float32
         np.testing.assert_array_equal(np.array(loaded), source.read_float32(name))
+
+
+def test_an_fp8_scale_of_the_wrong_shape_is_refused_before_writing(checkpoint, tmp_path):
+    from convert.convert import ConvertError, convert
+
+    src = Path(shutil.copytree(checkpoint("air-tiny", fmt="fp8"), tmp_path / "src"))
+    name = "model.layers.1.mlp.experts.5.up_proj.weight_scale"
+
+    def shrink(shard, tensors):
+        if name in tensors:
+            dtype, shape, arr = tensors[name]
+            tensors[name] = (dtype, (2 * shape[0], 1), np.concatenate([arr, arr]))  # more rows than the weight
+
+    _rewrite(src, shrink)
+    with pytest.raises(ConvertError, match=f"{name} has shape \\[128, 1\\]"):
+        convert(src, tmp_path / "out", "mixed")
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_walks_its_own_mistakes_in_one_line(converted, checkpoint, tmp_path):
+    from convert.convert import ConvertError, convert
+
+    model = converted("air-tiny", "mixed")
+    with pytest.raises(ConvertError, match="is already a glm-mlx model folder"):
+        convert(model, tmp_path / "again")
+    (tmp_path / "file").write_text("")
+    for out, why in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "sub", "cannot create the folder")):
+        with pytest.raises(ConvertError, match=why):
+            convert(checkpoint("air-tiny"), out)
