@@ -310,6 +310,18 @@ class Checkpoint:
             return "BF16"
         return t.dtype
 
+    def same_bytes(self, a: str, b: str, chunk: int = 16 << 20) -> bool:
+        """Whether two stored tensors hold the same dtype, shape and bytes (read a chunk at a time)."""
+        (fa, ta), (fb, tb) = [(self._where[n], self._where[n].tensors[n]) for n in (a, b)]
+        if (ta.dtype, ta.shape) != (tb.dtype, tb.shape) or self.kind == "fp8" and ta.dtype == "F8_E4M3":
+            return False  # (fp8 values are only the same once scaled)
+        with open(fa.path, "rb") as x, open(fb.path, "rb") as y:
+            for at in range(0, ta.nbytes, chunk):
+                n = min(chunk, ta.nbytes - at)
+                if os.pread(x.fileno(), n, ta.start + at) != os.pread(y.fileno(), n, tb.start + at):
+                    return False
+        return True
+
     def exact_dtype(self, name: str) -> str:
         """The narrowest dtype code that holds the tensor as `read` gives it without rounding: its stored
         float dtype, float32 where it is dequantized (fp8 times a scale, packed bits)."""

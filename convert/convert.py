@@ -8,11 +8,13 @@ The folder (format version 1):
     weights/experts.NNN.safetensors                  one layer's routed experts
     glm_mlx.json                                     the manifest, written last
 
-Layers N .. N+mtp-1 are the MTP layers. Tensor names are the Hugging Face
-checkpoint's; a quantized weight W is stored as W (uint32), W's `scales` and
-`biases` (bf16), MLX's affine layout. In an experts file the tensors are
-ordered expert by expert, so expert e of a layer is the one byte range
-[data_start + e*stride, data_start + (e+1)*stride): one read fetches it.
+Layers N .. N+mtp-1 are the MTP layers (an MTP layer's copy of the embedding
+that is byte for byte the trunk's is left out: the layer reads the trunk's).
+Tensor names are the Hugging Face checkpoint's; a quantized weight W is
+stored as W (uint32), W's `scales` and `biases` (bf16), MLX's affine layout.
+In an experts file the tensors are ordered expert by expert, so expert e of
+a layer is the one byte range [data_start + e*stride, data_start + (e+1)*stride):
+one read fetches it.
 
 Memory: one layer's non-expert weights, or one expert, at a time. Every file
 is written under a temporary name and renamed when complete; a progress file
@@ -182,6 +184,12 @@ def plan(ckpt: Checkpoint, recipe: str):
                 layer_names[i].append(n)
         else:
             main.append(n)
+    for i in range(a.num_hidden_layers, n_layers):
+        copy = f"model.layers.{i}.embed_tokens.weight"
+        if copy in layer_names[i] and ckpt.same_bytes(copy, "model.embed_tokens.weight"):
+            # the MTP layer's embedding, byte for byte the trunk's: stored once (the MTP layer
+            # then reads the trunk's, as it does where a checkpoint has no copy)
+            layer_names[i].remove(copy)
     files = [("weights/main.safetensors", _dense_file(ckpt, recipe, main))]
     for i in range(n_layers):
         files.append((f"weights/layer.{i:03d}.safetensors", _dense_file(ckpt, recipe, layer_names[i])))

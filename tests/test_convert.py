@@ -514,3 +514,30 @@ def test_convert_walks_its_own_mistakes_in_one_line(converted, checkpoint, tmp_p
     for out, why in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "sub", "cannot create the folder")):
         with pytest.raises(ConvertError, match=why):
             convert(checkpoint("air-tiny"), out)
+
+
+def test_an_mtp_embedding_equal_to_the_trunks_is_stored_once(source, tmp_path, monkeypatch):
+    """Where the MTP layer's embed_tokens is the trunk's byte for byte, the folder holds it once and the
+    MTP layer computes exactly what it computes with its own copy."""
+    from convert.checkpoint import Checkpoint
+    from convert.convert import convert
+    from convert.safetensors_io import SafetensorsFile
+
+    index = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
+    trunk = SafetensorsFile(source / index["model.embed_tokens.weight"]).read("model.embed_tokens.weight")
+    copy = "model.layers.3.embed_tokens.weight"
+    _rewrite(source, lambda shard, t: copy in t and t.update({copy: (t[copy][0], t[copy][1], trunk)}))
+    once = convert(source, tmp_path / "once", "mixed")
+    monkeypatch.setattr(Checkpoint, "same_bytes", lambda self, a, b: False)
+    twice = convert(source, tmp_path / "twice", "mixed")
+    assert copy not in SafetensorsFile(once / "weights/layer.003.safetensors").tensors
+    assert copy in SafetensorsFile(twice / "weights/layer.003.safetensors").tensors
+    saved = (twice / "weights/layer.003.safetensors").stat().st_size - (once / "weights/layer.003.safetensors").stat().st_size
+    assert saved >= trunk.size  # a byte a weight at least (8 bits, and scales)
+    outs = []
+    for folder in (once, twice):
+        model, _ = glm_mlx.load(folder, dtype="float32")
+        assert ("embed_tokens" in model.mtp[0]) == (folder == twice)
+        toks = mx.array(np.arange(2, 14).reshape(1, 12) % model.args.vocab_size)
+        outs.append(np.array(model.mtp[0](model.model(toks)[:, :-1], toks[:, 1:], model.model.embed_tokens)))
+    np.testing.assert_array_equal(outs[0], outs[1])
