@@ -108,11 +108,13 @@ class Checkpoint:
             self.args = ModelArgs.from_dict(self.config)
         except ValueError as e:
             raise CheckpointError(f"{cfg_path}: {e}") from None
+        except (TypeError, AttributeError, ArithmeticError) as e:  # a field of the wrong JSON type
+            raise CheckpointError(f"{cfg_path}: not a GLM-4.5 config ({type(e).__name__}: {e})") from None
         self.files, where = self._open_shards()
         self._where = where  # tensor name -> SafetensorsFile
         self.block = None  # fp8 block scales, (rows, columns) a scale, when the config gives them
         qc = self.config.get("quantization_config") or {}
-        if not isinstance(qc, dict) or not isinstance(self.config.get("quantization", {}), dict):
+        if not isinstance(qc, dict) or not isinstance(self.config.get("quantization") or {}, dict):
             raise CheckpointError(f"{cfg_path}: quantization_config / quantization is not a JSON object")
         if any(".switch_mlp." in n for n in where) or "quantization" in self.config:
             self.kind = "mlx"
@@ -260,11 +262,13 @@ class Checkpoint:
                                               f"{list(self._where[part].tensors[part].shape)}, its {t.dtype} "
                                               f"weight at {bits} bits, group {gs} implies {list(want)}")
             elif t.dtype == "F8_E4M3":
-                scale = next((base + x for x in (".weight_scale_inv", ".weight_scale") if base + x in self._where), None)
+                scale = next((base + x for x in (".weight_scale_inv", ".weight_scale") if base + x in self._where),
+                             None)
                 if scale is None:
                     raise CheckpointError(f"{f.path}: fp8 tensor {n} has no scale")
                 have = self._where[scale].tensors[scale].shape
-                if not (math.prod(have) == 1 or have in ((t.shape[0], 1), (t.shape[0],)) or _blocks(t.shape, have, self.block)):
+                rows = have in ((t.shape[0], 1), (t.shape[0],))
+                if not (math.prod(have) == 1 or rows or _blocks(t.shape, have, self.block)):
                     raise CheckpointError(f"{self._where[scale].path}: {scale} has shape {list(have)}, which "
                                           f"scales {n} {list(t.shape)} neither per tensor, per row nor by blocks")
 

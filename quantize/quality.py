@@ -297,8 +297,8 @@ def run_table(entries: list[Entry], tokens: np.ndarray, ref_logits: np.ndarray) 
     for e in entries:
         logits = (glm_logits if e.kind == "glm" else mlx_lm_logits)(e.path, tokens)
         stored, params = weight_bits(e.path)
-        rows.append(Row(e.name, stored / params, disk_bits_per_weight(e.path), params, kl(ref_logits, logits), float("nan"),
-                        top1_agreement(ref_logits, logits)))
+        rows.append(Row(e.name, stored / params, disk_bits_per_weight(e.path), params, kl(ref_logits, logits),
+                        float("nan"), top1_agreement(ref_logits, logits)))
     anchor = next((r.kl for r in rows if r.name == ANCHOR), float("nan"))
     for r in rows:
         r.kl_vs_anchor = r.kl / anchor
@@ -310,5 +310,6 @@ def markdown(rows: list[Row], default: str = "mixed") -> str:
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         name = f"`{r.name}` (default)" if r.name == default else (f"`{r.name}`" if r.name in OUR_RECIPES else r.name)
-        lines.append(f"| {name} | {r.bits_per_weight:.3f} | {r.disk_bits_per_weight:.3f} | {r.kl:.2e} | {r.kl_vs_anchor:.3f} | {r.top1:.1%} |")
+        lines.append(f"| {name} | {r.bits_per_weight:.3f} | {r.disk_bits_per_weight:.3f} | {r.kl:.2e} "
+                     f"| {r.kl_vs_anchor:.3f} | {r.top1:.1%} |")
     return "\n".join(lines)

@@ -328,12 +328,13 @@ HOSTILE = {
     "overlapping data": (lambda s: _edit_header(s / SHARD1, _overlap(NORM0, NORM1)), [SHARD1, NORM0, NORM1, "overlap"]),
     "dtype not the bytes": (lambda s: _edit_header(s / SHARD1, _retype(NORM0, "F32")),
                             [SHARD1, NORM0, "F32", "128"]),
-    "tensor named twice in a header": (lambda s: _edit_header(s / SHARD1, lambda t: t.replace(f'"{NORM1}"', f'"{NORM0}"')),
-                                       [SHARD1, NORM0, "twice"]),
+    "tensor named twice in a header": (
+        lambda s: _edit_header(s / SHARD1, lambda t: t.replace(f'"{NORM1}"', f'"{NORM0}"')), [SHARD1, NORM0, "twice"]),
     # 33.13: wrong types, zero heads and groups
     "zero heads": (lambda s: _edit_config(s, num_attention_heads=0), ["config.json", "num_attention_heads"]),
     "zero groups": (lambda s: _edit_config(s, n_group=0), ["config.json", "n_group"]),
     "hidden size a string": (lambda s: _edit_config(s, hidden_size="64"), ["config.json", "hidden_size"]),
+    "rope_scaling a string": (lambda s: _edit_config(s, rope_scaling="yarn"), ["config.json", "not a GLM-4.5 config"]),
     "config a list": (lambda s: (s / "config.json").write_text("[1]"), ["config.json", "not a JSON object"]),
     "config names a key twice": (lambda s: (s / "config.json").write_text(
         (s / "config.json").read_text().rstrip()[:-1] + ', "hidden_size": 128}'), ["config.json", "twice"]),
@@ -530,9 +531,9 @@ def test_an_mtp_embedding_equal_to_the_trunks_is_stored_once(source, tmp_path, m
     once = convert(source, tmp_path / "once", "mixed")
     monkeypatch.setattr(Checkpoint, "same_bytes", lambda self, a, b: False)
     twice = convert(source, tmp_path / "twice", "mixed")
-    assert copy not in SafetensorsFile(once / "weights/layer.003.safetensors").tensors
-    assert copy in SafetensorsFile(twice / "weights/layer.003.safetensors").tensors
-    saved = (twice / "weights/layer.003.safetensors").stat().st_size - (once / "weights/layer.003.safetensors").stat().st_size
+    mtp_file = "weights/layer.003.safetensors"
+    assert copy not in SafetensorsFile(once / mtp_file).tensors and copy in SafetensorsFile(twice / mtp_file).tensors
+    saved = (twice / mtp_file).stat().st_size - (once / mtp_file).stat().st_size
     assert saved >= trunk.size  # a byte a weight at least (8 bits, and scales)
     outs = []
     for folder in (once, twice):

@@ -142,7 +142,8 @@ def other_source_resumes(lab: Lab) -> str:
     return line
 
 
-@case("33.6", "a finished folder of another checkpoint with the same config", "error: another source, not 'already converted'")
+@case("33.6", "a finished folder of another checkpoint with the same config",
+      "error: another source, not 'already converted'")
 def other_source_finished(lab: Lab) -> str:
     return lab.cli("convert", _other_checkpoint(lab), "--out", lab.model()).refused("another source")
 
