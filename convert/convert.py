@@ -250,8 +250,10 @@ def _read(path: Path):
 
 def _other(out: Path, what: str, recorded: dict, recipe: str) -> ConvertError:
     """The refusal for a folder holding a conversion of another source or recipe."""
-    why = (f"recipe {recorded.get('recipe')!r}, not {recipe!r}" if recorded.get("recipe") not in (None, recipe)
-           else "another source")
+    if recorded.get("recipe") not in (None, recipe):
+        why = f"recipe {recorded['recipe']!r}, not {recipe!r}"
+    else:  # a folder an earlier glm-mlx wrote has no record of its source to compare
+        why = "another source" if recorded.get("source") else "a source it has no record of (an older glm-mlx)"
     return ConvertError(f"{out}: holds {what} of {why}; choose another --out, or delete {out} to start over")
 
 
@@ -286,7 +288,9 @@ def convert(source_dir: str | Path, out: str | Path, recipe: str = DEFAULT_RECIP
                 log(f"{out}: already converted")
                 log(summary(out))
                 return out
-            recorded = {"recipe": (m.get("recipe") or {}).get("name") if isinstance(m.get("recipe"), dict) else None}
+            recipe_of, source_of = m.get("recipe"), m.get("source")
+            recorded = {"recipe": recipe_of.get("name") if isinstance(recipe_of, dict) else None,
+                        "source": source_of.get("files") if isinstance(source_of, dict) else None}
             raise _other(out, "a finished conversion", recorded, recipe)
         state = _progress(state_path) if state_path.exists() else {"fingerprint": fp, "recipe": recipe,
                                                                     "source": identity, "files": {}}

@@ -542,3 +542,16 @@ def test_an_mtp_embedding_equal_to_the_trunks_is_stored_once(source, tmp_path, m
         toks = mx.array(np.arange(2, 14).reshape(1, 12) % model.args.vocab_size)
         outs.append(np.array(model.mtp[0](model.model(toks)[:, :-1], toks[:, 1:], model.model.embed_tokens)))
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_a_folder_that_recorded_no_source_says_so(source, tmp_path):
+    """A folder an earlier glm-mlx wrote (no source identity in its manifest) is not called another source."""
+    from convert.convert import ConvertError, convert
+
+    out = convert(source, tmp_path / "out", "none")
+    manifest = json.loads((out / MANIFEST).read_text())
+    del manifest["source"]["files"]
+    manifest["fingerprint"] = "an earlier formula"
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ConvertError, match="a source it has no record of \\(an older glm-mlx\\); choose another"):
+        convert(source, out, "none")
