@@ -36,7 +36,7 @@ import numpy as np
 
 from glm_mlx.loading import write_verified_stamp
 from quantize.quantizer import dequantize, quantize
-from quantize.recipes import DEFAULT_RECIPE, RECIPES, SOURCE, precision
+from quantize.recipes import DEFAULT_RECIPE, RECIPES, SOURCE, group_of, precision
 
 from .checkpoint import SMALL_FILES, Checkpoint, CheckpointError, Quantized, read_json
 from .lock import LOCK, writing
@@ -73,7 +73,9 @@ def _target(ckpt: Checkpoint, recipe: str, name: str, module: str) -> tuple:
         return ("q", p.bits, p.group_size) if p.bits and p.bits < src[0] else ("q", *src)
     if p.bits:
         return ("q", p.bits, p.group_size)
-    if p.dtype == "exact":
+    if p.dtype == "source" and group_of(module) == "router":
+        # as the source holds it, exactly: a dequantized router (fp8 times a scale) stays float32,
+        # where bf16 would round it (a flipped expert choice costs more than any rounding)
         return ("f", ckpt.exact_dtype(name))
     return ("f", ckpt.dtype(name) if p.dtype == "source" else FLOAT_CODES[p.dtype])
 

@@ -26,16 +26,14 @@ from dataclasses import dataclass
 class Precision:
     bits: int | None = None  # None: not quantized
     group_size: int = 64
-    # float dtype when not quantized: "source" (the source's, bf16 for a dequantized one), "exact" (the
-    # source's where it stores the values as floats, else float32), "bfloat16", "float32"
-    dtype: str = "source"
+    dtype: str = "source"  # float dtype when not quantized: "source", "bfloat16", "float32"
 
     def to_json(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size} if self.bits else {"dtype": self.dtype}
 
 
 SOURCE = Precision()
-EXACT = Precision(dtype="exact")
+F32 = Precision(dtype="float32")
 Q4 = Precision(bits=4)
 Q8 = Precision(bits=8)
 
@@ -48,7 +46,7 @@ RECIPES: dict[str, dict[str, Precision]] = {
     "uniform4": {g: Q4 for g in ("experts", "shared_experts", "dense_mlp", "attention", "embed",
                                  "lm_head", "mtp_proj")},
     "mixed": {"experts": Q4, "shared_experts": Q8, "dense_mlp": Q8, "attention": Q8, "embed": Q8,
-              "lm_head": Q8, "mtp_proj": Q8, "router": EXACT},
+              "lm_head": Q8, "mtp_proj": Q8, "router": SOURCE},
 }
 DEFAULT_RECIPE = "mixed"
 

@@ -486,6 +486,13 @@ def test_router_is_stored_as_the_source_holds_it_and_computes_in_float32(checkpo
         loaded = getattr(model.model.layers[1].mlp.gate, attr)
         assert loaded.dtype == mx.float32
         np.testing.assert_array_equal(np.array(loaded), source.read_float32(name))
+    # where a source's router were dequantized (fp8 times its scale), float32 holds it exactly, bf16 would not
+    from convert.checkpoint import Checkpoint
+
+    fp8 = Checkpoint(checkpoint("air-tiny", fmt="fp8"))
+    up = "model.layers.1.mlp.experts.0.up_proj.weight"
+    assert (fp8.dtype(up), fp8.exact_dtype(up)) == ("BF16", "F32")
+    assert fp8.exact_dtype("model.layers.1.mlp.gate.weight") == "BF16"  # kept bf16 by the FP8 release
 
 
 def test_an_fp8_scale_of_the_wrong_shape_is_refused_before_writing(checkpoint, tmp_path):
