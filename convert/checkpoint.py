@@ -14,7 +14,11 @@ tensor the model needs is present.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +27,37 @@ import numpy as np
 
 from glm_mlx.config import ModelArgs
 
-from .safetensors_io import FormatError, SafetensorsFile, to_float32
+from .safetensors_io import DuplicateKey, FormatError, SafetensorsFile, to_float32, unique_keys
+from .synthetic import layout
 
 EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
+# The small files a conversion copies into the model folder as they are.
+SMALL_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt",
+               "tokenizer.model")
+
+
 class CheckpointError(ValueError):
     """A source that cannot be converted; the message says why in one line."""
+
+
+MAX_JSON = 256 << 20  # tokenizer.json is 7 MB; a config or index of more is not one
+
+
+def read_json(path: Path):
+    """A JSON file's value; one line naming the file when it is not JSON (or names a key twice)."""
+    if path.stat().st_size > MAX_JSON:
+        raise CheckpointError(f"{path}: {path.stat().st_size} bytes, too large to be a model's JSON file")
+    try:
+        return json.loads(path.read_bytes(), object_pairs_hook=unique_keys)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except DuplicateKey as e:
+        raise CheckpointError(f"{path}: names {e} twice") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: nested too deeply to be a model file") from None
 
 
 @dataclass(frozen=True)
@@ -43,23 +71,51 @@ class Quantized:
     group_size: int
 
 
+# Config fields the converter sizes things by: each a JSON integer, at least this.
+COUNTS = {"vocab_size": 1, "hidden_size": 1, "intermediate_size": 1, "moe_intermediate_size": 1,
+          "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1, "n_routed_experts": 1,
+          "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1, "head_dim": 1, "n_shared_experts": 0,
+          "first_k_dense_replace": 0, "num_nextn_predict_layers": 0}
+LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+AUX = (".scales", ".biases", ".weight_scale", ".weight_scale_inv", ".input_scale")  # parts of a quantized weight
+
+
+def _blocks(shape: tuple, scales: tuple, block: list | None) -> bool:
+    """Whether `scales` is one per (bo, bi) block of a 2-D `shape` (block None: as the scales divide it)."""
+    if len(shape) != 2 or len(scales) != 2 or 0 in scales:
+        return False
+    bo, bi = block or (-(-shape[0] // scales[0]), -(-shape[1] // scales[1]))
+    return (-(-shape[0] // bo), -(-shape[1] // bi)) == tuple(scales)
+
+
 class Checkpoint:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder).resolve()
         cfg_path = self.folder / "config.json"
+        if (self.folder / "glm_mlx.json").is_file():
+            raise CheckpointError(f"{self.folder}: is already a glm-mlx model folder (convert's output); "
+                                  "give it to chat, generate or finetune as it is")
         if not cfg_path.is_file():
             raise CheckpointError(f"{cfg_path}: missing (not a model folder)")
-        try:
-            self.config = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+        self.config = read_json(self.file("config.json"))
+        if not isinstance(self.config, dict):
+            raise CheckpointError(f"{cfg_path}: not a JSON object")
+        for k, least in COUNTS.items():
+            v = self.config.get(k)
+            if v is not None and (type(v) is not int or v < least):
+                raise CheckpointError(f"{cfg_path}: {k} is {json.dumps(v)}, not an integer >= {least}")
         try:
             self.args = ModelArgs.from_dict(self.config)
         except ValueError as e:
             raise CheckpointError(f"{cfg_path}: {e}") from None
+        except (TypeError, AttributeError, ArithmeticError) as e:  # a field of the wrong JSON type
+            raise CheckpointError(f"{cfg_path}: not a GLM-4.5 config ({type(e).__name__}: {e})") from None
         self.files, where = self._open_shards()
         self._where = where  # tensor name -> SafetensorsFile
+        self.block = None  # fp8 block scales, (rows, columns) a scale, when the config gives them
         qc = self.config.get("quantization_config") or {}
+        if not isinstance(qc, dict) or not isinstance(self.config.get("quantization") or {}, dict):
+            raise CheckpointError(f"{cfg_path}: quantization_config / quantization is not a JSON object")
         if any(".switch_mlp." in n for n in where) or "quantization" in self.config:
             self.kind = "mlx"
             self.mlx_quant = self.config.get("quantization") or {}
@@ -68,22 +124,43 @@ class Checkpoint:
         ):
             self.kind = "fp8"
             self.block = qc.get("weight_block_size")
+            if self.block is not None and not (isinstance(self.block, list) and len(self.block) == 2
+                                               and all(type(b) is int and b > 0 for b in self.block)):
+                raise CheckpointError(f"{cfg_path}: weight_block_size is {json.dumps(self.block)}, "
+                                      "not two positive integers")
         elif qc:
             raise CheckpointError(f"{cfg_path}: quantization method {qc.get('quant_method')!r} is not supported")
         else:
             self.kind = "hf"
+        self._bound_config()
         self.names = self._logical_names()
         self._check_complete()
 
     # -- opening and checking -------------------------------------------------
 
+    def file(self, rel: str, named_by: Path | None = None) -> Path:
+        """The source's file `rel`, refused if it (or a link it is) leads outside the folder: a link
+        planted in a download must not copy or read, say, ~/.ssh/id_rsa into the model folder. The
+        Hugging Face cache's own links, snapshots/<commit>/x -> ../../blobs/<hash>, stay allowed."""
+        path = self.folder / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise CheckpointError(f"{named_by or self.folder}: names a file outside the folder: {rel}")
+        real = path.resolve()
+        blobs = self.folder.parent.parent / "blobs"
+        hub = self.folder.parent.name == "snapshots" and self.folder.parent.parent.name.startswith("models--")
+        if real.is_relative_to(self.folder) or (hub and real.is_relative_to(blobs.resolve())):
+            return path
+        raise CheckpointError(f"{path}: is a link to {real}, outside the source folder; refusing to read it")
+
     def _open_shards(self):
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-                raise CheckpointError(f"{index}: not a valid safetensors index") from None
+            weight_map = read_json(self.file(index.name))
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: not a valid safetensors index "
+                                      "(wants {\"weight_map\": {tensor: file name}})")
             shard_names = sorted(set(weight_map.values()))
         else:
             shard_names = sorted(p.name for p in self.folder.glob("*.safetensors"))
@@ -92,10 +169,7 @@ class Checkpoint:
             weight_map = None
         files = {}
         for name in shard_names:
-            # Judge the name, not where it leads: the hub cache's files are symlinks into blobs/.
-            if Path(name).is_absolute() or ".." in Path(name).parts:
-                raise CheckpointError(f"{index}: names a file outside the folder: {name}")
-            path = self.folder / name
+            path = self.file(name, index)
             if not path.is_file():
                 raise CheckpointError(f"{path}: missing shard (named by the index)")
             try:
@@ -105,6 +179,11 @@ class Checkpoint:
         where = {}
         for name, f in files.items():
             for t in f.tensors:
+                if t in where:  # which copy is meant? the index may say, but two copies are a broken download
+                    raise CheckpointError(f"{f.path}: holds {t}, which {where[t].path.name} holds too")
+                if weight_map is not None and weight_map.get(t) != name:
+                    raise CheckpointError(f"{f.path}: holds {t}, which the index "
+                                          + (f"places in {weight_map[t]}" if t in weight_map else "does not list"))
                 where[t] = f
         if weight_map is not None:
             for t, shard in weight_map.items():
@@ -112,40 +191,118 @@ class Checkpoint:
                     raise CheckpointError(f"{files[shard].path}: lacks {t}, which the index places there")
         return files, where
 
+    def _bound_config(self) -> None:
+        """What the config claims, bounded by the tensors really there, before anything is sized by it
+        (a claim of 10^9 layers must not build 10^9 of anything)."""
+        a, cfg = self.args, self.folder / "config.json"
+        layers = {int(m[1]) for n in self._where if (m := LAYER.match(n))}
+        self._layers = len(layers)
+        if a.num_hidden_layers > len(layers):
+            raise CheckpointError(f"{cfg}: num_hidden_layers is {a.num_hidden_layers}, but the checkpoint "
+                                  f"holds {len(layers)} layers")
+        if self.kind == "mlx":
+            stacked = {n: f.tensors[n].shape[0] for n, f in self._where.items()
+                       if ".switch_mlp." in n and n.endswith(".weight")}
+            counts = set(stacked.values())
+        else:
+            counts = {int(m[2]) + 1 for n in self._where if (m := EXPERT.match(n))}
+        have = max(counts, default=0)
+        if any(a.is_moe_layer(i) for i in range(a.num_hidden_layers)) and a.n_routed_experts > have:
+            raise CheckpointError(f"{cfg}: n_routed_experts is {a.n_routed_experts}, but the checkpoint "
+                                  f"holds {have} experts a layer")
+
     def _logical_names(self) -> set[str]:
         names = set()
         E = self.args.n_routed_experts
         for n in self._where:
             m = re.match(r"^(model\.layers\.\d+\.mlp)\.switch_mlp\.(\w+)\.weight$", n)
             if m:
+                if self._where[n].tensors[n].shape[0] != E:
+                    raise CheckpointError(f"{self._where[n].path}: {n} stacks {self._where[n].tensors[n].shape[0]} "
+                                          f"experts, config.json says n_routed_experts {E}")
                 names.update(f"{m[1]}.experts.{e}.{m[2]}.weight" for e in range(E))
-            elif not n.endswith((".scales", ".biases", ".weight_scale", ".weight_scale_inv", ".input_scale")):
+            elif not n.endswith(AUX):
                 names.add(n)
         return names
 
     def _check_complete(self) -> None:
+        """Every tensor the model needs is there with the shape the config implies, and nothing it
+        does not know is: checked whole before anything is written."""
         a = self.args
-        need = ["model.embed_tokens.weight", "model.norm.weight"]
-        if not a.tie_word_embeddings:
-            need.append("lm_head.weight")
-        for i in range(a.num_hidden_layers):
-            p = f"model.layers.{i}"
-            need += [f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight",
-                     f"{p}.self_attn.q_proj.weight", f"{p}.self_attn.o_proj.weight"]
-            if a.is_moe_layer(i):
-                need += [f"{p}.mlp.gate.weight", f"{p}.mlp.experts.{a.n_routed_experts - 1}.down_proj.weight"]
-            else:
-                need.append(f"{p}.mlp.down_proj.weight")
-        for n in need:
-            if n not in self.names:
-                raise CheckpointError(f"{self.folder}: tensor {n} is missing from the checkpoint")
+        n = a.num_hidden_layers + self.mtp_layers
+        c = {**dataclasses.asdict(a), "num_nextn_predict_layers": self.mtp_layers}
+        known = set()
+        for name, shape in layout(c):
+            known.add(name)
+            if name not in self.names:
+                if name.endswith(".embed_tokens.weight") and name != "model.embed_tokens.weight":
+                    continue  # the MTP layer's own copy of the embedding: GLM-4.6 dropped it
+                raise CheckpointError(f"{self.folder}: tensor {name} is missing from the checkpoint")
+            if tuple(self.shape(name)) != tuple(shape):
+                raise CheckpointError(f"{self.where(name)}: {name} has shape {list(self.shape(name))}, "
+                                      f"config.json implies {list(shape)}")
+        self._check_parts()
+        for name in sorted(self.names - known):
+            m = LAYER.match(name)
+            if not (m and int(m[1]) >= n):  # layers past the config's (an MTP layer it does not count) are left out
+                raise CheckpointError(f"{self.where(name)}: holds {name}, which a GLM-4.5 model of this "
+                                      "config.json does not have")
+
+    def _check_parts(self) -> None:
+        """A quantized weight's scales (and biases) have the shape its weight implies, so reading it
+        cannot fail halfway through the conversion."""
+        for n, f in self._where.items():
+            t, base = f.tensors[n], n[: -len(".weight")]
+            if self.kind == "mlx" and n.endswith(".weight") and base + ".scales" in self._where:
+                bits, gs = self._mlx_bits(base)
+                want = (*t.shape[:-1], t.shape[-1] * 32 // bits // gs)
+                for part in (f"{base}.scales", f"{base}.biases"):
+                    if t.dtype != "U32" or self._where[part].tensors[part].shape != want:
+                        raise CheckpointError(f"{self._where[part].path}: {part} has shape "
+                                              f"{list(self._where[part].tensors[part].shape)}, its {t.dtype} "
+                                              f"weight at {bits} bits, group {gs} implies {list(want)}")
+            elif t.dtype == "F8_E4M3":
+                scale = next((base + x for x in (".weight_scale_inv", ".weight_scale") if base + x in self._where),
+                             None)
+                if scale is None:
+                    raise CheckpointError(f"{f.path}: fp8 tensor {n} has no scale")
+                have = self._where[scale].tensors[scale].shape
+                rows = have in ((t.shape[0], 1), (t.shape[0],))
+                if not (math.prod(have) == 1 or rows or _blocks(t.shape, have, self.block)):
+                    raise CheckpointError(f"{self._where[scale].path}: {scale} has shape {list(have)}, which "
+                                          f"scales {n} {list(t.shape)} neither per tensor, per row nor by blocks")
+
+    def where(self, name: str) -> Path:
+        """The shard holding a logical tensor."""
+        stored, _ = self._stored(name)
+        return self._where[stored].path if stored in self._where else self.folder
+
+    def identity(self) -> dict:
+        """What tells this source from another of the same config, cheaply (a checkpoint is hundreds of
+        GB): each shard's size and a sha256 of its header and of the first and last MiB of its data (a
+        fine-tune of the same model differs there), and the index's and small files' sha256."""
+        files = {}
+        for name, f in sorted(self.files.items()):
+            h = hashlib.sha256()
+            size = f.path.stat().st_size
+            start = min((t.start for t in f.tensors.values()), default=size)
+            with open(f.path, "rb") as fh:
+                for offset, length in ((0, start), (start, 1 << 20), (max(start, size - (1 << 20)), 1 << 20)):
+                    h.update(os.pread(fh.fileno(), length, offset))
+            files[name] = {"size": size, "sample_sha256": h.hexdigest()}
+        for rel in ("config.json", "model.safetensors.index.json", *SMALL_FILES):
+            if (self.folder / rel).is_file():
+                path = self.file(rel)
+                files[rel] = {"size": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        return files
 
     @property
     def mtp_layers(self) -> int:
         """How many MTP layers the checkpoint really holds (mlx-lm drops them)."""
         n = self.args.num_hidden_layers
+        extra = self._layers - n  # the config's count bounded by the layers there
         return sum(f"model.layers.{n + j}.eh_proj.weight" in self.names
-                   for j in range(self.args.num_nextn_predict_layers))
+                   for j in range(min(self.args.num_nextn_predict_layers, extra)))
 
     # -- reading ----------------------------------------------------------------
 
@@ -156,6 +313,26 @@ class Checkpoint:
         if t.dtype in ("F8_E4M3", "U32"):
             return "BF16"
         return t.dtype
+
+    def same_bytes(self, a: str, b: str, chunk: int = 16 << 20) -> bool:
+        """Whether two stored tensors hold the same dtype, shape and bytes (read a chunk at a time)."""
+        (fa, ta), (fb, tb) = [(self._where[n], self._where[n].tensors[n]) for n in (a, b)]
+        if (ta.dtype, ta.shape) != (tb.dtype, tb.shape) or ta.dtype not in ("BF16", "F16", "F32"):
+            return False  # fp8 or packed values are the same only with their scales: not compared
+
+        with open(fa.path, "rb") as x, open(fb.path, "rb") as y:
+            for at in range(0, ta.nbytes, chunk):
+                n = min(chunk, ta.nbytes - at)
+                if os.pread(x.fileno(), n, ta.start + at) != os.pread(y.fileno(), n, tb.start + at):
+                    return False
+        return True
+
+    def exact_dtype(self, name: str) -> str:
+        """The narrowest dtype code that holds the tensor as `read` gives it without rounding: its stored
+        float dtype, float32 where it is dequantized (fp8 times a scale, packed bits)."""
+        name, _ = self._stored(name)
+        t = self._where[name].tensors[name]
+        return t.dtype if t.dtype in ("BF16", "F16", "F32") else "F32"
 
     def read(self, name: str) -> np.ndarray | Quantized:
         """A tensor as float32, or as `Quantized` where an mlx source stores it so."""
@@ -191,7 +368,12 @@ class Checkpoint:
         q = {**top, **{k: v for k, v in own.items() if v is not None}} if isinstance(own, dict) else top
         if q.get("mode", "affine") != "affine" or f"{module}.biases" not in self._where:
             raise CheckpointError(f"{self.folder}: {module} uses a quantization mode other than affine")
-        return int(q.get("bits", 4)), int(q.get("group_size", 64))
+        bits, group_size = q.get("bits", 4), q.get("group_size", 64)
+        if not (type(bits) is int and bits in (2, 3, 4, 5, 6, 8) and type(group_size) is int
+                and group_size in (32, 64, 128)):
+            raise CheckpointError(f"{self.folder / 'config.json'}: quantization of {module} is bits {bits!r}, "
+                                  f"group_size {group_size!r} (MLX's affine: bits 2-6 or 8, group 32, 64 or 128)")
+        return bits, group_size
 
     def _stored(self, name: str) -> tuple[str, bool]:
         """(stored tensor or module name, whether it is a stacked-expert row)."""

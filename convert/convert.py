@@ -8,11 +8,13 @@ The folder (format version 1):
     weights/experts.NNN.safetensors                  one layer's routed experts
     glm_mlx.json                                     the manifest, written last
 
-Layers N .. N+mtp-1 are the MTP layers. Tensor names are the Hugging Face
-checkpoint's; a quantized weight W is stored as W (uint32), W's `scales` and
-`biases` (bf16), MLX's affine layout. In an experts file the tensors are
-ordered expert by expert, so expert e of a layer is the one byte range
-[data_start + e*stride, data_start + (e+1)*stride): one read fetches it.
+Layers N .. N+mtp-1 are the MTP layers (an MTP layer's copy of the embedding
+that is byte for byte the trunk's is left out: the layer reads the trunk's).
+Tensor names are the Hugging Face checkpoint's; a quantized weight W is
+stored as W (uint32), W's `scales` and `biases` (bf16), MLX's affine layout.
+In an experts file the tensors are ordered expert by expert, so expert e of
+a layer is the one byte range [data_start + e*stride, data_start + (e+1)*stride):
+one read fetches it.
 
 Memory: one layer's non-expert weights, or one expert, at a time. Every file
 is written under a temporary name and renamed when complete; a progress file
@@ -34,9 +36,10 @@ import numpy as np
 
 from glm_mlx.loading import write_verified_stamp
 from quantize.quantizer import dequantize, quantize
-from quantize.recipes import DEFAULT_RECIPE, RECIPES, SOURCE, precision
+from quantize.recipes import DEFAULT_RECIPE, RECIPES, SOURCE, group_of, precision
 
-from .checkpoint import Checkpoint, CheckpointError, Quantized
+from .checkpoint import SMALL_FILES, Checkpoint, CheckpointError, Quantized, read_json
+from .lock import LOCK, writing
 from .safetensors_io import (
     SafetensorsFile,
     SafetensorsWriter,
@@ -48,9 +51,7 @@ from .safetensors_io import (
 FORMAT_VERSION = 1
 MANIFEST = "glm_mlx.json"
 PROGRESS = ".glm_mlx_progress.json"
-COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-          "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "added_tokens.json",
-          "vocab.json", "merges.txt", "tokenizer.model")
+COPIED = ("config.json", *SMALL_FILES)
 PROJS = ("gate_proj", "up_proj", "down_proj")
 FLOAT_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
@@ -72,6 +73,10 @@ def _target(ckpt: Checkpoint, recipe: str, name: str, module: str) -> tuple:
         return ("q", p.bits, p.group_size) if p.bits and p.bits < src[0] else ("q", *src)
     if p.bits:
         return ("q", p.bits, p.group_size)
+    if p.dtype == "source" and group_of(module) == "router":
+        # as the source holds it, exactly: a dequantized router (fp8 times a scale) stays float32,
+        # where bf16 would round it (a flipped expert choice costs more than any rounding)
+        return ("f", ckpt.exact_dtype(name))
     return ("f", ckpt.dtype(name) if p.dtype == "source" else FLOAT_CODES[p.dtype])
 
 
@@ -181,6 +186,12 @@ def plan(ckpt: Checkpoint, recipe: str):
                 layer_names[i].append(n)
         else:
             main.append(n)
+    for i in range(a.num_hidden_layers, n_layers):
+        copy = f"model.layers.{i}.embed_tokens.weight"
+        if copy in layer_names[i] and ckpt.same_bytes(copy, "model.embed_tokens.weight"):
+            # the MTP layer's embedding, byte for byte the trunk's: stored once (the MTP layer
+            # then reads the trunk's, as it does where a checkpoint has no copy)
+            layer_names[i].remove(copy)
     files = [("weights/main.safetensors", _dense_file(ckpt, recipe, main))]
     for i in range(n_layers):
         files.append((f"weights/layer.{i:03d}.safetensors", _dense_file(ckpt, recipe, layer_names[i])))
@@ -196,9 +207,11 @@ def plan(ckpt: Checkpoint, recipe: str):
 
 # -- driving it ------------------------------------------------------------------
 
-def fingerprint(ckpt: Checkpoint, recipe: str) -> str:
+def fingerprint(ckpt: Checkpoint, recipe: str, identity: dict) -> str:
+    """What a finished or unfinished folder is a conversion of: the recipe, the source's identity
+    (Checkpoint.identity: its files' sizes and sampled hashes) and its tensors."""
     h = hashlib.sha256(f"glm-mlx/{FORMAT_VERSION}/{recipe}\n".encode())
-    h.update((ckpt.folder / "config.json").read_bytes())
+    h.update(json.dumps(identity, sort_keys=True).encode())
     for name in sorted(ckpt.files):
         f = ckpt.files[name]
         for t, info in sorted(f.tensors.items()):
@@ -219,30 +232,92 @@ def copy_file_atomic(src: Path, dst: Path) -> tuple[int, str]:
     return dst.stat().st_size, sha256_file(dst)
 
 
+def _progress(path: Path) -> dict:
+    """An unfinished conversion's progress file, its types checked."""
+    state = _read(path)
+    files = state.get("files") if isinstance(state, dict) else None
+    if not (isinstance(files, dict) and isinstance(state.get("fingerprint"), str) and all(
+            isinstance(r, dict) and type(r.get("size")) is int and isinstance(r.get("sha256"), str)
+            for r in files.values())):
+        raise ConvertError(f"{path}: not a progress file glm-mlx wrote; delete {path.parent} to start over")
+    return state
+
+
+def _read(path: Path):
+    try:
+        return read_json(path)
+    except CheckpointError as e:
+        raise ConvertError(f"{e}; delete {path.parent} to start over") from None
+
+
+def _other(out: Path, what: str, recorded: dict, recipe: str) -> ConvertError:
+    """The refusal for a folder holding a conversion of another source or recipe."""
+    if recorded.get("recipe") not in (None, recipe):
+        why = f"recipe {recorded['recipe']!r}, not {recipe!r}"
+    else:  # a folder an earlier glm-mlx wrote has no record of its source to compare
+        why = "another source" if recorded.get("source") else "a source it has no record of (an older glm-mlx)"
+    return ConvertError(f"{out}: holds {what} of {why}; choose another --out, or delete {out} to start over")
+
+
 def convert(source_dir: str | Path, out: str | Path, recipe: str = DEFAULT_RECIPE, *,
             source_info: dict | None = None, log: Callable[[str], None] = lambda s: None) -> Path:
     """Convert a local checkpoint folder into a glm-mlx model folder at `out`."""
     if recipe not in RECIPES:
         raise ConvertError(f"unknown recipe {recipe!r} (choose from {', '.join(RECIPES)})")
     try:
-        ckpt = Checkpoint(source_dir)
+        ckpt = Checkpoint(source_dir)  # every check of the source, before anything is written
+        identity = ckpt.identity()
     except CheckpointError as e:
         raise ConvertError(str(e)) from None
     out = Path(out)
-    fp = fingerprint(ckpt, recipe)
+    fp = fingerprint(ckpt, recipe, identity)
     state_path, manifest_path = out / PROGRESS, out / MANIFEST
-    if manifest_path.exists():
-        m = json.loads(manifest_path.read_text())
-        if m.get("fingerprint") == fp:
-            log(f"{out}: already converted")
-            return out
-        raise ConvertError(f"{out}: holds another conversion (other source or recipe); choose another --out")
-    if out.exists() and any(out.iterdir()) and not state_path.exists():
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"{out}: is a file; --out names the model folder to write")
+    ours = manifest_path.exists() or state_path.exists()
+    if out.exists() and not ours and any(p.name != LOCK for p in out.iterdir()):
         raise ConvertError(f"{out}: exists and is not an unfinished conversion; choose another --out")
-    (out / "weights").mkdir(parents=True, exist_ok=True)
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    if state.get("fingerprint") != fp:
-        state = {"fingerprint": fp, "files": {}}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConvertError(f"{out}: cannot create the folder ({e.strerror})") from None
+    with writing(out):  # what is in the folder now, no one else changes until we are done
+        if manifest_path.exists():
+            m = _read(manifest_path)
+            if not isinstance(m, dict):
+                raise ConvertError(f"{manifest_path}: not a JSON object; delete {out} to start over")
+            if m.get("fingerprint") == fp:
+                log(f"{out}: already converted")
+                log(summary(out))
+                return out
+            recipe_of, source_of = m.get("recipe"), m.get("source")
+            recorded = {"recipe": recipe_of.get("name") if isinstance(recipe_of, dict) else None,
+                        "source": source_of.get("files") if isinstance(source_of, dict) else None}
+            raise _other(out, "a finished conversion", recorded, recipe)
+        state = _progress(state_path) if state_path.exists() else {"fingerprint": fp, "recipe": recipe,
+                                                                    "source": identity, "files": {}}
+        if state["fingerprint"] != fp:
+            raise _other(out, "an unfinished conversion", state, recipe)
+        _write(ckpt, out, recipe, fp, identity, state, source_info, log)
+    log(summary(out))
+    return out
+
+
+def summary(out: Path) -> str:
+    """The folder's size on disk and its bits per weight."""
+    from quantize.quality import weight_bits
+
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    stored, params = weight_bits(out)
+    on_disk = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+    return (f"{out}: {on_disk} on disk, {stored / params:.2f} bits per weight "
+            "(tensor bytes over parameters, the MTP layer left out)")
+
+
+def _write(ckpt: Checkpoint, out: Path, recipe: str, fp: str, identity: dict, state: dict,
+           source_info: dict | None, log: Callable[[str], None]) -> None:
+    state_path, manifest_path = out / PROGRESS, out / MANIFEST
+    (out / "weights").mkdir(exist_ok=True)
     done: dict = state["files"]
     weight_files, quant_map = plan(ckpt, recipe)
 
@@ -250,7 +325,7 @@ def convert(source_dir: str | Path, out: str | Path, recipe: str = DEFAULT_RECIP
         rec, p = done.get(rel), out / rel
         return bool(rec) and p.is_file() and p.stat().st_size == rec["size"] and sha256_file(p) == rec["sha256"]
 
-    jobs = [(rel, (lambda r=rel: copy_file_atomic(ckpt.folder / r, out / r)))
+    jobs = [(rel, (lambda r=rel: copy_file_atomic(ckpt.file(r), out / r)))
             for rel in COPIED if (ckpt.folder / rel).is_file()]
     jobs += [(rel, (lambda r=rel, w=write: w(out / r))) for rel, write in weight_files]
     for k, (rel, job) in enumerate(jobs):
@@ -273,7 +348,7 @@ def convert(source_dir: str | Path, out: str | Path, recipe: str = DEFAULT_RECIP
             experts[str(i)] = experts_entry(out / rel, rel, i, ckpt.args.n_routed_experts, quant)
     manifest = {
         "format": "glm-mlx", "format_version": FORMAT_VERSION, "fingerprint": fp,
-        "source": {"kind": ckpt.kind, **(source_info or {"path": str(ckpt.folder)})},
+        "source": {"kind": ckpt.kind, **(source_info or {"path": str(ckpt.folder)}), "files": identity},
         "recipe": {"name": recipe, "groups": {g: p.to_json() for g, p in RECIPES[recipe].items()}},
         "mtp_layers": ckpt.mtp_layers,
         "quantization": quant_map,
@@ -283,4 +358,3 @@ def convert(source_dir: str | Path, out: str | Path, recipe: str = DEFAULT_RECIP
     write_json_atomic(manifest_path, manifest)
     write_verified_stamp(out, manifest["files"])  # every byte was hashed as it was written
     state_path.unlink()
-    return out

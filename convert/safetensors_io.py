@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -31,6 +32,24 @@ MAX_HEADER = 100 * 1024 * 1024
 
 class FormatError(ValueError):
     """A file that is not a valid safetensors file; the message names it."""
+
+
+class DuplicateKey(ValueError):
+    """A JSON object naming one key twice (json.loads would keep the last silently)."""
+
+
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads' object_pairs_hook: a dict, refusing a key given twice."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateKey(repr(k))
+        out[k] = v
+    return out
+
+
+def _is_count(x) -> bool:
+    return type(x) is int and x >= 0
 
 
 @dataclass(frozen=True)
@@ -63,29 +82,41 @@ class SafetensorsFile:
                 raise FormatError(f"{self.path}: corrupt header (length {n}, file {size} bytes)")
             raw = f.read(n)
         try:
-            header = json.loads(raw)
+            header = json.loads(raw, object_pairs_hook=unique_keys)
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise FormatError(f"{self.path}: corrupt header (not JSON)") from None
+        except DuplicateKey as e:
+            raise FormatError(f"{self.path}: corrupt header: {e} is listed twice") from None
         if not isinstance(header, dict):
             raise FormatError(f"{self.path}: corrupt header (not a JSON object)")
-        self.metadata: dict = header.pop("__metadata__", None) or {}
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict):
+            raise FormatError(f"{self.path}: corrupt header (__metadata__ is not a JSON object)")
+        self.metadata: dict = meta
         base = 8 + n
         self.tensors: dict[str, TensorInfo] = {}
-        data_end = 0
         for name, t in header.items():
             try:
                 dtype, shape, (a, b) = t["dtype"], tuple(t["shape"]), t["data_offsets"]
                 item = np.dtype(DTYPES[dtype]).itemsize
             except (KeyError, TypeError, ValueError):
                 raise FormatError(f"{self.path}: corrupt header entry for {name!r}") from None
-            if not (0 <= a <= b) or b - a != item * int(np.prod(shape, dtype=np.int64)):
-                raise FormatError(f"{self.path}: corrupt header: {name!r} has bad offsets")
+            if not all(_is_count(x) for x in (*shape, a, b)):
+                raise FormatError(f"{self.path}: corrupt header: {name!r} has a shape or offset "
+                                  "that is not a non-negative integer")
+            need = item * math.prod(shape)
+            if a > b or b - a != need:
+                raise FormatError(f"{self.path}: corrupt header: {name!r} is {dtype} {list(shape)}, "
+                                  f"{need} bytes, but its data offsets [{a}, {b}] hold {b - a}")
             self.tensors[name] = TensorInfo(dtype, shape, base + a, base + b)
-            data_end = max(data_end, b)
-        if base + data_end > size:
-            raise FormatError(
-                f"{self.path}: truncated ({size} bytes, header needs {base + data_end})"
-            )
+        # Each tensor its own bytes: two tensors sharing a range would read as one another.
+        spans = sorted((t.start, t.end, name) for name, t in self.tensors.items() if t.end > t.start)
+        for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+            if start < end:
+                raise FormatError(f"{self.path}: corrupt header: the data of {first!r} and {second!r} overlap")
+        data_end = max((end for _, end, _ in spans), default=base)
+        if data_end > size:
+            raise FormatError(f"{self.path}: truncated ({size} bytes, header needs {data_end})")
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors

@@ -44,6 +44,9 @@ def resolve_source(source: str, revision: str | None = None, token: str | None =
     """
     local = Path(source).expanduser()
     if local.is_dir():
+        if revision is not None:
+            raise SourceError(f"{source}: a local folder; --revision names a commit of a Hugging Face repo, "
+                              "drop it or give the repo id")
         local = local.resolve()
         return local, {"path": str(local)}
     if local.exists():

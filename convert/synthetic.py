@@ -375,6 +375,13 @@ def _tensors(c: dict, with_mtp: bool):
             yield f"{p}.shared_head.head.weight", (v, h), 3.0 * h ** -0.5
 
 
+def layout(config: dict, with_mtp: bool = True):
+    """(name, shape) of every tensor the published checkpoint of `config` holds, in file order
+    (`config` with every field ModelArgs has); what a converter checks a source against."""
+    for name, shape, _ in _tensors(config, with_mtp):
+        yield name, shape
+
+
 def count_params(config: dict, with_mtp: bool = False) -> tuple[int, int]:
     """(all parameters, routed-expert parameters) of a config."""
     total = experts = 0

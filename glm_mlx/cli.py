@@ -181,12 +181,15 @@ YES_CONVERT = typer.Option(False, "--yes", "-y", help="convert a repo id not con
 @app.command()
 def convert(
     source: str = typer.Argument(..., help="Hugging Face repo id (e.g. zai-org/GLM-4.5-Air) or a local folder"),
-    out: Path = typer.Option(..., "--out", "-o", help="the glm-mlx model folder to write"),
+    out: Path = typer.Option(..., "--out", "-o", help="the glm-mlx model folder to write: new, empty, or one "
+                             "an interrupted convert of the same source and recipe left"),
     quant: str = typer.Option("mixed", "--quant", "-q", help="recipe: mixed (default), uniform4, none"),
     revision: Optional[str] = typer.Option(None, help="hub revision (branch, tag or commit)"),
     token: Optional[str] = typer.Option(None, help="hub token (default: HF_TOKEN / hf auth login)"),
 ):
-    """Convert a GLM-4.5 checkpoint (bf16, FP8 or mlx-lm) into a glm-mlx model folder."""
+    """Convert a GLM-4.5 checkpoint (bf16, FP8 or mlx-lm) into a glm-mlx model folder.
+
+    Interrupted? Run the same command again: finished files are checked and kept."""
     from convert.convert import convert as run
     from convert.source import resolve_source
     from quantize.recipes import RECIPES

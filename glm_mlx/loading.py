@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from convert.lock import refuse_if_being_written
 from convert.safetensors_io import sha256_file as _sha256
 
 from .config import ModelArgs
@@ -142,6 +143,7 @@ def load_model(path: str | Path, dtype: str | None = None, expert_memory: str | 
     from .offload import offload_experts, parse_size
 
     folder = Path(path)
+    refuse_if_being_written(folder)
     manifest = verify_folder(folder)
     config = json.loads((folder / "config.json").read_text())
     config["num_nextn_predict_layers"] = manifest.get("mtp_layers", 0)

@@ -123,6 +123,24 @@ def weight_bits(folder) -> tuple[int, int]:
     return stored, params
 
 
+def weight_files(folder) -> list[Path]:
+    """The weight files of a glm-mlx or mlx-lm folder, the MTP layer's own files left out (ours keeps
+    that layer in weights/{layer,experts}.NNN with NNN >= num_hidden_layers; mlx-lm drops it)."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        return sorted(folder.glob("model*.safetensors"))
+    n_layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    return [f for f in sorted(folder.glob("weights/*.safetensors"))
+            if not ((m := re.match(r"(layer|experts)\.(\d+)\.safetensors$", f.name)) and int(m[2]) >= n_layers)]
+
+
+def disk_bits_per_weight(folder) -> float:
+    """Bytes of the weight files on disk (headers and, in ours, each file's data aligned to 4 KiB for
+    direct reads) over the logical parameters, the MTP layer left out: what the folder costs."""
+    _, params = weight_bits(folder)
+    return 8 * sum(f.stat().st_size for f in weight_files(folder)) / params
+
+
 def bits_per_weight(folder) -> float:
     """Stored bits of every weight tensor over the logical parameters, MTP excluded."""
     stored, params = weight_bits(folder)
@@ -249,6 +267,7 @@ class Entry:
 class Row:
     name: str
     bits_per_weight: float
+    disk_bits_per_weight: float
     params: int
     kl: float
     kl_vs_anchor: float
@@ -278,8 +297,8 @@ def run_table(entries: list[Entry], tokens: np.ndarray, ref_logits: np.ndarray) 
     for e in entries:
         logits = (glm_logits if e.kind == "glm" else mlx_lm_logits)(e.path, tokens)
         stored, params = weight_bits(e.path)
-        rows.append(Row(e.name, stored / params, params, kl(ref_logits, logits), float("nan"),
-                        top1_agreement(ref_logits, logits)))
+        rows.append(Row(e.name, stored / params, disk_bits_per_weight(e.path), params, kl(ref_logits, logits),
+                        float("nan"), top1_agreement(ref_logits, logits)))
     anchor = next((r.kl for r in rows if r.name == ANCHOR), float("nan"))
     for r in rows:
         r.kl_vs_anchor = r.kl / anchor
@@ -287,9 +306,10 @@ def run_table(entries: list[Entry], tokens: np.ndarray, ref_logits: np.ndarray) 
 
 
 def markdown(rows: list[Row], default: str = "mixed") -> str:
-    lines = ["| recipe | bits/weight | mean KL (nats) | KL vs mlx-lm 4-bit | top-1 agreement |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| recipe | bits/weight | on disk | mean KL (nats) | KL vs mlx-lm 4-bit | top-1 agreement |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         name = f"`{r.name}` (default)" if r.name == default else (f"`{r.name}`" if r.name in OUR_RECIPES else r.name)
-        lines.append(f"| {name} | {r.bits_per_weight:.3f} | {r.kl:.2e} | {r.kl_vs_anchor:.3f} | {r.top1:.1%} |")
+        lines.append(f"| {name} | {r.bits_per_weight:.3f} | {r.disk_bits_per_weight:.3f} | {r.kl:.2e} "
+                     f"| {r.kl_vs_anchor:.3f} | {r.top1:.1%} |")
     return "\n".join(lines)

@@ -8,8 +8,12 @@ so loading rebuilds the same layers.
 
 The default, `mixed`, was chosen by measurement (scripts/quality.py, table in
 the README): routed experts, most of the weights, at 4 bits; everything a
-token always passes through at 8 bits; the router in float32, since a flipped
-expert choice costs more than any rounding.
+token always passes through at 8 bits; the router exactly as the source holds
+it, since a flipped expert choice costs more than any rounding: its stored
+values in their own dtype (bf16 in every published checkpoint; loading
+computes with them in float32, as transformers does), float32 only where
+they were dequantized from fp8 or packed bits and no narrower dtype holds
+them exactly.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ RECIPES: dict[str, dict[str, Precision]] = {
     "uniform4": {g: Q4 for g in ("experts", "shared_experts", "dense_mlp", "attention", "embed",
                                  "lm_head", "mtp_proj")},
     "mixed": {"experts": Q4, "shared_experts": Q8, "dense_mlp": Q8, "attention": Q8, "embed": Q8,
-              "lm_head": Q8, "mtp_proj": Q8, "router": F32},
+              "lm_head": Q8, "mtp_proj": Q8, "router": SOURCE},
 }
 DEFAULT_RECIPE = "mixed"
 

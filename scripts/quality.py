@@ -47,7 +47,9 @@ N_TEXT, N_RANDOM, LENGTH = 6, 2, 64  # the fixture's sequences: text windows, ra
 CAPTION = (
     "bits/weight = (stored bits of every weight tensor: a quantized one's packed weights + scales + "
     "biases, a float one's dtype width) / (logical parameters), the MTP layer left out of both "
-    "(mlx-lm drops it); the same count of parameters on every row. Mean KL = KL(reference || "
+    "(mlx-lm drops it); the same count of parameters on every row. On disk = the weight files' bytes "
+    "(their headers, and in ours each file's data aligned to 4 KiB for direct reads, added) over the "
+    "same parameters, the MTP layer's files left out. Mean KL = KL(reference || "
     "quantized) of next-token distributions in nats, averaged over {positions} positions ({seqs}); "
     "reference = transformers Glm4MoeForCausalLM in float32 on the bf16 checkpoint; every "
     "conversion computed in float32 on the CPU (mlx-lm's with all floating parameters cast to "

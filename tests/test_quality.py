@@ -93,3 +93,16 @@ def test_default_recipe_beats_mlx_lm_4bit_at_mixed_4_6_size(fx):
     bits = quality.bits_per_weight(fx["path"][DEFAULT_RECIPE])
     limit = quality.bits_per_weight(fx["path"]["mlx-lm mixed_4_6"])
     assert bits <= limit, f"default {bits:.3f} bits/weight, mlx-lm mixed_4_6 {limit:.3f}"
+
+
+def test_on_disk_bits_add_only_headers_and_alignment_to_tensor_bits(fx):
+    """The two counts differ by the weight files' headers and padding (file size minus the tensors'
+    bytes, read off each header), the MTP layer's files left out of both."""
+    from convert.safetensors_io import SafetensorsFile
+
+    for name, path in fx["path"].items():
+        stored, params = quality.weight_bits(path)
+        files = quality.weight_files(path)
+        assert not any(f.name.endswith(f".{make_config(PRESET)['num_hidden_layers']:03d}.safetensors") for f in files)
+        overhead = sum(f.stat().st_size - sum(t.nbytes for t in SafetensorsFile(f).tensors.values()) for f in files)
+        assert quality.disk_bits_per_weight(path) == pytest.approx((stored + 8 * overhead) / params, rel=1e-12), name

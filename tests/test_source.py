@@ -228,7 +228,8 @@ def test_downloaded_snapshot_converts_and_loads(hub, tmp_path):
     r = resolve(hub, tmp_path, REPO)
     out = convert(r["path"], tmp_path / "out", "none", source_info=r["info"])
     manifest = json.loads((out / MANIFEST).read_text())
-    assert manifest["source"] == {"kind": "hf", "repo": REPO, "revision": SHA}
+    assert {k: manifest["source"][k] for k in ("kind", "repo", "revision")} == {"kind": "hf", "repo": REPO,
+                                                                               "revision": SHA}
     model, _ = glm_mlx.load(out)
     assert model.args.num_hidden_layers == make_config("air-tiny")["num_hidden_layers"]
 
@@ -328,6 +329,9 @@ def test_local_folder_and_bad_sources(tmp_path, monkeypatch):
     (tmp_path / "model" / "config.json").write_text("{}")
     with pytest.raises(SourceError, match="is a file"):
         resolve_source("model/config.json")
+    # a revision names a commit of a hub repo: given with a local folder it would be silently ignored
+    with pytest.raises(SourceError, match="model: a local folder; --revision names a commit of a Hugging Face repo"):
+        resolve_source("model", revision="main")
 
 
 def test_repo_id_shapes():
