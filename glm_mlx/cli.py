@@ -371,7 +371,7 @@ def chat(
     from rich.console import Console
 
     import glm_mlx
-    from glm_mlx.chat import ChatSession, Repl
+    from glm_mlx.chat import ChatSession, Repl, glm_home, terminal_input
     from glm_mlx.memory import wired
     from glm_mlx.tools import load_tools
 
@@ -388,8 +388,14 @@ def chat(
         fail(str(e))
     if seed is not None:
         mx.random.seed(seed)
-    with wired(m, session.context_limit, kv_bits):
-        Repl(session, Console(highlight=False), tool_map, show_thinking=show_thinking, approve_all=yes).run()
+    try:
+        with wired(m, session.context_limit, kv_bits), terminal_input(glm_home() / "chat_history") as remember:
+            Repl(session, Console(highlight=False), tool_map, show_thinking=show_thinking, approve_all=yes,
+                 remember=remember).run()
+    except USER_ERRORS as e:  # the conversation is already in a recovery file, named on screen
+        fail(str(e))
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
 
 
 @app.command()

@@ -79,7 +79,17 @@ def run_tool(tools: dict[str, Tool], name: str, arguments: dict, timeout: float 
     if tool is None:
         return f"error: unknown tool {name!r} (the tools are: {', '.join(tools) or 'none'})"
     if isinstance(tool.run, _Command):
-        return tool.run(arguments, timeout)
+        return _text(tool.run(arguments, timeout))
+    return _text(_in_thread(tool, arguments, timeout))
+
+
+def _text(result: str) -> str:
+    """A result as text the tokenizer and a saved conversation can hold: lone surrogates (a function
+    that decoded bytes with surrogateescape) replaced."""
+    return result.encode("utf-8", "replace").decode("utf-8")
+
+
+def _in_thread(tool: Tool, arguments: dict, timeout: float) -> str:
     box: list[str] = []
 
     def work():
@@ -88,7 +98,7 @@ def run_tool(tools: dict[str, Tool], name: str, arguments: dict, timeout: float 
         except BaseException as e:  # noqa: BLE001 - whatever the tool does, the chat goes on
             box.append(f"error: {_exception_text(e)}")
 
-    worker = threading.Thread(target=work, name=f"tool {name}", daemon=True)
+    worker = threading.Thread(target=work, name=f"tool {tool.name}", daemon=True)
     worker.start()
     worker.join(timeout)
     if worker.is_alive():
