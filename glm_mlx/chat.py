@@ -81,7 +81,7 @@ class ChatSession:
         self.context_limit = self.context_limit or self.model.args.max_position_embeddings
         self.cache = self.model.make_cache(self.kv_bits, mtp=self.mtp)
         self.cached: list[int] = []  # the tokens whose keys and values the cache holds
-        self.last = TurnStats()
+        self.last = TurnStats(limit=self.context_limit)
 
     # -- the conversation ------------------------------------------------------
 
@@ -565,6 +565,8 @@ class Repl:
                          + (f" (ignored: {', '.join(ignored)})" if ignored else ""))
             except ValueError as e:
                 self.say(f"error: {e} (the conversation is unchanged)", "red")
+        elif cmd == "/stats" and not s.last.prompt_tokens:
+            self.say("no reply yet")
         elif cmd == "/stats":
             self.say(s.last.line())
             from .offload import offloaded_banks, offloaded_stats

@@ -366,7 +366,8 @@ def chat(
     kv_bits: Optional[int] = KV_BITS,
     mtp: bool = MTP,
 ):
-    """Chat in the terminal: streamed replies, reasoning on and off, GLM's tool calls."""
+    """Chat in the terminal: streamed replies, reasoning on and off, GLM's tool calls. Inside, /help lists
+    the commands; up and down recall earlier messages (kept in $GLM_MLX_HOME/chat_history)."""
     import mlx.core as mx
     from rich.console import Console
 

@@ -335,6 +335,8 @@ def test_rates_over_no_tokens_or_no_time_are_a_dash(tiny, monkeypatch):
     monkeypatch.setattr(gen, "generate_tokens", interrupted)
     s = ChatSession(model, tok, think=False)
     r = _repl(s, [])
+    r.command("/stats")
+    assert r.console.lines[-1] == "no reply yet"  # not a line of zeros over a context of 0
     s.add_user("Hello")
     r.turn()
     r.command("/stats")

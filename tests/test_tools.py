@@ -433,3 +433,15 @@ def test_bad_json_tool_entries(tmp_path, entries, message):
 
 def test_tool_error_is_a_value_error():
     assert issubclass(ToolError, ValueError)  # the CLI reports ValueErrors in one line
+
+
+def test_a_result_that_is_not_unicode_comes_back_as_text_a_conversation_can_hold(tmp_path):
+    """A function returning bytes decoded with surrogateescape: its lone surrogates would fail the next
+    prompt's tokenization and /save; they come back replaced."""
+    f = write(tmp_path, "t.py", '''
+        def raw() -> str:
+            """Bytes from a file, decoded as a shell would."""
+            return b"caf\\xe9".decode("utf-8", "surrogateescape")
+    ''')
+    result = run_tool(load_tools(f), "raw", {})
+    assert result.startswith("caf") and result.encode("utf-8")
