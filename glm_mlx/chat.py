@@ -207,12 +207,14 @@ _KEYS = {"system": {"content"}, "user": {"content"}, "assistant": {"content", "r
 def read_json(path: Path, limit: int):
     """The JSON value of a regular file of at most `limit` bytes; ValueError naming the file otherwise."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block, /dev/zero never ends
-            raise ValueError(f"{path}: not a regular file")
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from None
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+        if regular:  # a FIFO would block, /dev/zero never ends
+            with open(path, "rb") as f:
+                data = f.read(limit + 1)
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        raise ValueError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if not regular:
+        raise ValueError(f"{path}: not a regular file")
     if len(data) > limit:
         raise ValueError(f"{path}: larger than {limit >> 20} MB, more than any conversation")
     try:
@@ -390,7 +392,7 @@ def terminal_input(history: Path | None) -> Iterator[Callable[[str], None]]:
         if not sys.stdin.isatty():
             raise ImportError
         import readline
-    except (ImportError, ValueError):
+    except (ImportError, ValueError, AttributeError):  # no readline, or stdin closed or absent
         yield lambda line: None
         return
     readline.set_auto_history(False)  # answers to questions stay out of it
