@@ -659,9 +659,9 @@ class Repl:
             try:
                 answer = self.question(f"run {call.name}({shown_arguments(call.arguments)})? "
                                        "[y]es / [n]o / [a]lways: ")
-            except _Stop:
-                self.say("[interrupted] the tool was not run", "yellow")
-                raise
+            except _Stop as e:
+                self.say(f"{e}: the tool was not run", "yellow")
+                raise _Stop("the user declined to run this tool") from None
             if answer in ("a", "always"):
                 self.approve_all = True
             elif answer not in ("y", "yes"):
@@ -683,9 +683,9 @@ class Repl:
             self.say("(what was typed before this question was discarded)", "yellow")
         try:
             return self.read(visible(prompt), remember=False).strip().lower()
-        except (KeyboardInterrupt, EOFError):
+        except (KeyboardInterrupt, EOFError) as e:
             self.console.print()
-            raise _Stop("the user declined to run this tool") from None
+            raise _Stop("[interrupted]" if isinstance(e, KeyboardInterrupt) else "no answer (end of input)") from None
         except UnicodeError:
             return ""
 
