@@ -345,10 +345,11 @@ class _Command:
             return f"error: cannot run {self.argv[0]}: {e.strerror or e}"
         # communicate(), with what is kept of the output bounded: a command that writes without end
         # must not take the chat's memory with it.
-        out, err = _Capped(p.stdout, MAX_RESULT), _Capped(p.stderr, 4096, tail=True)
-        threading.Thread(target=_feed, args=(p.stdin, data), daemon=True).start()
+        out = err = None
         deadline = time.monotonic() + timeout
         try:
+            out, err = _Capped(p.stdout, MAX_RESULT), _Capped(p.stderr, 4096, tail=True)
+            threading.Thread(target=_feed, args=(p.stdin, data), daemon=True).start()
             p.wait(timeout)
             for r in (out, err):  # a process it started may still hold the pipes
                 r.thread.join(max(0.0, deadline - time.monotonic()))
@@ -367,14 +368,15 @@ class _Command:
         return text + f"\n[{out.dropped} more bytes of output cut]" if out.dropped else text.rstrip("\n")
 
     @staticmethod
-    def _kill(p: subprocess.Popen, *readers: "_Capped") -> None:
+    def _kill(p: subprocess.Popen, *readers: "_Capped | None") -> None:
         try:
             os.killpg(p.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         p.wait()
         for r in readers:  # at the end of the pipes now, unless something left the process group
-            r.thread.join(5)
+            if r is not None:
+                r.thread.join(5)
 
 
 MAX_RESULT = 1 << 20  # bytes of a command's output, characters of a function's result, the model is given
