@@ -344,7 +344,7 @@ def test_rates_over_no_tokens_or_no_time_are_a_dash(tiny, monkeypatch):
     assert stats.startswith("prompt: ") and stats.count(" - tokens/s") == 2, stats
 
 
-def tool_session(tiny, monkeypatch, tmp_path, replies, think=False):
+def tool_chat(tiny, monkeypatch, tmp_path, replies, think=False):
     (tmp_path / "tools.py").write_text(
         'def shell(cmd: str) -> str:\n    """Run a command.\n\n    Args:\n        cmd: the command\n    """\n'
         '    open("RAN", "a").write(cmd)\n    return f"[dim]ran[/dim] {cmd}"\n')
@@ -365,7 +365,7 @@ def test_what_the_model_writes_is_printed_as_plain_visible_text(tiny, monkeypatc
     """Markup, ANSI escapes, \\r and bidi overrides in the reasoning, the reply, a tool's name and its
     arguments are shown as text; the question shows the exact JSON the tool gets."""
     spoof = "[bold]x[/bold] [/x] [conceal]hid[/conceal]\x1b[2J\rover\u202e"
-    s, tools = tool_session(tiny, monkeypatch, tmp_path, [
+    s, tools = tool_chat(tiny, monkeypatch, tmp_path, [
         (f"\n<think>{spoof}</think>\n{spoof}" + CALL.format(HIDDEN)
          + "\n<tool_call>[/x]\x1b[2J\n</tool_call>", "<|observation|>"),
         ("\nDone.", "<|user|>")], think=True)
@@ -387,7 +387,7 @@ def test_what_the_model_writes_is_printed_as_plain_visible_text(tiny, monkeypatc
 
 
 def test_a_tool_call_shows_before_the_stats_and_its_result_as_plain_text(tiny, monkeypatch, tmp_path):
-    s, tools = tool_session(tiny, monkeypatch, tmp_path, [(CALL.format("ls"), "<|observation|>"),
+    s, tools = tool_chat(tiny, monkeypatch, tmp_path, [(CALL.format("ls"), "<|observation|>"),
                                                           ("\nDone.", "<|user|>")])
     buf = io.StringIO()
     r = Repl(s, Console(file=buf, width=100), tools, ask=lambda prompt: "y")  # not a terminal: plain text
@@ -433,7 +433,7 @@ def test_consent_discards_what_was_typed_before_it(tiny, monkeypatch, tmp_path):
     main, child = pty.openpty()
     stdin = os.fdopen(child, "r")
     monkeypatch.setattr(sys, "stdin", stdin)
-    s, tools = tool_session(tiny, monkeypatch, tmp_path, [(CALL.format("rm -rf ~"), "<|observation|>"),
+    s, tools = tool_chat(tiny, monkeypatch, tmp_path, [(CALL.format("rm -rf ~"), "<|observation|>"),
                                                           ("\nOK.", "<|user|>")])
     os.write(main, b"y\n")  # typed ahead, while the reply streams
 
@@ -456,7 +456,7 @@ def test_consent_discards_what_was_typed_before_it(tiny, monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("key", [KeyboardInterrupt, EOFError])
 def test_ctrl_c_or_ctrl_d_at_the_question_declines_and_the_chat_goes_on(tiny, monkeypatch, tmp_path, key):
-    s, tools = tool_session(tiny, monkeypatch, tmp_path, [(CALL.format("ls") + CALL.format("pwd"), "<|observation|>")])
+    s, tools = tool_chat(tiny, monkeypatch, tmp_path, [(CALL.format("ls") + CALL.format("pwd"), "<|observation|>")])
 
     def ask(prompt):
         raise key
