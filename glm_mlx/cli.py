@@ -490,12 +490,13 @@ def chat(
     kv_bits: Optional[int] = KV_BITS,
     mtp: bool = MTP,
 ):
-    """Chat in the terminal: streamed replies, reasoning on and off, GLM's tool calls."""
+    """Chat in the terminal: streamed replies, reasoning on and off, GLM's tool calls. Inside, /help lists
+    the commands; up and down recall earlier messages (kept in $GLM_MLX_HOME/chat_history)."""
     import mlx.core as mx
     from rich.console import Console
 
     import glm_mlx
-    from glm_mlx.chat import ChatSession, Repl
+    from glm_mlx.chat import ChatSession, Repl, glm_home, terminal_input
     from glm_mlx.memory import wired
     from glm_mlx.tools import load_tools
 
@@ -514,8 +515,14 @@ def chat(
         fail(str(e))
     if seed is not None:
         mx.random.seed(seed)
-    with wired(m, session.context_limit, kv_bits):
-        Repl(session, Console(highlight=False), tool_map, show_thinking=show_thinking, approve_all=yes).run()
+    try:
+        with wired(m, session.context_limit, kv_bits), terminal_input(glm_home() / "chat_history") as remember:
+            Repl(session, Console(highlight=False), tool_map, show_thinking=show_thinking, approve_all=yes,
+                 remember=remember).run()
+    except USER_ERRORS as e:  # the conversation is already in a recovery file, named on screen
+        fail(str(e))
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
 
 
 @app.command()

@@ -221,13 +221,15 @@ class Stats:
     tally: list[int] = field(default_factory=lambda: [0, 0])  # MTP drafts: [checked, accepted]
 
     @property
-    def prompt_tps(self) -> float:
-        return self.prompt_tokens / max(self.prompt_seconds, 1e-9)
+    def prompt_tps(self) -> float | None:
+        """Prompt tokens a second; None when no prompt was timed (`-n 0`, or interrupted in prefill)."""
+        return rate(self.prompt_tokens, self.prompt_seconds)
 
     @property
-    def gen_tps(self) -> float:
-        # the first token comes out of prefill; rate the ones decoded after it
-        return max(self.generated - 1, 0) / max(self.gen_seconds, 1e-9)
+    def gen_tps(self) -> float | None:
+        """Decoded tokens a second; None when fewer than two tokens came. The first token comes out of
+        prefill: the ones decoded after it are rated."""
+        return rate(self.generated - 1, self.gen_seconds)
 
     @property
     def drafts(self) -> str:
@@ -236,9 +238,19 @@ class Stats:
         return f" (MTP drafts: {a} of {n} accepted)" if n else ""
 
     def line(self) -> str:
-        return (f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tokens/s | "
-                f"generation: {self.generated} tokens, {self.gen_tps:.1f} tokens/s{self.drafts} | "
+        return (f"prompt: {self.prompt_tokens} tokens, {fmt_rate(self.prompt_tps)} tokens/s | "
+                f"generation: {self.generated} tokens, {fmt_rate(self.gen_tps)} tokens/s{self.drafts} | "
                 f"peak memory: {fmt_bytes(mx.get_peak_memory())} (MLX), {fmt_bytes(peak_rss_bytes())} (process)")
+
+
+def rate(n: float, seconds: float) -> float | None:
+    """n a second; None over no work or no measured time (a rate there would be noise or infinite)."""
+    return n / seconds if n > 0 and seconds > 0 else None
+
+
+def fmt_rate(r: float | None) -> str:
+    """A rate as printed: one decimal, or `-` where there is none."""
+    return "-" if r is None else f"{r:.1f}"
 
 
 def fmt_bytes(n: float) -> str:

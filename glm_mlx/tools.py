@@ -9,7 +9,8 @@ on stdin and answers on stdout.
 
 Running a tool never raises: bad arguments, a failing function or command
 and a timeout all come back as an `error: ...` text, the observation the
-model reads next.
+model reads next. What comes back is bounded (MAX_RESULT, and a note of what
+was cut), however much the tool writes.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 import types
 import typing
@@ -79,7 +81,16 @@ def run_tool(tools: dict[str, Tool], name: str, arguments: dict, timeout: float 
     if tool is None:
         return f"error: unknown tool {name!r} (the tools are: {', '.join(tools) or 'none'})"
     if isinstance(tool.run, _Command):
-        return tool.run(arguments, timeout)
+        return tool.run(arguments, timeout)  # its output bounded as it is read, and decoded
+    result = _in_thread(tool, arguments, timeout)
+    if len(result) > MAX_RESULT:
+        result = result[:MAX_RESULT] + f"\n[{len(result) - MAX_RESULT} more characters cut]"
+    # lone surrogates (a function that decoded bytes with surrogateescape) would fail the next prompt's
+    # tokenization and /save
+    return result.encode("utf-8", "replace").decode("utf-8")
+
+
+def _in_thread(tool: Tool, arguments: dict, timeout: float) -> str:
     box: list[str] = []
 
     def work():
@@ -88,7 +99,7 @@ def run_tool(tools: dict[str, Tool], name: str, arguments: dict, timeout: float 
         except BaseException as e:  # noqa: BLE001 - whatever the tool does, the chat goes on
             box.append(f"error: {_exception_text(e)}")
 
-    worker = threading.Thread(target=work, name=f"tool {name}", daemon=True)
+    worker = threading.Thread(target=work, name=f"tool {tool.name}", daemon=True)
     worker.start()
     worker.join(timeout)
     if worker.is_alive():
@@ -332,26 +343,72 @@ class _Command:
                                  cwd=self.cwd, start_new_session=True)
         except OSError as e:
             return f"error: cannot run {self.argv[0]}: {e.strerror or e}"
+        # communicate(), with what is kept of the output bounded: a command that writes without end
+        # must not take the chat's memory with it.
+        out = err = None
+        deadline = time.monotonic() + timeout
         try:
-            out, err = p.communicate(data, timeout=timeout)
+            out, err = _Capped(p.stdout, MAX_RESULT), _Capped(p.stderr, 4096, tail=True)
+            threading.Thread(target=_feed, args=(p.stdin, data), daemon=True).start()
+            p.wait(timeout)
+            for r in (out, err):  # a process it started may still hold the pipes
+                r.thread.join(max(0.0, deadline - time.monotonic()))
+                if r.thread.is_alive():
+                    raise subprocess.TimeoutExpired(self.argv, timeout)
         except subprocess.TimeoutExpired:
-            self._kill(p)
+            self._kill(p, out, err)
             return f"error: timed out after {timeout:g}s"
         except BaseException:
-            self._kill(p)
+            self._kill(p, out, err)
             raise
         if p.returncode != 0:
-            tail = err.decode(errors="replace").strip()[-500:]
+            tail = err.data.decode(errors="replace").strip()[-500:]
             return f"error: exit {p.returncode}: {tail}" if tail else f"error: exit {p.returncode}"
-        return out.decode(errors="replace").rstrip("\n")
+        text = out.data.decode(errors="replace")
+        return text + f"\n[{out.dropped} more bytes of output cut]" if out.dropped else text.rstrip("\n")
 
     @staticmethod
-    def _kill(p: subprocess.Popen) -> None:
+    def _kill(p: subprocess.Popen, *readers: "_Capped | None") -> None:
         try:
             os.killpg(p.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        p.communicate()
+        p.wait()
+        for r in readers:  # at the end of the pipes now, unless something left the process group
+            if r is not None:
+                r.thread.join(5)
+
+
+MAX_RESULT = 1 << 20  # bytes of a command's output, characters of a function's result, the model is given
+
+
+class _Capped:
+    """Reads a pipe to its end in a thread, keeping its first `limit` bytes (or, with `tail`, its last)
+    and counting the rest."""
+
+    def __init__(self, pipe, limit: int, tail: bool = False):
+        self.data, self.dropped = bytearray(), 0
+        self.thread = threading.Thread(target=self._read, args=(pipe, limit, tail), daemon=True)
+        self.thread.start()
+
+    def _read(self, pipe, limit: int, tail: bool) -> None:
+        with pipe:
+            while chunk := pipe.read1(1 << 16):
+                self.data += chunk
+                if len(self.data) > limit:
+                    self.dropped += len(self.data) - limit
+                    if tail:
+                        del self.data[: len(self.data) - limit]
+                    else:
+                        del self.data[limit:]
+
+
+def _feed(pipe, data: bytes) -> None:
+    try:
+        with pipe:
+            pipe.write(data)
+    except (BrokenPipeError, OSError):  # the command did not read its arguments: its affair
+        pass
 
 
 # -- arguments against the schema --------------------------------------------------

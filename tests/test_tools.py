@@ -433,3 +433,34 @@ def test_bad_json_tool_entries(tmp_path, entries, message):
 
 def test_tool_error_is_a_value_error():
     assert issubclass(ToolError, ValueError)  # the CLI reports ValueErrors in one line
+
+
+def test_a_result_that_is_not_unicode_comes_back_as_text_a_conversation_can_hold(tmp_path):
+    """A function returning bytes decoded with surrogateescape: its lone surrogates would fail the next
+    prompt's tokenization and /save; they come back replaced."""
+    f = write(tmp_path, "t.py", '''
+        def raw() -> str:
+            """Bytes from a file, decoded as a shell would."""
+            return b"caf\\xe9".decode("utf-8", "surrogateescape")
+    ''')
+    result = run_tool(load_tools(f), "raw", {})
+    assert result.startswith("caf") and result.encode("utf-8")
+
+
+def test_what_a_tool_gives_back_is_bounded(tmp_path, monkeypatch):
+    """A command that writes without end, or more than any context holds, and a function returning as
+    much: the chat keeps at most MAX_RESULT of it and says how much was cut."""
+    import glm_mlx.tools as tools_module
+
+    monkeypatch.setattr(tools_module, "MAX_RESULT", 1000)
+    flood = [sys.executable, "-c", "import sys\nwhile True: sys.stdout.write('y' * 65536)"]
+    lots = [sys.executable, "-c", "import sys; sys.stdout.write('x' * 5000)"]
+    tools = load_tools(write_json(tmp_path, [json_tool("flood", flood), json_tool("lots", lots)]))
+    assert run_tool(tools, "flood", {}, timeout=1) == "error: timed out after 1s"
+    assert run_tool(tools, "lots", {}) == "x" * 1000 + "\n[4000 more bytes of output cut]"
+    f = write(tmp_path, "t.py", '''
+        def big() -> str:
+            """A long answer."""
+            return "z" * 5000
+    ''')
+    assert run_tool(load_tools(f), "big", {}) == "z" * 1000 + "\n[4000 more characters cut]"
