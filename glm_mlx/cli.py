@@ -438,9 +438,9 @@ def bench(
 
 
 def models_home() -> Path:
-    import os
+    from glm_mlx.chat import glm_home
 
-    return Path(os.environ.get("GLM_MLX_HOME", Path.home() / ".cache" / "glm-mlx")) / "models"
+    return glm_home() / "models"
 
 
 def resolve_model(model: str, yes: bool) -> Path:
