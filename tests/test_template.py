@@ -9,9 +9,7 @@ from pathlib import Path
 
 import jinja2
 import pytest
-from jinja2.exceptions import SecurityError
-
-from glm_mlx.tokenizer import Tokenizer
+from glm_mlx.tokenizer import ChatTemplateError, Tokenizer
 
 # sha256 of chat_template.jinja as published with GLM-4.5's weights; the package ships a copy
 PUBLISHED_SHA256 = "46786fd637de2728b41928ac3b6983e2d8a04706e51778de031fa933eb6f566f"
@@ -263,11 +261,11 @@ def test_json_string_arguments_fail_alike(tok):
     # GLM's template iterates the arguments: a JSON string (OpenAI's wire form) is an error in both renderings.
     messages = [{"role": "user", "content": "x"},
                 {"role": "assistant", "content": "", "tool_calls": [call("now", '{"a": 1}')]}]
-    with pytest.raises(jinja2.exceptions.UndefinedError) as ours:
+    with pytest.raises(ChatTemplateError) as ours:
         tok.apply_chat_template(messages)
     with pytest.raises(jinja2.exceptions.UndefinedError) as theirs:
         tok.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert str(ours.value) == str(theirs.value)
+    assert str(ours.value) == f"{tok.folder / 'chat_template.jinja'}: {theirs.value}"
 
 
 # -- the sandbox ---------------------------------------------------------------------
@@ -300,8 +298,9 @@ def test_hostile_templates_raise_security_errors(tmp_path, converted, monkeypatc
     monkeypatch.chdir(tmp_path)
     tok = Tokenizer(hostile_folder(tmp_path, converted, template))
     messages = [{"role": "user", "content": "hi"}]
-    with pytest.raises(SecurityError):
+    with pytest.raises(ChatTemplateError, match="is unsafe") as e:
         tok.apply_chat_template(messages)
+    assert str(e.value).startswith(f"{tok.folder / 'chat_template.jinja'}: ") and "\n" not in str(e.value)
     assert not (tmp_path / "PWNED").exists()
     assert messages == [{"role": "user", "content": "hi"}]
 
