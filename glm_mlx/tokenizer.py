@@ -15,6 +15,7 @@ from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 
+from jinja2 import FunctionLoader
 from jinja2.compiler import CodeGenerator
 from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -160,8 +161,13 @@ def _bounded(env: _Sandbox, name: str, f):
     return bounded
 
 
+def _no_other_templates(name: str):
+    raise SecurityError(f"it names another template ({name!r}): a chat template may not include, import or extend one")
+
+
 def _environment() -> _Sandbox:
-    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"],
+                   loader=FunctionLoader(_no_other_templates))
     env.filters["tojson"] = _tojson
     env.filters = {name: _bounded(env, name, f) for name, f in env.filters.items()}
     env.finalize = lambda v: env.fits(v, "an output")
