@@ -109,7 +109,7 @@ def read_manifest(folder: Path) -> dict:
     names inside the folder and listed in `files` (ModelFolderError naming the manifest otherwise)."""
     mpath = folder / MANIFEST
     if not folder.is_dir():
-        raise ModelFolderError(f"{folder}: no such folder")
+        raise ModelFolderError(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}")
     if not mpath.is_file():
         raise ModelFolderError(
             f"{folder}: no {MANIFEST}: not a glm-mlx model folder, or its conversion did not finish "
@@ -366,8 +366,9 @@ def check_layers(folder: Path, args: ModelArgs, manifest: dict, weights: list) -
         elif m := re.match(r"mtp\.(\d+)\.", k):
             held.add(n + int(m[1]))
     if len(held) != n + mtp or min(held, default=0) != 0 or max(held, default=-1) != n + mtp - 1:
-        raise ModelFolderError(f"{folder / 'config.json'}: {n} layers and {mtp} MTP layers, but the folder's "
-                               f"weights hold {len(held)} layers (numbered {min(held, default=0)}..{max(held, default=0)})")
+        raise ModelFolderError(f"{folder / 'config.json'}: num_hidden_layers {n} (and {mtp} MTP layers in {MANIFEST}), "
+                               f"but the folder's weights hold {len(held)} layers "
+                               f"(numbered {min(held, default=0)}..{max(held, default=0)})")
     moe = {i for i in range(n + mtp) if i >= n or args.is_moe_layer(i)}
     if {int(i) for i in manifest["experts"]} != moe:
         raise ModelFolderError(f"{folder / MANIFEST}: experts for layers {sorted(map(int, manifest['experts']))}, "

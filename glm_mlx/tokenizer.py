@@ -17,7 +17,7 @@ from pathlib import Path
 
 from jinja2 import FunctionLoader
 from jinja2.compiler import CodeGenerator
-from jinja2.exceptions import SecurityError, TemplateError
+from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # Characters a template may make beyond twice its inputs' (a value it builds, or its whole output; a
@@ -25,6 +25,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 RENDER_LIMIT = 1 << 24
 INT_BITS = 1 << 16  # the largest integer a template may make (Python prints none past 4300 digits anyway)
 MAX_TEMPLATE = 1 << 20  # bytes of template source (GLM-4.5's: 3 KB)
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                  "vocab.json", "chat_template.json")
 _PERCENT_WIDTHS = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\d*)(?:\.(\d+))?")
 _FORMAT_WIDTHS = re.compile(r"\{[^{}]*:[^{}\d]*(\d*)(?:\.(\d+))?[^{}]*\}")
 
@@ -180,15 +182,22 @@ class Tokenizer:
     def __init__(self, folder: str | Path):
         from transformers import AutoTokenizer  # imported late: it is slow to import
 
+        from .loading import read_json
+
         self.folder = Path(folder).expanduser()
+        for name in TOKENIZER_JSON:  # so that a file that is not JSON is named
+            if (self.folder / name).is_file():
+                read_json(self.folder / name)
         try:
-            self.hf = AutoTokenizer.from_pretrained(str(self.folder))
+            self.hf = AutoTokenizer.from_pretrained(str(self.folder), trust_remote_code=False)
         except Exception as e:  # noqa: BLE001 (the tokenizers library raises bare Exceptions for bad files)
             raise ValueError(f"{self.folder}: its tokenizer cannot be loaded ({_one_line(e)})") from None
         self.template_name, self.template_source = self._find_template()
 
     def _find_template(self) -> tuple[str, str | None]:
         """(where the template is, for messages; its source or None)."""
+        from .loading import read_json
+
         jinja, cfg = self.folder / "chat_template.jinja", self.folder / "tokenizer_config.json"
         try:
             if jinja.is_file():
@@ -196,9 +205,7 @@ class Tokenizer:
                     raise ValueError(f"{jinja}: larger than {MAX_TEMPLATE} bytes: not a chat template")
                 return str(jinja), jinja.read_bytes().decode()
             if cfg.is_file():
-                from .loading import read_json
-
-                t = read_json(cfg, "a tokenizer config")
+                t = read_json(cfg)
                 t = t.get("chat_template") if isinstance(t, dict) else None
                 if isinstance(t, str) and len(t) <= MAX_TEMPLATE:
                     return f"{cfg} (chat_template)", t
@@ -270,6 +277,6 @@ class StreamDecoder:
 
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
-    if hasattr(e, "lineno") and getattr(e, "lineno", None):
+    if isinstance(e, TemplateSyntaxError):
         text = f"line {e.lineno}: {text}"
     return f"{type(e).__name__}: {text}"[:300] if not isinstance(e, (TemplateError, ValueError)) else text[:300]

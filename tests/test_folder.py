@@ -222,8 +222,8 @@ def test_layers_the_folder_does_not_hold_are_refused_before_any_is_built(folder)
                                                "num_hidden_layers": 1_000_000_000}))
     tracemalloc.start()
     t = time.perf_counter()
-    with pytest.raises(ModelFolderError, match="config.json: 1000000000 layers and 1 MTP layers, but the folder's "
-                                               "weights hold 4 layers"):
+    with pytest.raises(ModelFolderError, match="config.json: num_hidden_layers 1000000000 \\(and 1 MTP layers in "
+                                               "glm_mlx.json\\), but the folder's weights hold 4 layers"):
         load_model(folder)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
