@@ -98,6 +98,13 @@ class ModelArgs:
         for k in POSITIVE + NON_NEGATIVE:
             if getattr(self, k) < (k in POSITIVE):
                 return f"{k} must be {'at least 1' if k in POSITIVE else 'at least 0'}, not {getattr(self, k)}"
+        for k, n in (("vocab_size", self.vocab_size), ("hidden_size", self.hidden_size),
+                     ("intermediate_size", self.intermediate_size), ("moe_intermediate_size", self.moe_intermediate_size),
+                     ("n_routed_experts", self.n_routed_experts),
+                     ("num_attention_heads x head_dim", self.num_attention_heads * self.head_dim),
+                     ("num_key_value_heads x head_dim", self.num_key_value_heads * self.head_dim)):
+            if n >= 1 << 31:
+                return f"{k} {n} is more than an MLX array's dimension holds (2^31 - 1)"
         for k in ("rms_norm_eps", "rope_theta", "routed_scaling_factor"):
             if not getattr(self, k) > 0:
                 return f"{k} must be a positive number, not {getattr(self, k)}"

@@ -134,7 +134,7 @@ def read_manifest(folder: Path) -> dict:
     used = set()
     for i, entry in _obj(m.get("experts"), f"{mpath}: experts").items():
         where = f"{mpath}: experts[{i!r}]"
-        if not re.fullmatch(r"\d{1,6}", i):
+        if not re.fullmatch(r"0|[1-9]\d{0,5}", i):
             raise ModelFolderError(f"{where}: not a layer number")
         _obj(entry, where)
         rel = entry.get("file")
@@ -376,9 +376,13 @@ def check_layers(folder: Path, args: ModelArgs, manifest: dict, weights: list) -
 
 
 def check_shapes(folder: Path, model: Model, manifest: dict, weights: list) -> None:
-    """Every experts entry's parts are the model's (name, [E, ...] shape, integer or float), as every
-    tensor is: offloaded experts bypass load_weights' own shape check, and it checks no dtype."""
+    """Every tensor has the shape the config gives it and is integer where the model's is (load_weights
+    checks no dtype), and so does every experts entry's parts: offloaded experts bypass load_weights."""
     params = dict(tree_flatten(model.parameters()))
+    for k, v in weights:  # (routed experts below, by their manifest entries)
+        if k in params and ".mlp.experts." not in k and (v.shape != params[k].shape or (v.dtype == mx.uint32) != (params[k].dtype == mx.uint32)):
+            raise ModelFolderError(f"{folder}: the weights do not match config.json: {k} is {v.shape} {v.dtype}, "
+                                   f"config.json makes it {params[k].shape} {params[k].dtype}")
     n = model.args.num_hidden_layers
     for i, entry in manifest["experts"].items():
         prefix = model_key(f"model.layers.{i}.mlp.experts.", n)
@@ -390,10 +394,8 @@ def check_shapes(folder: Path, model: Model, manifest: dict, weights: list) -> N
             if want[part].shape != (entry["num_experts"], *spec["shape"]) or (
                     spec["dtype"] == "U32") != (want[part].dtype == mx.uint32):
                 raise ModelFolderError(f"{folder / MANIFEST}: experts[{i!r}].parts[{part!r}]: {entry['num_experts']} x "
-                                       f"{spec['shape']} {spec['dtype']}, the model's is {want[part].shape} {want[part].dtype}")
-    for k, v in weights:
-        if k in params and (v.dtype == mx.uint32) != (params[k].dtype == mx.uint32):
-            raise ModelFolderError(f"{folder}: weight {k} is {v.dtype}, the model's is {params[k].dtype}")
+                                       f"{spec['shape']} {spec['dtype']}, config.json makes it {want[part].shape} "
+                                       f"{want[part].dtype}")
 
 
 def load_model(path: str | Path, dtype: str | None = None, expert_memory: str | int | None = None,

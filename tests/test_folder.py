@@ -202,6 +202,8 @@ def test_a_tensor_in_two_weights_files_is_refused(folder):
     ("partial_rotary_factor", 0.03, "rotary dims"),
     ("rope_scaling", "yarn", "must be an object or null"),
     ("eos_token_id", [352, 100000], "outside the vocabulary"),
+    ("vocab_size", 10**12, "more than an MLX array's dimension holds"),
+    ("num_attention_heads", 10**8, "num_attention_heads x head_dim 3200000000 is more than"),
 ], ids=lambda v: str(v)[:20])
 def test_config_values_that_no_model_has_are_refused_naming_the_field(checkpoint, field, value, message):
     config = json.loads((checkpoint("air-tiny") / "config.json").read_text())
@@ -231,6 +233,14 @@ def test_layers_the_folder_does_not_hold_are_refused_before_any_is_built(folder)
 
 
 # -- JSON that is not, or not of the right types ----------------------------------------------------------
+
+@pytest.mark.parametrize("field, value", [("n_routed_experts", 10**9), ("hidden_size", 10**9), ("head_dim", 16)])
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_config_sizes_the_weights_do_not_have_are_refused_naming_config_json(folder, field, value, offloaded):
+    rewrite(folder, "config.json", json.dumps({**json.loads((folder / "config.json").read_text()), field: value}))
+    with pytest.raises(ModelFolderError, match="the weights do not match config.json: .* config.json makes it"):
+        load_model(folder, expert_memory="20KB" if offloaded else None)
+
 
 @pytest.mark.parametrize("tamper, message", [
     (lambda f: (f / MANIFEST).write_text("{"), f"{MANIFEST}: not valid JSON \\(Expecting"),

@@ -285,6 +285,20 @@ def layers_billion(lab: Lab) -> str:
     return generate(lab, model).refused("config.json", "layers")
 
 
+@case("33.14", "config n_routed_experts 1e9", "error: the weights do not match config.json")
+def experts_billion(lab: Lab) -> str:
+    model = lab.model()
+    edit_config(model, n_routed_experts=1_000_000_000)
+    return generate(lab, model).refused("config.json", "e_score_correction_bias")
+
+
+@case("33.14", "config vocab_size 1e12", "error naming config.json and vocab_size")
+def vocab_huge(lab: Lab) -> str:
+    model = lab.model()
+    edit_config(model, vocab_size=10**12)
+    return generate(lab, model).refused("config.json", "vocab_size")
+
+
 @case("33.14", "template: a string times 3e9", "error naming the template: over the limit")
 def template_repeat(lab: Lab) -> str:
     model = lab.model()
