@@ -193,6 +193,8 @@ class Tokenizer:
         except Exception as e:  # noqa: BLE001 (the tokenizers library raises bare Exceptions for bad files)
             raise ValueError(f"{self.folder}: its tokenizer cannot be loaded ({_one_line(e)})") from None
         self.template_name, self.template_source = self._find_template()
+        if self.template_source is not None:
+            self.template  # compiled now: a template that cannot be is refused at load, not mid-chat
 
     def _find_template(self) -> tuple[str, str | None]:
         """(where the template is, for messages; its source or None)."""

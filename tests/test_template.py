@@ -382,10 +382,10 @@ def test_the_limit_grows_with_the_conversation(tok):
     ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "RecursionError"),
 ])
 def test_a_template_that_fails_is_one_line_naming_it(tmp_path, converted, template, message):
-    tok = Tokenizer(hostile_folder(tmp_path, converted, template))
-    with pytest.raises(ChatTemplateError, match=message) as e:
-        tok.apply_chat_template([{"role": "user", "content": "hi"}])
-    assert str(e.value).startswith(f"{tok.folder / 'chat_template.jinja'}: ") and "\n" not in str(e.value)
+    folder = hostile_folder(tmp_path, converted, template)
+    with pytest.raises(ChatTemplateError, match=message) as e:  # a syntax error: when the folder is loaded
+        Tokenizer(folder).apply_chat_template([{"role": "user", "content": "hi"}])
+    assert str(e.value).startswith(f"{folder / 'chat_template.jinja'}: ") and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("name, text, message", [
