@@ -164,13 +164,13 @@ def part_offset(lab: Lab) -> str:
     return generate(lab, model).refused("down_proj.biases")
 
 
-@case("33.4", "experts part shape not the model's", "error: the model's is")
+@case("33.4", "experts part shape not the model's", "error: config.json makes it")
 def part_shape(lab: Lab) -> str:
     model = lab.model()
     parts = manifest(model)["experts"]["1"]["parts"]
     parts["gate_proj.weight"]["shape"] = [8, 64]  # same bytes, transposed
     edit_experts(model, parts=parts)
-    return generate(lab, model, "--expert-memory", "20KB").refused("gate_proj.weight", "the model's")
+    return generate(lab, model, "--expert-memory", "20KB").refused("gate_proj.weight", "config.json makes it")
 
 
 for _field, _value in (("num_experts", True), ("data_start", "8192"), ("stride", 6912.0)):
@@ -252,6 +252,20 @@ def config_not_json(lab: Lab) -> str:
     model = lab.model()
     rewrite(model, "config.json", "")
     return generate(lab, model).refused("config.json", "not valid")
+
+
+@case("33.13", "tokenizer_config.json not JSON", "error naming tokenizer_config.json")
+def tokenizer_config_not_json(lab: Lab) -> str:
+    model = lab.model()
+    rewrite(model, "tokenizer_config.json", "{")
+    return generate(lab, model).refused("tokenizer_config.json", "not valid JSON")
+
+
+@case("33.13", "tokenizer.json not a tokenizer", "error: its tokenizer cannot be loaded")
+def tokenizer_json_empty(lab: Lab) -> str:
+    model = lab.model()
+    rewrite(model, "tokenizer.json", "{}")
+    return generate(lab, model).refused("tokenizer cannot be loaded")
 
 
 @case("33.13", "a weights file that is not safetensors", "error naming the file")
