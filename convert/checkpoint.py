@@ -105,9 +105,9 @@ class Checkpoint:
             if v is not None and (type(v) is not int or v < least):
                 raise CheckpointError(f"{cfg_path}: {k} is {json.dumps(v)}, not an integer >= {least}")
         try:
-            self.args = ModelArgs.from_dict(self.config)
+            self.args = ModelArgs.from_dict(self.config, source=str(cfg_path))
         except ValueError as e:
-            raise CheckpointError(f"{cfg_path}: {e}") from None
+            raise CheckpointError(str(e)) from None
         except (TypeError, AttributeError, ArithmeticError) as e:  # a field of the wrong JSON type
             raise CheckpointError(f"{cfg_path}: not a GLM-4.5 config ({type(e).__name__}: {e})") from None
         self.files, where = self._open_shards()

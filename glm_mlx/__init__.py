@@ -28,11 +28,12 @@ def load(path: str | Path, dtype: str | None = None, adapter: str | Path | None 
     from .loading import load_model
     from .tokenizer import Tokenizer
 
+    path = Path(path).expanduser()
     model, manifest = load_model(path, dtype, expert_memory, prefetch=prefetch)
     if adapter is not None:
         from .lora import load_adapter
 
-        load_adapter(model, adapter, manifest)
+        load_adapter(model, Path(adapter).expanduser(), manifest)
     return model, Tokenizer(path)
 
 

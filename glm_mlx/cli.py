@@ -399,6 +399,20 @@ def fuse(
     typer.echo(f"wrote {out}: {describe(report)}")
 
 
+@app.command()
+def verify(model: Path = typer.Option(..., "--model", "-m", help="a glm-mlx model folder")):
+    """Hash every byte of a model folder against its manifest, whatever the last check's stamp says: one
+    line per problem, exit 1 on any; on success loading trusts the files again until they change."""
+    from glm_mlx.loading import full_check
+
+    problems = full_check(model.expanduser())
+    for problem in problems:
+        typer.echo(f"error: {problem}", err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"{model}: every file matches its manifest")
+
+
 def int_list(option: str, text: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t]

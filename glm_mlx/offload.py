@@ -48,7 +48,7 @@ import numpy as np
 
 from . import uvm
 from .experts import QuantizedSwitchLinear, Switch, SwitchGLU
-from .loading import MX_DTYPES, STORED_DTYPES, model_key, stored_array
+from .loading import MX_DTYPES, STORED_DTYPES, check_experts_entry, model_key, stored_array
 
 DECAY = 0.9
 PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -253,6 +253,11 @@ class ExpertFile:
     def __init__(self, folder: Path, layer: int, entry: dict):
         self.path, self.layer = folder / entry["file"], layer
         self.fd = os.open(self.path, os.O_RDONLY)
+        try:  # the numbers against the file as opened, before any read: none may reach past it
+            check_experts_entry(entry, os.fstat(self.fd).st_size, str(self.path))
+        except ValueError:
+            os.close(self.fd)
+            raise
         self.direct = _open_direct(self.path) if DIRECT else None
         self.start, self.stride = entry["data_start"], entry["stride"]
         self.parts, self.crc = entry["parts"], entry.get("crc32")

@@ -334,7 +334,7 @@ HOSTILE = {
     "zero heads": (lambda s: _edit_config(s, num_attention_heads=0), ["config.json", "num_attention_heads"]),
     "zero groups": (lambda s: _edit_config(s, n_group=0), ["config.json", "n_group"]),
     "hidden size a string": (lambda s: _edit_config(s, hidden_size="64"), ["config.json", "hidden_size"]),
-    "rope_scaling a string": (lambda s: _edit_config(s, rope_scaling="yarn"), ["config.json", "not a GLM-4.5 config"]),
+    "rope_scaling a string": (lambda s: _edit_config(s, rope_scaling="yarn"), ["config.json", "rope_scaling"]),
     "config a list": (lambda s: (s / "config.json").write_text("[1]"), ["config.json", "not a JSON object"]),
     "config names a key twice": (lambda s: (s / "config.json").write_text(
         (s / "config.json").read_text().rstrip()[:-1] + ', "hidden_size": 128}'), ["config.json", "twice"]),

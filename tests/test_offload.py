@@ -14,7 +14,7 @@ import pytest
 
 import glm_mlx
 from convert.convert import MANIFEST
-from glm_mlx.loading import expert_bytes, load_model
+from glm_mlx.loading import VERIFIED, expert_bytes, load_model
 from glm_mlx.offload import ExpertReadError, OffloadedExperts, offloaded_banks, offloaded_stats, parse_size
 from test_convert import ENV, ROOT, cli
 
@@ -120,8 +120,9 @@ def test_a_short_or_corrupt_expert_read_stops_with_a_clear_error(piece, converte
 
 
 def test_an_expert_rotted_on_disk_is_a_one_line_error(converted, tmp_path):
-    """Bytes changed under an unchanged size and mtime (the folder check trusts its stamp): generate and
-    finetune stop at the first read of that expert with the file, layer and expert named."""
+    """Bytes changed where the folder check trusts its stamp (rot on a disk changes no size, mtime, inode or
+    ctime: here the stamp is rewritten to match): generate and finetune stop at the first read of that expert
+    with the file, layer and expert named."""
     import shutil
 
     folder = shutil.copytree(converted("glm45-tiny", "mixed"), tmp_path / "m")
@@ -134,6 +135,10 @@ def test_an_expert_rotted_on_disk_is_a_one_line_error(converted, tmp_path):
         data[entry["data_start"] + e * entry["stride"] + 5] ^= 0x10
     path.write_bytes(bytes(data))
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    stamp = json.loads((folder / VERIFIED).read_text())
+    st = path.stat()
+    stamp[entry["file"]][:5] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, st.st_ctime_ns]
+    (folder / VERIFIED).write_text(json.dumps(stamp))
     p = cli("generate", "--model", folder, "--prompt", "hi", "-n", "2", "--expert-memory", budget)
     ends_in_error(p, "experts.003", "layer 3", "checksum")
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "hello world " * 4}) + "\n")
@@ -158,7 +163,7 @@ def test_aligned_reads_bypass_the_page_cache_and_the_rest_do_not(tmp_path, monke
 
     data = np.random.default_rng(0).integers(0, 256, ALIGN + 3 * 2 * ALIGN, dtype=np.uint8).tobytes()
     (tmp_path / "experts.bin").write_bytes(data)
-    entry = {"file": "experts.bin", "data_start": ALIGN, "stride": 2 * ALIGN,
+    entry = {"file": "experts.bin", "num_experts": 3, "data_start": ALIGN, "stride": 2 * ALIGN,
              "parts": {"gate_proj.weight": {"dtype": "BF16", "shape": [ALIGN], "offset": 0}}}
     f = ExpertFile(tmp_path, 0, entry)
     if f.direct is None:

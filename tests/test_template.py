@@ -9,9 +9,7 @@ from pathlib import Path
 
 import jinja2
 import pytest
-from jinja2.exceptions import SecurityError
-
-from glm_mlx.tokenizer import Tokenizer
+from glm_mlx.tokenizer import ChatTemplateError, Tokenizer
 
 # sha256 of chat_template.jinja as published with GLM-4.5's weights; the package ships a copy
 PUBLISHED_SHA256 = "46786fd637de2728b41928ac3b6983e2d8a04706e51778de031fa933eb6f566f"
@@ -263,11 +261,11 @@ def test_json_string_arguments_fail_alike(tok):
     # GLM's template iterates the arguments: a JSON string (OpenAI's wire form) is an error in both renderings.
     messages = [{"role": "user", "content": "x"},
                 {"role": "assistant", "content": "", "tool_calls": [call("now", '{"a": 1}')]}]
-    with pytest.raises(jinja2.exceptions.UndefinedError) as ours:
+    with pytest.raises(ChatTemplateError) as ours:
         tok.apply_chat_template(messages)
     with pytest.raises(jinja2.exceptions.UndefinedError) as theirs:
         tok.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert str(ours.value) == str(theirs.value)
+    assert str(ours.value) == f"{tok.folder / 'chat_template.jinja'}: {theirs.value}"
 
 
 # -- the sandbox ---------------------------------------------------------------------
@@ -300,8 +298,9 @@ def test_hostile_templates_raise_security_errors(tmp_path, converted, monkeypatc
     monkeypatch.chdir(tmp_path)
     tok = Tokenizer(hostile_folder(tmp_path, converted, template))
     messages = [{"role": "user", "content": "hi"}]
-    with pytest.raises(SecurityError):
+    with pytest.raises(ChatTemplateError, match="is unsafe") as e:
         tok.apply_chat_template(messages)
+    assert str(e.value).startswith(f"{tok.folder / 'chat_template.jinja'}: ") and "\n" not in str(e.value)
     assert not (tmp_path / "PWNED").exists()
     assert messages == [{"role": "user", "content": "hi"}]
 
@@ -319,3 +318,83 @@ def test_hostile_templates_raise_security_errors(tmp_path, converted, monkeypatc
 def test_hostile_templates_render_nothing_dangerous(tmp_path, converted, template, output):
     tok = Tokenizer(hostile_folder(tmp_path, converted, template))
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == output
+
+
+# -- what a template may make, and how it fails ----------------------------------------------------------
+
+@pytest.mark.parametrize("template, message", [
+    ("{{ 'x' * 3000000000 }}", "a repeat would make more than"),
+    ("{{ ['x'] * 3000000000 }}", "a repeat would make more than"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+     "'~' would make more than"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+     "'\\+' would make more than"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set b %}{{ ns.s }}{{ ns.s }}{% endset %}"
+     "{% set ns.s = b %}{% endfor %}{{ ns.s }}", "a block would make more than"),
+    ("{% set ns = namespace(l=['x']) %}{% for i in range(64) %}{% set ns.l = [ns.l, ns.l] %}{% endfor %}{{ ns.l }}",
+     "an output would make more than"),
+    ("{% set ns = namespace(l=['x']) %}{% for i in range(64) %}{% set ns.l = [ns.l, ns.l] %}{% endfor %}"
+     "{{ ns.l|tojson }}", "the tojson filter: an argument over the limit"),
+    ("{% set s = 'x' * 10000000 %}{% for i in range(100000) %}{{ s }}{% endfor %}", "its output would be more than"),
+    ("{% macro m(s) %}{% for i in range(100000) %}{{ s }}{% endfor %}{% endmacro %}{{ m('x' * 10000000) }}",
+     "a block would make more than"),
+    ("{% set s = 'x' * 10000000 %}{{ ''.join([s, s, s, s]) }}", "join: an argument over the limit"),
+    ("{% set s = 'x' * 10000000 %}{{ [s, s, s, s]|join }}", "the join filter: an argument over the limit"),
+    ("{{ 'x'|indent(3000000000) }}", "the indent filter: an argument over the limit"),
+    ("{{ ('\\n' * 1000000)|indent(1000000) }}", "the indent filter would make more than"),
+    ("{{ ('x' * 1000000).replace('', 'x' * 1000000) }}", "replace would make more than"),
+    ("{{ ('x' * 1000000)|replace('', 'x' * 1000000) }}", "the replace filter would make more than"),
+    ("{{ 'x'.center(3000000000) }}", "center: an argument over the limit"),
+    ("{{ '%3000000000s' % 'x' }}", "% would make more than"),
+    ("{{ '{:>3000000000}'.format('x') }}", "format would make more than"),
+    ("{{ ('x\\t' * 100000).expandtabs(1000000) }}", "expandtabs would make more than"),
+    ("{{ 2 ** 3000000000 }}", "a power of more than"),
+    ("{% set ns = namespace(n=3) %}{% for i in range(64) %}{% set ns.n = ns.n * ns.n %}{% endfor %}",
+     "a product of more than"),
+])
+def test_what_a_template_may_make_is_bounded_before_the_memory_is_taken(tmp_path, converted, template, message):
+    import time
+    import tracemalloc
+
+    tok = Tokenizer(hostile_folder(tmp_path, converted, template))
+    tracemalloc.start()
+    t = time.perf_counter()
+    with pytest.raises(ChatTemplateError, match=message) as e:
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert str(e.value).startswith(f"{tok.folder / 'chat_template.jinja'}: ")
+    assert peak < 200e6 and time.perf_counter() - t < 20
+
+
+def test_the_limit_grows_with_the_conversation(tok):
+    big = "y" * 40_000_000  # more than the limit on its own: a template that renders it once is fine
+    assert big in tok.apply_chat_template([{"role": "user", "content": big}])
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{% for m in messages %}{{ m.content }", "line 1: unexpected '}'"),
+    ("{% include 'secrets.jinja' %}", "names another template \\('secrets.jinja'\\)"),
+    ("{% import 'x.jinja' as x %}", "names another template"),
+    ("{% extends 'base.jinja' %}", "names another template"),
+    ("{{ raise_exception('no system messages') }}", "no system messages$"),
+    ("{{ 1 / 0 }}", "ZeroDivisionError: division by zero"),
+    ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "RecursionError"),
+])
+def test_a_template_that_fails_is_one_line_naming_it(tmp_path, converted, template, message):
+    folder = hostile_folder(tmp_path, converted, template)
+    with pytest.raises(ChatTemplateError, match=message) as e:  # a syntax error: when the folder is loaded
+        Tokenizer(folder).apply_chat_template([{"role": "user", "content": "hi"}])
+    assert str(e.value).startswith(f"{folder / 'chat_template.jinja'}: ") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("tokenizer_config.json", "{", "tokenizer_config.json: not valid JSON \\(Expecting"),
+    ("special_tokens_map.json", "\xff", "special_tokens_map.json: not valid JSON"),
+    ("tokenizer.json", "{}", "its tokenizer cannot be loaded"),
+])
+def test_tokenizer_files_that_are_not_are_named(tmp_path, converted, name, text, message):
+    folder = hostile_folder(tmp_path, converted, "{{ 1 }}")
+    (folder / name).write_text(text, encoding="latin-1")
+    with pytest.raises(ValueError, match=message):
+        Tokenizer(folder)
