@@ -71,12 +71,18 @@ class Stats:
     seconds: float = 0.0  # time spent waiting for reads
 
     @property
-    def hit_rate(self) -> float:
-        return self.hits / max(self.hits + self.misses, 1)
+    def hit_rate(self) -> float | None:
+        """Of the experts needed, the share already resident; None before any was needed."""
+        needed = self.hits + self.misses
+        return self.hits / needed if needed else None
 
     @property
-    def gbps(self) -> float:
-        return self.bytes / max(self.seconds, 1e-9) / 1e9
+    def gbps(self) -> float | None:
+        """GB read a second of waiting; None when nothing was read or no wait was measured."""
+        from .generate import rate
+
+        r = rate(self.bytes, self.seconds)
+        return None if r is None else r / 1e9
 
     def add(self, other: "Stats") -> None:
         for k in ("hits", "misses", "prefetched", "prefetch_used", "bytes", "dropped", "seconds"):
@@ -84,8 +90,10 @@ class Stats:
 
     def line(self) -> str:
         ahead = f", {self.prefetch_used} of {self.prefetched} prefetched used" if self.prefetched else ""
-        return (f"experts: {self.hit_rate:.1%} hits ({self.hits} hits, {self.misses} misses{ahead}), "
-                f"{self.bytes / 1e9:.2f} GB read at {self.gbps:.2f} GB/s")
+        hits = "-" if self.hit_rate is None else f"{self.hit_rate:.1%}"
+        speed = "-" if self.gbps is None else f"{self.gbps:.2f}"
+        return (f"experts: {hits} hits ({self.hits} hits, {self.misses} misses{ahead}), "
+                f"{self.bytes / 1e9:.2f} GB read at {speed} GB/s")
 
 
 def preadv_all(fd: int, views: list[memoryview], offset: int) -> int:

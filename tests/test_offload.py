@@ -612,3 +612,13 @@ def test_offload_bench_guesses_and_bursts(tmp_path, monkeypatch):
     assert ob.disk_bandwidth(tmp_path, entry, piece=1024, workers=2, experts=6, burst=4) > 0
     assert sorted(calls) == sorted((min(1024, 3000 - o), 4096 + e * 3000 + o) for e in range(6)
                                    for o in range(0, 3000, 1024))
+
+
+def test_stats_line_over_nothing_shows_dashes():
+    from glm_mlx.offload import Stats
+
+    line = Stats().line()
+    assert "- hits" in line and "at - GB/s" in line, line
+    s = Stats(hits=0, misses=4, bytes=4 * 10**9, seconds=2.0)
+    assert s.hit_rate == 0.0 and s.gbps == 2.0 and "0.0% hits" in s.line() and "at 2.00 GB/s" in s.line()
+    assert "at - GB/s" in Stats(misses=1, bytes=10**6, seconds=0.0).line()  # a read of no measured time
