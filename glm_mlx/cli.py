@@ -185,10 +185,10 @@ def finetune(
                                 "per-expert factors: much more memory), mtp"),
     iters: Optional[int] = typer.Option(None, "--iters", help="optimizer steps (default: --epochs over the data)"),
     epochs: int = typer.Option(1, "--epochs"),
-    batch_size: int = typer.Option(1, "--batch-size"),
+    batch_size: int = typer.Option(4, "--batch-size"),
     grad_accum: int = typer.Option(1, "--grad-accum"),
-    lr: float = typer.Option(1e-4, "--lr"),
-    lr_schedule: str = typer.Option("cosine", "--lr-schedule", help="cosine (decay to zero at the last "
+    lr: float = typer.Option(1e-3, "--lr"),
+    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="cosine (decay to zero at the last "
                                     "step) or constant, after --warmup"),
     warmup: int = typer.Option(0, "--warmup", help="steps of linear warmup before the schedule"),
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="recompute activations: less memory"),
@@ -240,7 +240,7 @@ def finetune(
                 fail(f"{path}: no such file")
         dtype = dtype or ("float32" if mx.default_device() == mx.cpu else None)
         m, manifest = load_model(model, dtype, expert_memory, reserve=step_memory(model, dtype, chosen, rank,
-                                                                                 batch_size * max_seq_len))
+                                                                                 batch_size, max_seq_len))
         say_offloaded(m)
         tok = Tokenizer(model)
         train = load_dataset(train_path, tok, max_seq_len=max_seq_len, overlong=overlong, think=think)
@@ -268,7 +268,7 @@ def finetune(
     typer.echo(f"adapter written to {out}")
 
 
-def step_memory(folder: Path, dtype: Optional[str], targets: tuple, rank: int, tokens: int) -> int:
+def step_memory(folder: Path, dtype: Optional[str], targets: tuple, rank: int, rows: int, tokens: int) -> int:
     """What a training step needs beside the weights, by glm_mlx.finetune's arithmetic: `--expert-memory
     auto` leaves it free. 0 when the config cannot be read (loading then says why)."""
     from glm_mlx.config import ModelArgs
@@ -278,7 +278,7 @@ def step_memory(folder: Path, dtype: Optional[str], targets: tuple, rank: int, t
         args = ModelArgs.from_dict(json.loads((folder / "config.json").read_text()))
     except (OSError, ValueError):
         return 0
-    return training_reserve(args, tokens, 4 if dtype == "float32" else 2, targets, rank)
+    return training_reserve(args, tokens, 4 if dtype == "float32" else 2, targets, rank, rows)
 
 
 @app.command()

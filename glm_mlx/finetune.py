@@ -67,10 +67,10 @@ class TrainConfig:
     targets: tuple[str, ...] = tuple(sorted(DEFAULT_TARGETS))
     iters: int | None = None  # optimizer steps; default: epochs over the data
     epochs: int = 1
-    batch_size: int = 1
+    batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 1e-4
-    lr_schedule: str = "cosine"
+    lr: float = 1e-3
+    lr_schedule: str = "constant"
     warmup: int = 0
     weight_decay: float = 0.0
     grad_checkpoint: bool = False
@@ -207,11 +207,14 @@ def lora_params(a: ModelArgs, targets: set[str], rank: int) -> int:
     return sum(n * rank * (i + o) for g, i, o, n in linears(a) if g in targets)
 
 
-def activation_bytes(a: ModelArgs, tokens: int, float_bytes: int, checkpointed: bool) -> float:
-    """Checkpointed, each layer keeps its input and one layer's internals live at a
-    time, forward and backward (x2): norms, q/k/v/o, the attention scores (the
-    backward of MLX's fused attention materialises them: 3 x heads x T^2), and the
-    MoE's gathered rows (k x (2 hidden + 3 expert widths)) and shared expert."""
+def activation_bytes(a: ModelArgs, tokens: int, float_bytes: int, checkpointed: bool, rows: int = 1) -> float:
+    """For `rows` sequences of `tokens` each. Checkpointed, each layer keeps its input and one
+    layer's internals live at a time, forward and backward (x2): norms, q/k/v/o, the attention
+    scores (the backward of MLX's fused attention materialises them: 3 x heads x T^2 a row), and
+    the MoE's gathered rows (k x (2 hidden + 3 expert widths)) and shared expert."""
+    if rows > 1:
+        one = activation_bytes(a, tokens, float_bytes, checkpointed)
+        return rows * one
     d, m, k = a.hidden_size, a.moe_intermediate_size, a.num_experts_per_tok
     attn = 2 * a.num_attention_heads * a.head_dim + 2 * a.num_key_value_heads * a.head_dim
     per_token = 4 * d + attn + k * (2 * d + 3 * m) + 3 * m * a.n_shared_experts + a.n_routed_experts * 2
@@ -220,11 +223,11 @@ def activation_bytes(a: ModelArgs, tokens: int, float_bytes: int, checkpointed: 
     return kept + inner * (1 if checkpointed else a.num_hidden_layers) + tokens * a.vocab_size * 4 * 3
 
 
-def training_reserve(a: ModelArgs, tokens: int, float_bytes: int, targets, rank: int) -> int:
+def training_reserve(a: ModelArgs, tokens: int, float_bytes: int, targets, rank: int, rows: int = 1) -> int:
     """Bytes a QLoRA step needs beside the weights (LoRA factors, their gradients and AdamW's two
     moments at 16 bytes a parameter, activations checkpointed): what `--expert-memory auto` leaves
     free when it sizes the experts' bank for training (scripts/finetune_memory.py checks it)."""
-    return int(16 * lora_params(a, set(targets), rank) + activation_bytes(a, tokens, float_bytes, True))
+    return int(16 * lora_params(a, set(targets), rank) + activation_bytes(a, tokens, float_bytes, True, rows))
 
 
 class CheckpointedLayer(DecoderLayer):
@@ -497,9 +500,9 @@ class Trainer:
             raise CheckpointError(f"{folder}: the checkpoint is at step {step}, past this run's {self.total} "
                                   "steps; give --iters of at least that")
         if (saved.get("iters"), saved.get("epochs")) != (mine["iters"], mine["epochs"]) and step < self.total:
-            self.log(f"extending the run from step {step} to {self.total} with the schedule for {self.total} steps: "
-                     f"not what a {self.total}-step run from scratch gives (its first {step} steps had another "
-                     "schedule)")
+            was = f"{saved['iters']} steps" if saved.get("iters") else f"{saved.get('epochs')} epochs"
+            self.log(f"continuing from step {step} to {self.total} with the schedule for {self.total} steps (the "
+                     f"checkpoint's run was {was}): not what a {self.total}-step run from scratch gives")
         self.model.load_weights(str(wpath), strict=False)
         set_leaves(self.opt.state, optimizer.items())  # in place: the compiled step holds this very dict
         self.history = history

@@ -381,7 +381,7 @@ def test_resume_extends_a_run_with_the_new_lengths_schedule(converted, tmp_path)
     longer = _trainer(folder, data, tmp_path / "o", TrainConfig(rank=4, iters=5, save_every=1, lr=1e-3))
     longer.log = said.append
     longer.resume(tmp_path / "o" / "checkpoint")
-    assert said and "not what a 5-step run from scratch gives" in said[0] and len(said) == 1
+    assert len(said) == 1 and "the checkpoint's run was 3 steps): not what a 5-step run from scratch gives" in said[0]
     hist = longer.run()
     assert [r["step"] for r in hist] == [1, 2, 3, 4, 5]
     fresh = _trainer(folder, data, tmp_path / "f", TrainConfig(rank=4, iters=5, lr=1e-3))
