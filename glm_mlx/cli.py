@@ -188,14 +188,16 @@ def finetune(
     batch_size: int = typer.Option(4, "--batch-size"),
     grad_accum: int = typer.Option(1, "--grad-accum"),
     lr: float = typer.Option(1e-3, "--lr"),
-    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="cosine (decay to zero at the last "
-                                    "step) or constant, after --warmup"),
+    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant, or cosine (decay to zero "
+                                    "at the last step), after --warmup"),
     warmup: int = typer.Option(0, "--warmup", help="steps of linear warmup before the schedule"),
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="recompute activations: less memory"),
     max_seq_len: int = typer.Option(2048, "--max-seq-len"),
     overlong: str = typer.Option("truncate", "--overlong", help="truncate or skip samples over --max-seq-len"),
-    val_every: int = typer.Option(0, "--val-every"),
-    save_every: int = typer.Option(0, "--save-every"),
+    val_every: int = typer.Option(0, "--val-every", help="steps between validation losses (0: at the last step "
+                                  "only; validation data: --valid, or valid.jsonl beside train.jsonl)"),
+    save_every: int = typer.Option(0, "--save-every", help="steps between checkpoints (0: only on Ctrl-C and at "
+                                   "the end)"),
     report_every: int = typer.Option(10, "--report-every", help="steps between progress lines when stderr is not "
                                      "a terminal"),
     resume: bool = typer.Option(False, "--resume", help="go on from OUT/checkpoint (a larger --iters or --epochs "
@@ -249,6 +251,9 @@ def finetune(
             if ds is not None:
                 typer.echo(f"{name}: {len(ds.examples)} samples ({ds.truncated} truncated, {ds.skipped} skipped)",
                            err=True)
+        if val_every and val is None:
+            typer.echo(f"warning: --val-every {val_every} does nothing without validation data (--valid, or "
+                       "valid.jsonl beside train.jsonl)", err=True)
         trainer = Trainer(m, train, cfg, out, valid=val, base_manifest=manifest, base_dir=model,
                           log=lambda s: typer.echo(s, err=True))
         if resume:
@@ -285,9 +290,10 @@ def step_memory(folder: Path, dtype: Optional[str], targets: tuple, rank: int, r
 def fuse(
     model: Path = typer.Option(..., "--model", "-m", help="the base glm-mlx model folder"),
     adapter: Path = typer.Option(..., "--adapter", help="the adapter folder"),
-    out: Path = typer.Option(..., "--out", "-o", help="the fused model folder to write"),
+    out: Path = typer.Option(..., "--out", "-o", help="the fused model folder to write (new or empty)"),
 ):
-    """Fold an adapter into its base model (re-quantizing quantized layers): a normal model folder."""
+    """Fold an adapter into its base model (re-quantizing quantized layers): a normal model folder. Says how much
+    of the adapter's update the rounding lost, and what to do when that is much."""
     from glm_mlx.fuse import describe, explain, fuse_folder
 
     try:

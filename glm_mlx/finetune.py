@@ -97,9 +97,10 @@ def check_config(cfg: TrainConfig) -> None:
     def bad(option: str, value, want: str):
         raise OptionError(f"{option} must be {want}, not {value!r}")
 
-    for option, value, low in (("--rank", cfg.rank, 1), ("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 1),
-                               ("--grad-accum", cfg.grad_accum, 1), ("--warmup", cfg.warmup, 0),
-                               ("--max-seq-len", cfg.max_seq_len, 2), ("--val-every", cfg.val_every, 0),
+    for option, value, low in (("--rank", cfg.rank, 1), ("--epochs", cfg.epochs, 1),
+                               ("--batch-size", cfg.batch_size, 1), ("--grad-accum", cfg.grad_accum, 1),
+                               ("--warmup", cfg.warmup, 0), ("--max-seq-len", cfg.max_seq_len, 2),
+                               ("--val-every", cfg.val_every, 0),
                                ("--save-every", cfg.save_every, 0), ("--seed", cfg.seed, 0)):
         if value < low:
             bad(option, value, f"an integer of at least {low}")
@@ -519,7 +520,7 @@ class Trainer:
             while self.step < self.total:
                 rec = self.train_step()
                 step = rec["step"]
-                if self.valid and cfg.val_every and (step % cfg.val_every == 0 or step == self.total):
+                if self.valid and (step == self.total or cfg.val_every and step % cfg.val_every == 0):
                     rec["val_loss"] = self.evaluate()
                 if progress:
                     progress(rec, self.total)

@@ -210,49 +210,55 @@ def fuse_folder(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | P
     model_dir, out = Path(model_dir), Path(out_dir)
     tmp = out.with_name(out.name + ".partial")
     # Everything that can be checked before the model loads (minutes at full size) is checked first.
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder; choose another --out")
+    if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out}: exists and is not empty; choose another --out")
     if tmp.exists() and not (tmp / PARTIAL_MARK).is_file():
         raise ValueError(f"{tmp}: exists and is not a fuse's unfinished output (fuse builds OUT there); "
                          "move it away or choose another --out")
-    parent = next(p for p in tmp.absolute().parents if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{out}: cannot write there ({parent} is not a writable folder)")
     check_adapter_weights(adapter_dir, read_adapter_config(adapter_dir))
-    model, manifest = load_model(model_dir, dtype)
-    adapter = load_adapter(model, adapter_dir, manifest)
-    report = fuse_model(model)
-    log(describe(report))
-
     if tmp.exists():
         shutil.rmtree(tmp)  # a fuse cut short earlier (its mark says so): never renamed, never loadable
-    (tmp / "weights").mkdir(parents=True)
+    try:
+        (tmp / "weights").mkdir(parents=True)  # before the model loads: OUT's place takes writes
+    except OSError as e:
+        raise ValueError(f"{out}: cannot write there ({e.strerror}: {e.filename})") from None
     (tmp / PARTIAL_MARK).touch()
-    params = dict(tree_flatten(model.parameters()))
-    files = {}
-    for k, rel in enumerate(manifest["files"]):
-        if rel.startswith("weights/"):
-            files[rel] = _write_weights(model_dir / rel, tmp / rel, params, model.args.num_hidden_layers)
-        else:
-            size, sha = copy_file_atomic(model_dir / rel, tmp / rel)
-            files[rel] = {"size": size, "sha256": sha}
-        log(f"[{k + 1}/{len(manifest['files'])}] {rel}: {files[rel]['size'] / 1e6:.1f} MB")
-    experts = {i: experts_entry(tmp / e["file"], e["file"], int(i), e["num_experts"], e["quantization"])
-               for i, e in manifest["experts"].items()}
-    fp = hashlib.sha256(f"glm-mlx-fuse/{FORMAT_VERSION}\n{manifest['fingerprint']}\n"
-                        f"{adapter['weights']['sha256']}\n{dtype}\n".encode()).hexdigest()
-    base = {"fingerprint": manifest["fingerprint"], "model": model_dir.resolve().name}
-    if "fused_from" in manifest:
-        base["fused_from"] = manifest["fused_from"]
-    fused_from = {
-        "base": base,
-        "adapter": {"path": str(Path(adapter_dir).resolve()), "sha256": adapter["weights"]["sha256"],
-                    **{k: adapter[k] for k in ("rank", "alpha", "targets", "modules")}},
-        "dtype": dtype,
-    }
-    new = {**manifest, "fingerprint": fp, "experts": experts, "files": files, "fused_from": fused_from}
-    write_json_atomic(tmp / MANIFEST, new)
-    write_verified_stamp(tmp, files)
+    try:
+        model, manifest = load_model(model_dir, dtype)
+        adapter = load_adapter(model, adapter_dir, manifest)
+        report = fuse_model(model)
+        log(describe(report))
+
+        params = dict(tree_flatten(model.parameters()))
+        files = {}
+        for k, rel in enumerate(manifest["files"]):
+            if rel.startswith("weights/"):
+                files[rel] = _write_weights(model_dir / rel, tmp / rel, params, model.args.num_hidden_layers)
+            else:
+                size, sha = copy_file_atomic(model_dir / rel, tmp / rel)
+                files[rel] = {"size": size, "sha256": sha}
+            log(f"[{k + 1}/{len(manifest['files'])}] {rel}: {files[rel]['size'] / 1e6:.1f} MB")
+        experts = {i: experts_entry(tmp / e["file"], e["file"], int(i), e["num_experts"], e["quantization"])
+                   for i, e in manifest["experts"].items()}
+        fp = hashlib.sha256(f"glm-mlx-fuse/{FORMAT_VERSION}\n{manifest['fingerprint']}\n"
+                            f"{adapter['weights']['sha256']}\n{dtype}\n".encode()).hexdigest()
+        base = {"fingerprint": manifest["fingerprint"], "model": model_dir.resolve().name}
+        if "fused_from" in manifest:
+            base["fused_from"] = manifest["fused_from"]
+        fused_from = {
+            "base": base,
+            "adapter": {"path": str(Path(adapter_dir).resolve()), "sha256": adapter["weights"]["sha256"],
+                        **{k: adapter[k] for k in ("rank", "alpha", "targets", "modules")}},
+            "dtype": dtype,
+        }
+        new = {**manifest, "fingerprint": fp, "experts": experts, "files": files, "fused_from": fused_from}
+        write_json_atomic(tmp / MANIFEST, new)
+        write_verified_stamp(tmp, files)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # made above, by this call
+        raise
     (tmp / PARTIAL_MARK).unlink()
     if out.exists():
         out.rmdir()

@@ -114,7 +114,8 @@ def mlx_lm_replies(checkpoint: Path, adapter: Path) -> list[str]:
 
 
 def last_loss(text: str, runtime: str) -> float | None:
-    pattern = r"\| loss ([0-9.]+)" if runtime == "ours" else r"^\s*\d+\s+([0-9.]+) [\u25bc\u25b2]"  # its rows: step, loss, arrow
+    # ours: "step N | loss L | ..."; mlx-lm's rows: step, loss, an arrow
+    pattern = r"\| loss ([0-9.]+)" if runtime == "ours" else r"^\s*\d+\s+([0-9.]+) [\u25bc\u25b2]"
     found = re.findall(pattern, re.sub(r"\x1b\[[0-9;]*m", "", text), re.M)  # mlx-lm's colours off
     return float(found[-1]) if found else None
 

@@ -373,21 +373,24 @@ def _small_run(folder, tmp_path, **kw):
     return _trainer(folder, data, tmp_path / "o", cfg), data
 
 
+COSINE = {"rank": 4, "lr": 1e-3, "lr_schedule": "cosine"}
+
+
 def test_resume_extends_a_run_with_the_new_lengths_schedule(converted, tmp_path):
     folder = converted("air-tiny", "mixed")
-    t, data = _small_run(folder, tmp_path)
+    t, data = _small_run(folder, tmp_path, lr_schedule="cosine")  # a schedule whose length shows
     t.run()
     said = []
-    longer = _trainer(folder, data, tmp_path / "o", TrainConfig(rank=4, iters=5, save_every=1, lr=1e-3))
+    longer = _trainer(folder, data, tmp_path / "o", TrainConfig(iters=5, save_every=1, **COSINE))
     longer.log = said.append
     longer.resume(tmp_path / "o" / "checkpoint")
     assert len(said) == 1 and "the checkpoint's run was 3 steps): not what a 5-step run from scratch gives" in said[0]
     hist = longer.run()
     assert [r["step"] for r in hist] == [1, 2, 3, 4, 5]
-    fresh = _trainer(folder, data, tmp_path / "f", TrainConfig(rank=4, iters=5, lr=1e-3))
+    fresh = _trainer(folder, data, tmp_path / "f", TrainConfig(iters=5, **COSINE))
     assert [r["lr"] for r in hist[3:]] == [float(fresh.lr_at(mx.array(s)).item()) for s in (3, 4)]
     assert hist[1]["lr"] != float(fresh.lr_at(mx.array(1)).item())  # the first steps had the 3-step schedule
-    shorter = _trainer(folder, data, tmp_path / "o", TrainConfig(rank=4, iters=4, save_every=1, lr=1e-3))
+    shorter = _trainer(folder, data, tmp_path / "o", TrainConfig(iters=4, save_every=1, **COSINE))
     with pytest.raises(ValueError, match="at step 5, past this run's 4 steps"):
         shorter.resume(tmp_path / "o" / "checkpoint")
 
@@ -484,7 +487,8 @@ def test_progress_is_a_plain_line_every_report_every_steps_off_a_terminal(conver
     folder = converted("air-tiny", "mixed")
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"hello world {i} " * 5} for i in range(3)])
     p = cli("finetune", "--model", folder, "--data", data, "--out", tmp_path / "o", "--iters", "5",
-            "--report-every", "2", check_ok=True)
+            "--report-every", "2", "--val-every", "2", check_ok=True)
+    assert "warning: --val-every 2 does nothing without validation data" in p.stderr
     lines = [line for line in p.stderr.splitlines() if line.startswith("step ")]
     assert [line.split(" | ")[0] for line in lines] == ["step 2", "step 4", "step 5"], p.stderr
     assert all(k in lines[0] for k in ("loss ", "lr ", "tokens/s", "peak ")) and lines[-1].endswith("5/5")

@@ -410,6 +410,9 @@ def test_fuse_never_removes_a_partial_folder_it_did_not_make(converted, tmp_path
     with pytest.raises(ValueError, match="out.partial: exists and is not a fuse's unfinished output"):
         fuse_folder(folder, tmp_path / "ad", tmp_path / "out")
     assert (tmp_path / "out.partial" / "notes.txt").read_text() == "mine" and not (tmp_path / "out").exists()
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(ValueError, match="afile: exists and is not a folder"):
+        fuse_folder(folder, tmp_path / "ad", tmp_path / "afile")
     (tmp_path / "out.partial" / "notes.txt").unlink()
     (tmp_path / "out.partial" / PARTIAL_MARK).touch()  # as a fuse cut short leaves it
     fuse_folder(folder, tmp_path / "ad", tmp_path / "out")
