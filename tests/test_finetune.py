@@ -188,6 +188,7 @@ def test_lora_on_offloaded_experts_is_refused_clearly(converted, tmp_path):
     ok = cli("finetune", "--model", folder, "--data", data, "--out", tmp_path / "o2", "--iters", "1",
              "--expert-memory", str(budget_for(folder, 2)), check_ok=True)
     assert "experts offloaded: 2 of 16" in ok.stderr and (tmp_path / "o2" / "adapters.safetensors").is_file()
+    assert "| experts read " in ok.stderr  # the progress line off a terminal says what the step read
 
 
 def test_an_offloaded_step_reads_its_experts_twice_not_three_times(converted, monkeypatch):
