@@ -288,26 +288,35 @@ def finetune(
     model: Path = typer.Option(..., "--model", "-m", help="a glm-mlx model folder (4-bit experts: QLoRA)"),
     data: Path = typer.Option(..., "--data", help="JSONL (chat, prompt/completion or text), or a folder "
                               "with train.jsonl and valid.jsonl"),
-    out: Path = typer.Option(..., "--out", "-o", help="the adapter folder to write"),
+    out: Path = typer.Option(..., "--out", "-o", help="the adapter folder to write (new or empty)"),
     valid: Optional[Path] = typer.Option(None, "--valid", help="validation JSONL"),
     rank: int = typer.Option(8, "--rank"),
-    alpha: float = typer.Option(16.0, "--alpha"),
+    alpha: float = typer.Option(16.0, "--alpha", help="the update is scaled by alpha / rank, as in PEFT "
+                                "(mlx-lm's --scale 20 at rank 8 is --alpha 160)"),
     dropout: float = typer.Option(0.0, "--dropout"),
     targets: str = typer.Option("attention,dense_mlp,shared_experts", "--targets",
                                 help="comma-separated: attention, shared_experts, dense_mlp, experts (routed, "
                                 "per-expert factors: much more memory), mtp"),
     iters: Optional[int] = typer.Option(None, "--iters", help="optimizer steps (default: --epochs over the data)"),
     epochs: int = typer.Option(1, "--epochs"),
-    batch_size: int = typer.Option(1, "--batch-size"),
+    batch_size: int = typer.Option(4, "--batch-size"),
     grad_accum: int = typer.Option(1, "--grad-accum"),
-    lr: float = typer.Option(1e-4, "--lr"),
-    warmup: int = typer.Option(0, "--warmup", help="steps of linear warmup before the cosine decay"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant, or cosine (decay to zero "
+                                    "at the last step), after --warmup"),
+    warmup: int = typer.Option(0, "--warmup", help="steps of linear warmup before the schedule"),
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="recompute activations: less memory"),
     max_seq_len: int = typer.Option(2048, "--max-seq-len"),
     overlong: str = typer.Option("truncate", "--overlong", help="truncate or skip samples over --max-seq-len"),
-    val_every: int = typer.Option(0, "--val-every"),
-    save_every: int = typer.Option(0, "--save-every"),
-    resume: bool = typer.Option(False, "--resume", help="go on from OUT/checkpoint"),
+    val_every: int = typer.Option(0, "--val-every", help="steps between validation losses (0: at the last step "
+                                  "only; validation data: --valid, or valid.jsonl beside train.jsonl)"),
+    save_every: int = typer.Option(0, "--save-every", help="steps between checkpoints (0: only on Ctrl-C and at "
+                                   "the end)"),
+    report_every: int = typer.Option(10, "--report-every", help="steps between progress lines when stderr is not "
+                                     "a terminal"),
+    resume: bool = typer.Option(False, "--resume", help="go on from OUT/checkpoint (a larger --iters or --epochs "
+                                "extends the run)"),
+    force: bool = typer.Option(False, "--force", help="start over in an OUT that holds an earlier run"),
     seed: int = typer.Option(0, "--seed"),
     think: Optional[bool] = typer.Option(None, "--think/--no-think", help="render chat samples with "
                                          "reasoning on or off (default: the template's)"),
@@ -319,21 +328,35 @@ def finetune(
 ):
     """Train a LoRA adapter (QLoRA on a quantized folder); loss on assistant tokens only."""
     import mlx.core as mx
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from glm_mlx.data import load_dataset, split_path
-    from glm_mlx.finetune import TrainConfig, Trainer, describe
+    from glm_mlx.finetune import TrainConfig, Trainer, check_config, check_out, clear_outputs, progress_printer
     from glm_mlx.loading import load_model
     from glm_mlx.memory import wired
     from glm_mlx.tokenizer import Tokenizer
 
     try:
+        chosen = tuple(t for t in targets.split(",") if t)
+        cfg = TrainConfig(rank=rank, alpha=alpha, dropout=dropout, targets=chosen, iters=iters, epochs=epochs,
+                          batch_size=batch_size, grad_accum=grad_accum, lr=lr, lr_schedule=lr_schedule,
+                          warmup=warmup, grad_checkpoint=grad_checkpoint, max_seq_len=max_seq_len,
+                          val_every=val_every, save_every=save_every, seed=seed)
+        check_config(cfg)  # before the model loads and the data is read, not after
+        if report_every < 1:
+            fail(f"--report-every must be an integer of at least 1, not {report_every}")
+        if overlong not in ("truncate", "skip"):
+            fail(f"--overlong must be truncate or skip, not {overlong!r}")
+        if dtype not in (None, "float32", "bfloat16", "float16"):
+            fail(f"--dtype must be float32, bfloat16 or float16, not {dtype!r}")
+        check_out(out, resume=resume, force=force)
         train_path, found_valid = split_path(data)
         valid = valid or found_valid
+        for path in (train_path, valid):
+            if path is not None and not path.is_file():
+                fail(f"{path}: no such file")
         dtype = dtype or ("float32" if mx.default_device() == mx.cpu else None)
-        chosen = tuple(t for t in targets.split(",") if t)
         m, manifest = load_model(model, dtype, expert_memory, reserve=step_memory(model, dtype, chosen, rank,
-                                                                                 batch_size * max_seq_len))
+                                                                                 batch_size, max_seq_len))
         say_offloaded(m)
         tok = Tokenizer(model)
         train = load_dataset(train_path, tok, max_seq_len=max_seq_len, overlong=overlong, think=think)
@@ -342,24 +365,18 @@ def finetune(
             if ds is not None:
                 typer.echo(f"{name}: {len(ds.examples)} samples ({ds.truncated} truncated, {ds.skipped} skipped)",
                            err=True)
-        cfg = TrainConfig(rank=rank, alpha=alpha, dropout=dropout, targets=chosen,
-                          iters=iters, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                          warmup=warmup, grad_checkpoint=grad_checkpoint, max_seq_len=max_seq_len,
-                          val_every=val_every, save_every=save_every, seed=seed)
+        if val_every and val is None:
+            typer.echo(f"warning: --val-every {val_every} does nothing without validation data (--valid, or "
+                       "valid.jsonl beside train.jsonl)", err=True)
         trainer = Trainer(m, train, cfg, out, valid=val, base_manifest=manifest, base_dir=model,
                           log=lambda s: typer.echo(s, err=True))
         if resume:
             trainer.resume(out / "checkpoint")
             typer.echo(f"resumed at step {trainer.step}", err=True)
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeRemainingColumn(), transient=False) as bar:
-            task = bar.add_task("training", total=trainer.total, completed=trainer.step)
-
-            def show(rec, total):
-                bar.update(task, completed=rec["step"], description=describe(rec))
-
-            with wired(m, batch_size * max_seq_len):
-                trainer.run(progress=show)
+        elif force and out.is_dir():
+            clear_outputs(out)
+        with progress_printer(trainer, report_every, sys.stderr) as show, wired(m, batch_size * max_seq_len):
+            trainer.run(progress=show)
     except USER_ERRORS as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -370,7 +387,7 @@ def finetune(
     typer.echo(f"adapter written to {out}")
 
 
-def step_memory(folder: Path, dtype: Optional[str], targets: tuple, rank: int, tokens: int) -> int:
+def step_memory(folder: Path, dtype: Optional[str], targets: tuple, rank: int, rows: int, tokens: int) -> int:
     """What a training step needs beside the weights, by glm_mlx.finetune's arithmetic: `--expert-memory
     auto` leaves it free. 0 when the config cannot be read (loading then says why)."""
     from glm_mlx.config import ModelArgs
@@ -380,22 +397,25 @@ def step_memory(folder: Path, dtype: Optional[str], targets: tuple, rank: int, t
         args = ModelArgs.from_dict(json.loads((folder / "config.json").read_text()))
     except (OSError, ValueError):
         return 0
-    return training_reserve(args, tokens, 4 if dtype == "float32" else 2, targets, rank)
+    return training_reserve(args, tokens, 4 if dtype == "float32" else 2, targets, rank, rows)
 
 
 @app.command()
 def fuse(
     model: Path = typer.Option(..., "--model", "-m", help="the base glm-mlx model folder"),
     adapter: Path = typer.Option(..., "--adapter", help="the adapter folder"),
-    out: Path = typer.Option(..., "--out", "-o", help="the fused model folder to write"),
+    out: Path = typer.Option(..., "--out", "-o", help="the fused model folder to write (new or empty)"),
 ):
-    """Fold an adapter into its base model (re-quantizing quantized layers): a normal model folder."""
-    from glm_mlx.fuse import describe, fuse_folder
+    """Fold an adapter into its base model (re-quantizing quantized layers): a normal model folder. Says how much
+    of the adapter's update the rounding lost, and what to do when that is much."""
+    from glm_mlx.fuse import describe, explain, fuse_folder
 
     try:
         report = fuse_folder(model, adapter, out, log=lambda s: typer.echo(s, err=True))
     except USER_ERRORS as e:
         fail(str(e))
+    for line in explain(report):
+        typer.echo(line, err=True)
     typer.echo(f"wrote {out}: {describe(report)}")
 
 

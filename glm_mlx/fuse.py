@@ -46,9 +46,11 @@ from convert.safetensors_io import (
 from quantize.quantizer import dequantize, pack, quantize
 
 from .loading import load_model, model_key, write_verified_stamp
-from .lora import LoRALayer, load_adapter, lora_modules
+from .lora import LoRALayer, check_adapter_weights, load_adapter, lora_modules, read_adapter_config
 
 _CODES = {mx.float32: "F32", mx.bfloat16: "BF16", mx.float16: "F16"}
+PARTIAL_MARK = ".glm-mlx-fuse-partial"  # in OUT.partial while fuse builds it: only such a folder is ours to remove
+LARGE_UPDATE_ERROR = 0.1  # a tenth of the update lost to rounding: the fused model no longer is base + adapter
 
 
 def _f32(a: mx.array) -> np.ndarray:
@@ -142,6 +144,22 @@ def describe(report: dict) -> str:
             f"({w['module']}, {w['kind']}); worst update error {u['update_err']:.2e} ({u['module']}, {u['kind']})")
 
 
+def explain(report: dict) -> list[str]:
+    """What the worst update error means, and what to do when it is large."""
+    u = report["worst_update"]
+    lines = [f"update error = |fused - base - update| / |update|: the share of the adapter's change a layer's "
+             f"stored weights lost to rounding (0: all kept; 1: as large as the change itself). Worst: "
+             f"{u['update_err']:.2e} in {u['module']} ({u['kind']})."]
+    if u["update_err"] > LARGE_UPDATE_ERROR:
+        lines.append(f"Above {LARGE_UPDATE_ERROR}, the fused model is measurably not the base with the adapter: the "
+                     f"{u['kind']} grid cannot hold an update that small. Use the adapter unfused (--adapter when "
+                     "you chat or generate), or fuse into a model converted with --quant none, whose float "
+                     "weights take the update.")
+    else:
+        lines.append("That is small: the fused model behaves as the base with the adapter.")
+    return lines
+
+
 def _encode(arr: mx.array, code: str) -> np.ndarray:
     if code == "BF16":
         return np.array(arr.view(mx.uint16)) if arr.dtype == mx.bfloat16 else bf16_bits(_f32(arr))
@@ -190,42 +208,58 @@ def fuse_folder(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | P
     "fingerprint". Needs memory for the whole model, as loading does.
     """
     model_dir, out = Path(model_dir), Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out}: exists and is not empty; choose another --out")
-    model, manifest = load_model(model_dir, dtype)
-    adapter = load_adapter(model, adapter_dir, manifest)
-    report = fuse_model(model)
-    log(describe(report))
-
     tmp = out.with_name(out.name + ".partial")
+    # Everything that can be checked before the model loads (minutes at full size) is checked first.
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder; choose another --out")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out}: exists and is not empty; choose another --out")
+    if tmp.exists() and not (tmp / PARTIAL_MARK).is_file():
+        raise ValueError(f"{tmp}: exists and is not a fuse's unfinished output (fuse builds OUT there); "
+                         "move it away or choose another --out")
+    check_adapter_weights(adapter_dir, read_adapter_config(adapter_dir))
     if tmp.exists():
-        shutil.rmtree(tmp)  # a fuse cut short earlier: never renamed, never loadable
-    (tmp / "weights").mkdir(parents=True)
-    params = dict(tree_flatten(model.parameters()))
-    files = {}
-    for k, rel in enumerate(manifest["files"]):
-        if rel.startswith("weights/"):
-            files[rel] = _write_weights(model_dir / rel, tmp / rel, params, model.args.num_hidden_layers)
-        else:
-            size, sha = copy_file_atomic(model_dir / rel, tmp / rel)
-            files[rel] = {"size": size, "sha256": sha}
-        log(f"[{k + 1}/{len(manifest['files'])}] {rel}: {files[rel]['size'] / 1e6:.1f} MB")
-    experts = {i: experts_entry(tmp / e["file"], e["file"], int(i), e["num_experts"], e["quantization"])
-               for i, e in manifest["experts"].items()}
-    fp = hashlib.sha256(f"glm-mlx-fuse/{FORMAT_VERSION}\n{manifest['fingerprint']}\n"
-                        f"{adapter['weights']['sha256']}\n{dtype}\n".encode()).hexdigest()
-    base = {"fingerprint": manifest["fingerprint"], "model": model_dir.resolve().name}
-    if "fused_from" in manifest:
-        base["fused_from"] = manifest["fused_from"]
-    fused_from = {
-        "base": base,
-        "adapter": {"path": str(Path(adapter_dir).resolve()), "sha256": adapter["weights"]["sha256"],
-                    **{k: adapter[k] for k in ("rank", "alpha", "targets", "modules")}},
-        "dtype": dtype,
-    }
-    new = {**manifest, "fingerprint": fp, "experts": experts, "files": files, "fused_from": fused_from}
-    write_json_atomic(tmp / MANIFEST, new)
-    write_verified_stamp(tmp, files)
+        shutil.rmtree(tmp)  # a fuse cut short earlier (its mark says so): never renamed, never loadable
+    try:
+        (tmp / "weights").mkdir(parents=True)  # before the model loads: OUT's place takes writes
+    except OSError as e:
+        raise ValueError(f"{out}: cannot write there ({e.strerror}: {e.filename})") from None
+    (tmp / PARTIAL_MARK).touch()
+    try:
+        model, manifest = load_model(model_dir, dtype)
+        adapter = load_adapter(model, adapter_dir, manifest)
+        report = fuse_model(model)
+        log(describe(report))
+
+        params = dict(tree_flatten(model.parameters()))
+        files = {}
+        for k, rel in enumerate(manifest["files"]):
+            if rel.startswith("weights/"):
+                files[rel] = _write_weights(model_dir / rel, tmp / rel, params, model.args.num_hidden_layers)
+            else:
+                size, sha = copy_file_atomic(model_dir / rel, tmp / rel)
+                files[rel] = {"size": size, "sha256": sha}
+            log(f"[{k + 1}/{len(manifest['files'])}] {rel}: {files[rel]['size'] / 1e6:.1f} MB")
+        experts = {i: experts_entry(tmp / e["file"], e["file"], int(i), e["num_experts"], e["quantization"])
+                   for i, e in manifest["experts"].items()}
+        fp = hashlib.sha256(f"glm-mlx-fuse/{FORMAT_VERSION}\n{manifest['fingerprint']}\n"
+                            f"{adapter['weights']['sha256']}\n{dtype}\n".encode()).hexdigest()
+        base = {"fingerprint": manifest["fingerprint"], "model": model_dir.resolve().name}
+        if "fused_from" in manifest:
+            base["fused_from"] = manifest["fused_from"]
+        fused_from = {
+            "base": base,
+            "adapter": {"path": str(Path(adapter_dir).resolve()), "sha256": adapter["weights"]["sha256"],
+                        **{k: adapter[k] for k in ("rank", "alpha", "targets", "modules")}},
+            "dtype": dtype,
+        }
+        new = {**manifest, "fingerprint": fp, "experts": experts, "files": files, "fused_from": fused_from}
+        write_json_atomic(tmp / MANIFEST, new)
+        write_verified_stamp(tmp, files)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # made above, by this call
+        raise
+    (tmp / PARTIAL_MARK).unlink()
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)

@@ -48,6 +48,10 @@ ADAPTER_FORMAT = "glm-mlx-adapter"
 _LINEAR_GROUPS = ("attention", "shared_experts", "dense_mlp")
 
 
+class AdapterError(ValueError):
+    """An adapter folder that cannot be used; the message names the file."""
+
+
 def _dims(base) -> tuple[int | None, int, int]:
     """(experts or None, in, out) of a Linear, QuantizedLinear or (Quantized)SwitchLinear,
     or of an offloaded bank's projection given as (OffloadedExperts, name)."""
@@ -248,9 +252,9 @@ def read_adapter_config(directory: str | Path) -> dict:
     directory = Path(directory)
     path = directory / ADAPTER_CONFIG
     if not directory.is_dir():
-        raise ValueError(f"{directory}: no such adapter folder")
+        raise AdapterError(f"{directory}: no such adapter folder")
     if not path.is_file():
-        raise ValueError(f"{path}: missing (not an adapter folder, or its save did not finish)")
+        raise AdapterError(f"{path}: missing (not an adapter folder, or its save did not finish)")
     try:
         config = json.loads(path.read_text())
         float(config["alpha"])
@@ -261,8 +265,19 @@ def read_adapter_config(directory: str | Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
         ok = False
     if not ok:
-        raise ValueError(f"{path}: corrupt or not a glm-mlx adapter config")
+        raise AdapterError(f"{path}: corrupt or not a glm-mlx adapter config")
     return config
+
+
+def check_adapter_weights(directory: str | Path, config: dict) -> Path:
+    """The adapter's weights file, present and the one its config names by sha256 (a truncated or
+    swapped file is refused in one line)."""
+    wpath = Path(directory) / ADAPTER_WEIGHTS
+    if not wpath.is_file():
+        raise AdapterError(f"{wpath}: missing")
+    if _sha256(wpath) != config["weights"]["sha256"]:
+        raise AdapterError(f"{wpath}: checksum does not match {ADAPTER_CONFIG} (corrupt, or from another save)")
+    return wpath
 
 
 def load_adapter(model: nn.Module, directory: str | Path, manifest: dict) -> dict:
@@ -287,11 +302,7 @@ def load_adapter(model: nn.Module, directory: str | Path, manifest: dict) -> dic
     if base.get("weights_sha256", _files_hash(manifest)) != _files_hash(manifest):
         raise ValueError(f"{directory}: this adapter was trained for {trained_for}, a model of the same "
                          "architecture and recipe but other weights")
-    wpath = directory / ADAPTER_WEIGHTS
-    if not wpath.is_file():
-        raise ValueError(f"{wpath}: missing")
-    if _sha256(wpath) != config["weights"]["sha256"]:
-        raise ValueError(f"{wpath}: checksum does not match {ADAPTER_CONFIG} (corrupt, or from another save)")
+    wpath = check_adapter_weights(directory, config)
     try:
         weights = mx.load(str(wpath))
     except (RuntimeError, ValueError, OSError) as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from test_convert import cli, one_line_error
@@ -187,6 +188,7 @@ def test_lora_on_offloaded_experts_is_refused_clearly(converted, tmp_path):
     ok = cli("finetune", "--model", folder, "--data", data, "--out", tmp_path / "o2", "--iters", "1",
              "--expert-memory", str(budget_for(folder, 2)), check_ok=True)
     assert "experts offloaded: 2 of 16" in ok.stderr and (tmp_path / "o2" / "adapters.safetensors").is_file()
+    assert "| experts read " in ok.stderr  # the progress line off a terminal says what the step read
 
 
 def test_an_offloaded_step_reads_its_experts_twice_not_three_times(converted, monkeypatch):
@@ -264,3 +266,243 @@ def test_the_training_memory_arithmetic_holds_at_small_size(tmp_path):
     predicted = training_reserve(model.args, tokens, 4, targets, 8)
     print(f"measured {measured / 1e6:.1f} MB, predicted {predicted / 1e6:.1f} MB")
     assert abs(measured - predicted) < 0.25 * predicted, (measured, predicted)
+
+
+# ---- interrupts, checkpoints and resuming --------------------------------------------------------------------------
+
+class Killed(BaseException):
+    """kill -9 as the loop sees it: nothing of ours runs after it (no handler, no clean-up)."""
+
+
+class Interrupter:
+    """A tracer over the training loop's own code: counts the lines run in `files` (and, given
+    `functions`, in those only) and, when `at` is given, raises `exc` as the at-th runs, as a Ctrl-C
+    (or a kill) landing there would. Armed once step 2 reports."""
+
+    def __init__(self, files, functions=None, at=None, exc=KeyboardInterrupt):
+        self.files, self.functions, self.at, self.exc = files, functions, at, exc
+        self.seen, self.armed = [], False
+
+    def __call__(self, frame, event, arg):
+        code = frame.f_code
+        if not code.co_filename.endswith(self.files):
+            return None
+        if event == "line" and self.armed and (self.functions is None or code.co_name in self.functions):
+            self.seen.append((code.co_filename.rsplit("/", 1)[1], code.co_name, frame.f_lineno))
+            if len(self.seen) == self.at:
+                raise self.exc
+        return self
+
+    def progress(self, rec, total):
+        self.armed = rec["step"] >= 2  # after step 2's work: a checkpoint exists by then for each test below
+
+
+def _run_traced(trainer, tracer):
+    import sys
+
+    sys.settrace(tracer)
+    try:
+        return trainer.run(progress=tracer.progress)
+    finally:
+        sys.settrace(None)
+
+
+def _interrupt_everywhere(converted, tmp_path, monkeypatch, files, functions, exc, save_every):
+    """Train 4 steps uninterrupted; then, for each line of `files` the loop runs after step 2 reports, a run
+    stopped there by `exc` and resumed from its checkpoint. Each resumed run must take the same steps
+    with the same losses and learning rates, and end with the same adapter. Returns the lines tried."""
+    import shutil
+
+    from glm_mlx.lora import lora_parameters
+
+    folder = converted("air-tiny", "mixed")
+    rows = [{"messages": [{"role": "user", "content": f"question {i}"},
+                          {"role": "assistant", "content": f"answer number {i} " * (1 + i % 3)}]} for i in range(5)]
+    ds = load_dataset(write_jsonl(tmp_path / "d.jsonl", rows), Tokenizer(folder))
+    _, manifest = load_model(folder, "float32")
+    # 5 samples in batches of 2, 2 a step: step 4 starts an epoch, 2 and 4 validate
+    cfg = TrainConfig(rank=4, alpha=8, dropout=0.1, iters=4, batch_size=2, grad_accum=2, lr=1e-3, warmup=1,
+                      val_every=2, save_every=save_every, seed=3)
+
+    def trainer(out):
+        return Trainer(load_model(folder, "float32")[0], ds, cfg, out, valid=ds, base_manifest=manifest,
+                       base_dir=folder, log=lambda s: None)
+
+    whole, baseline = trainer(tmp_path / "whole"), Interrupter(files, functions)
+    want = [(r["step"], r["loss"], r["lr"]) for r in _run_traced(whole, baseline)]
+    want_adapter = {k: np.array(v) for k, v in lora_parameters(whole.model).items()}
+    first = {}  # each distinct line, at its first run
+    for k, where in enumerate(baseline.seen, 1):
+        first.setdefault(where, k)
+    for where, k in first.items():
+        out = tmp_path / f"i{k}"
+        with monkeypatch.context() as m:
+            if exc is Killed:
+                m.setattr(shutil, "rmtree", lambda *a, **kw: None)  # a killed process cleans nothing up
+            with pytest.raises(exc):
+                _run_traced(trainer(out), Interrupter(files, functions, at=k, exc=exc))
+        second = trainer(out)
+        second.resume(out / "checkpoint")
+        got = [(r["step"], r["loss"], r["lr"]) for r in second.run()]
+        assert got == want, f"stopped at {where}"
+        adapter = lora_parameters(second.model)
+        assert all(np.array_equal(np.array(adapter[n]), want_adapter[n]) for n in want_adapter), where
+    return first
+
+
+def test_a_ctrl_c_anywhere_in_the_loop_resumes_exactly(converted, tmp_path, monkeypatch):
+    """Ctrl-C at every line the loop and its data iterator run after step 2: fetching a batch,
+    inside the batches generator, mid-step (while MLX traces the compiled step too), at the update,
+    validating, saving a checkpoint (then the save on Ctrl-C)."""
+    tried = _interrupt_everywhere(converted, tmp_path, monkeypatch, ("glm_mlx/finetune.py", "glm_mlx/data.py"),
+                                  None, KeyboardInterrupt, 2)
+    functions = {f for _, f, _ in tried}
+    assert {"train_step", "_batch", "batches", "evaluate", "save", "run", "loss_fn_hidden"} <= functions, functions
+
+
+def test_a_kill_during_a_checkpoint_save_leaves_one_whole_checkpoint(converted, tmp_path, monkeypatch):
+    """kill -9 at every line of a checkpoint save (the adapter's included): OUT/checkpoint is then
+    the previous save or the new one, never a mix of steps, and resuming from it is exact."""
+    tried = _interrupt_everywhere(converted, tmp_path, monkeypatch, ("glm_mlx/finetune.py", "glm_mlx/lora.py"),
+                                  {"save", "save_adapter"}, Killed, 1)
+    assert len(tried) > 20
+
+
+def _small_run(folder, tmp_path, **kw):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"hello world {i} " * 5} for i in range(3)])
+    cfg = TrainConfig(**{"rank": 4, "iters": 3, "save_every": 1, "lr": 1e-3, **kw})
+    return _trainer(folder, data, tmp_path / "o", cfg), data
+
+
+COSINE = {"rank": 4, "lr": 1e-3, "lr_schedule": "cosine"}
+
+
+def test_resume_extends_a_run_with_the_new_lengths_schedule(converted, tmp_path):
+    folder = converted("air-tiny", "mixed")
+    t, data = _small_run(folder, tmp_path, lr_schedule="cosine")  # a schedule whose length shows
+    t.run()
+    said = []
+    longer = _trainer(folder, data, tmp_path / "o", TrainConfig(iters=5, save_every=1, **COSINE))
+    longer.log = said.append
+    longer.resume(tmp_path / "o" / "checkpoint")
+    assert len(said) == 1 and "the checkpoint's run was 3 steps): not what a 5-step run from scratch gives" in said[0]
+    hist = longer.run()
+    assert [r["step"] for r in hist] == [1, 2, 3, 4, 5]
+    fresh = _trainer(folder, data, tmp_path / "f", TrainConfig(iters=5, **COSINE))
+    assert [r["lr"] for r in hist[3:]] == [float(fresh.lr_at(mx.array(s)).item()) for s in (3, 4)]
+    assert hist[1]["lr"] != float(fresh.lr_at(mx.array(1)).item())  # the first steps had the 3-step schedule
+    shorter = _trainer(folder, data, tmp_path / "o", TrainConfig(iters=4, save_every=1, **COSINE))
+    with pytest.raises(ValueError, match="at step 5, past this run's 4 steps"):
+        shorter.resume(tmp_path / "o" / "checkpoint")
+
+
+def test_resume_refuses_a_model_of_the_same_shapes_with_other_weights(converted, tmp_path):
+    from convert.convert import convert
+    from convert.synthetic import make_config, write_checkpoint
+
+    folder = converted("air-tiny", "mixed")
+    other = convert(write_checkpoint(tmp_path / "src", make_config("air-tiny"), seed=1), tmp_path / "other", "mixed")
+    t, data = _small_run(folder, tmp_path, iters=1)
+    t.run()
+    elsewhere = _trainer(other, data, tmp_path / "o", t.cfg)
+    assert elsewhere.base["fingerprint"] == t.base["fingerprint"]  # the same config, names, shapes, recipe
+    with pytest.raises(ValueError, match="same architecture and recipe but other weights"):
+        elsewhere.resume(tmp_path / "o" / "checkpoint")
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda c: c.joinpath("adapters.safetensors").write_bytes(c.joinpath("adapters.safetensors").read_bytes()[:99]),
+     "adapters.safetensors: checksum does not match"),
+    (lambda c: c.joinpath("optimizer.safetensors").unlink(), "optimizer.safetensors: missing"),
+    (lambda c: c.joinpath("state.json").write_text('{"step": 3'), "corrupt checkpoint"),
+    (lambda c: c.joinpath("adapter_config.json").write_text("[]"), "corrupt or not a glm-mlx adapter config"),
+])
+def test_a_damaged_checkpoint_is_refused_in_one_line(converted, tmp_path, damage, says):
+    folder = converted("air-tiny", "mixed")
+    t, data = _small_run(folder, tmp_path, iters=2)
+    t.run()
+    damage((tmp_path / "o" / "checkpoint").resolve())
+    again = _trainer(folder, data, tmp_path / "o", t.cfg)
+    with pytest.raises(ValueError, match=says) as e:
+        again.resume(tmp_path / "o" / "checkpoint")
+    assert "\n" not in str(e.value)
+
+
+def test_training_stops_at_the_first_non_finite_loss_and_writes_no_adapter(converted, tmp_path):
+    folder = converted("air-tiny", "mixed")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"hello world {i} " * 5} for i in range(3)])
+    p = cli("finetune", "--model", folder, "--data", data, "--out", tmp_path / "o", "--iters", "6", "--lr", "1e30",
+            "--save-every", "1")
+    ends_in_error(p, "step 2: the loss is nan", "no adapter written", "(step 1) kept")
+    assert not (tmp_path / "o" / "adapter_config.json").exists()
+    state = json.loads((tmp_path / "o" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 1 and np.isfinite(state["history"][0]["loss"])
+
+
+def test_an_out_holding_a_run_is_refused_unless_resume_or_force(converted, tmp_path):
+    folder = converted("air-tiny", "mixed")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"hello world {i} " * 5} for i in range(3)])
+    out = tmp_path / "o"
+    cli("finetune", "--model", folder, "--data", data, "--out", out, "--iters", "2", check_ok=True)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    p = cli("finetune", "--model", folder, "--data", data, "--out", out, "--iters", "2", "--seed", "1")
+    one_line_error(p, f"{out}: holds an adapter already", "--resume", "--force")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    (out / "notes.txt").write_text("mine")
+    p = cli("finetune", "--model", folder, "--data", data, "--out", out, "--iters", "2", "--seed", "1", "--force",
+            check_ok=True)
+    assert (out / "notes.txt").read_text() == "mine"  # --force replaces the run's own files only
+    assert (out / "adapters.safetensors").read_bytes() != before["adapters.safetensors"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint",
+                                                                                         "checkpoint-000002"]
+    f = tmp_path / "file"
+    f.write_text("not a folder")
+    one_line_error(cli("finetune", "--model", folder, "--data", data, "--out", f), f"{f}: exists and is not a folder")
+    one_line_error(cli("finetune", "--model", folder, "--data", data, "--out", tmp_path / "new", "--resume"),
+                   "no checkpoint to resume from")
+
+
+@pytest.mark.parametrize("option, field, value", [
+    ("--lr", "lr", float("nan")), ("--lr", "lr", float("inf")), ("--lr", "lr", -1.0), ("--batch-size", "batch_size", 0),
+    ("--rank", "rank", 0), ("--alpha", "alpha", float("nan")), ("--dropout", "dropout", 1.0),
+    ("--grad-accum", "grad_accum", 0), ("--iters", "iters", 0), ("--epochs", "epochs", 0),
+    ("--max-seq-len", "max_seq_len", 1), ("--warmup", "warmup", -1), ("--seed", "seed", -1),
+    ("--lr-schedule", "lr_schedule", "linear"), ("--save-every", "save_every", -2)])
+def test_absurd_options_are_refused_before_any_work(option, field, value):
+    from glm_mlx.finetune import check_config
+
+    with pytest.raises(ValueError, match=f"^{option} must be"):
+        check_config(TrainConfig(**{field: value}))
+
+
+def test_absurd_options_get_one_line_from_the_command(converted, tmp_path):
+    folder = converted("air-tiny", "mixed")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello world " * 5}])
+    for option, value in (("--lr", "nan"), ("--batch-size", "0"), ("--report-every", "0")):
+        p = cli("finetune", "--model", folder, "--data", data, "--out", tmp_path / "o", option, value)
+        one_line_error(p, f"{option} must be")
+        assert not (tmp_path / "o").exists()
+
+
+def test_progress_is_a_plain_line_every_report_every_steps_off_a_terminal(converted, tmp_path):
+    folder = converted("air-tiny", "mixed")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"hello world {i} " * 5} for i in range(3)])
+    p = cli("finetune", "--model", folder, "--data", data, "--out", tmp_path / "o", "--iters", "5",
+            "--report-every", "2", "--val-every", "2", check_ok=True)
+    assert "warning: --val-every 2 does nothing without validation data" in p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in lines] == ["step 2", "step 4", "step 5"], p.stderr
+    assert all(k in lines[0] for k in ("loss ", "lr ", "tokens/s", "peak ")) and lines[-1].endswith("5/5")
+
+
+def test_the_command_line_defaults_are_the_train_configs():
+    import inspect
+
+    from glm_mlx.cli import finetune
+
+    defaults = TrainConfig()
+    for name, p in inspect.signature(finetune).parameters.items():
+        if hasattr(defaults, name) and name != "iters":
+            want = getattr(defaults, name)
+            got = p.default.default
+            assert (tuple(got.split(",")) if name == "targets" else got) == want, name

@@ -14,6 +14,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from test_convert import cli
 
 import glm_mlx
 from glm_mlx.experts import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
@@ -395,3 +396,41 @@ def test_fuse_refuses_an_occupied_folder_and_leaves_none_half_written(converted,
     with pytest.raises(ValueError, match="trained for"):
         fuse_folder(folder, tmp_path / "ad", tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_fuse_never_removes_a_partial_folder_it_did_not_make(converted, tmp_path):
+    """OUT.partial is where fuse builds OUT: one holding the user's files is refused before any work,
+    untouched; one a fuse left behind (its mark inside) is replaced."""
+    from glm_mlx.fuse import PARTIAL_MARK
+
+    folder = converted("air-tiny")
+    saved_adapter(folder, tmp_path / "ad")
+    (tmp_path / "out.partial").mkdir()
+    (tmp_path / "out.partial" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="out.partial: exists and is not a fuse's unfinished output"):
+        fuse_folder(folder, tmp_path / "ad", tmp_path / "out")
+    assert (tmp_path / "out.partial" / "notes.txt").read_text() == "mine" and not (tmp_path / "out").exists()
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(ValueError, match="afile: exists and is not a folder"):
+        fuse_folder(folder, tmp_path / "ad", tmp_path / "afile")
+    (tmp_path / "out.partial" / "notes.txt").unlink()
+    (tmp_path / "out.partial" / PARTIAL_MARK).touch()  # as a fuse cut short leaves it
+    fuse_folder(folder, tmp_path / "ad", tmp_path / "out")
+    assert not (tmp_path / "out.partial").exists() and not (tmp_path / "out" / PARTIAL_MARK).exists()
+    assert (tmp_path / "out" / "glm_mlx.json").is_file()
+
+
+def test_fuse_explains_its_update_error_and_what_to_do_when_it_is_large(converted, tmp_path):
+    from glm_mlx.fuse import LARGE_UPDATE_ERROR, explain
+
+    for recipe, std in (("none", 0.05), ("mixed", 0.0005)):  # bf16 holds this update; 4 bits round a tiny one away
+        folder = converted("air-tiny", recipe)
+        saved_adapter(folder, tmp_path / recipe, std=std)
+        report = fuse_folder(folder, tmp_path / recipe, tmp_path / f"f-{recipe}")
+        worst, lines = report["worst_update"]["update_err"], explain(report)
+        print(recipe, lines)
+        assert (worst > LARGE_UPDATE_ERROR) == (recipe == "mixed"), (recipe, worst)
+        assert f"{worst:.2e}" in lines[0] and report["worst_update"]["module"] in lines[0]
+        assert ("--quant none" in lines[1] and "--adapter" in lines[1]) == (recipe == "mixed")
+    p = cli("fuse", "--model", folder, "--adapter", tmp_path / recipe, "--out", tmp_path / "f-cli", check_ok=True)
+    assert all(line in p.stderr for line in lines)
