@@ -317,11 +317,13 @@ def finetune(
     resume: bool = typer.Option(False, "--resume", help="go on from OUT/checkpoint (a larger --iters or --epochs "
                                 "extends the run)"),
     force: bool = typer.Option(False, "--force", help="start over in an OUT that holds an earlier run"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", callback=check_seed),
     think: Optional[bool] = typer.Option(None, "--think/--no-think", help="render chat samples with "
                                          "reasoning on or off (default: the template's)"),
-    dtype: Optional[str] = typer.Option(None, help="compute dtype (default: float32 on the CPU, else bf16)"),
-    expert_memory: Optional[str] = typer.Option("auto", "--expert-memory", help="most memory the routed experts may "
+    dtype: Optional[str] = typer.Option(None, callback=check_dtype, help="compute dtype: float32, bfloat16 or "
+                                        "float16, or fp32/bf16/fp16 (default: float32 on the CPU, else bfloat16)"),
+    expert_memory: Optional[str] = typer.Option("auto", "--expert-memory", callback=check_expert_memory,
+                                                help="most memory the routed experts may "
                                                 "take (e.g. 24GB): a model larger than memory trains with its "
                                                 "experts read from disk, frozen. auto (the default): all resident "
                                                 "when the model fits"),
@@ -346,8 +348,6 @@ def finetune(
             fail(f"--report-every must be an integer of at least 1, not {report_every}")
         if overlong not in ("truncate", "skip"):
             fail(f"--overlong must be truncate or skip, not {overlong!r}")
-        if dtype not in (None, "float32", "bfloat16", "float16"):
-            fail(f"--dtype must be float32, bfloat16 or float16, not {dtype!r}")
         check_out(out, resume=resume, force=force)
         train_path, found_valid = split_path(data)
         valid = valid or found_valid
