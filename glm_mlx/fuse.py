@@ -168,10 +168,12 @@ def _encode(arr: mx.array, code: str) -> np.ndarray:
     return np.array(arr.astype({"F32": mx.float32, "F16": mx.float16}[code]))
 
 
-def _write_weights(src: Path, dst: Path, params: dict[str, mx.array], n_layers: int) -> dict:
+def _write_weights(src: Path, dst: Path, params: dict[str, mx.array], n_layers: int, keep: bool) -> dict:
     """dst: src's tensors, in src's order and layout (so an experts file keeps
     one contiguous range per expert), their values taken from `params`.
-    Quantized parts keep their stored dtype; float tensors take the model's."""
+    Quantized parts keep their stored dtype; float tensors too with `keep` (the
+    model computes the router in float32 whatever it is stored in), else they
+    take the model's."""
     f = SafetensorsFile(src)
 
     def value(name: str) -> mx.array:
@@ -183,7 +185,7 @@ def _write_weights(src: Path, dst: Path, params: dict[str, mx.array], n_layers: 
     specs = {}
     for name, info in f.tensors.items():
         quantized_part = info.dtype == "U32" or name.endswith((".scales", ".biases"))
-        specs[name] = (info.dtype if quantized_part else _CODES[value(name).dtype], info.shape)
+        specs[name] = (info.dtype if quantized_part or keep else _CODES[value(name).dtype], info.shape)
     w = SafetensorsWriter(dst, specs, f.metadata)
     try:
         for name, (code, _) in specs.items():
@@ -235,7 +237,8 @@ def fuse_folder(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | P
         files = {}
         for k, rel in enumerate(manifest["files"]):
             if rel.startswith("weights/"):
-                files[rel] = _write_weights(model_dir / rel, tmp / rel, params, model.args.num_hidden_layers)
+                files[rel] = _write_weights(model_dir / rel, tmp / rel, params, model.args.num_hidden_layers,
+                                             keep=dtype is None)
             else:
                 size, sha = copy_file_atomic(model_dir / rel, tmp / rel)
                 files[rel] = {"size": size, "sha256": sha}

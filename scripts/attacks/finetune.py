@@ -110,7 +110,7 @@ case("33.13", "finetune --resume, state.json not JSON", "error naming the checkp
     _damaged("state.json", lambda p: p.write_text("{"), "corrupt checkpoint"))
 
 
-@case("33.8", "finetune --resume on another model with the same config", "error: other weights")
+@case("33.8", "finetune --resume on another model with the same config", "error: trained on another model")
 def resume_other_weights(lab: Lab) -> str:
     from convert.convert import convert
     from convert.synthetic import make_config, write_checkpoint
@@ -119,7 +119,7 @@ def resume_other_weights(lab: Lab) -> str:
     tmp = lab.tmp()
     other = convert(write_checkpoint(tmp / "src", make_config("air-tiny"), seed=5), tmp / "model", "mixed")
     return lab.cli("finetune", "-m", other, "--data", data, "--out", out, "--iters", "3", "--save-every", "1",
-                   "--resume").refused("other weights")
+                   "--resume").refused("another model")
 
 
 @case("33.8", "kill -9 during checkpoint saves, 8 times", "every checkpoint whole (one step); --resume goes on")
