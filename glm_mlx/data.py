@@ -95,8 +95,15 @@ def load_dataset(path: str | Path, tokenizer: Tokenizer, *, max_seq_len: int = 2
         raise DataError(f"{tokenizer.folder}: the tokenizer lacks GLM's role tokens {', '.join(missing)}")
 
     examples, truncated, skipped = [], 0, 0
+    cap = line_cap(tokenizer, max_seq_len)
     with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in _lines(f, cap):
+            if raw is None:  # more bytes than max_seq_len tokens can hold: over-long whatever it holds
+                if overlong == "truncate":
+                    raise DataError(f"{path}:{lineno}: longer than {cap / 1e6:.1f} MB, more than {max_seq_len} "
+                                    "tokens can hold: it is not read (pass --overlong skip to skip such samples)")
+                skipped += 1
+                continue
             try:
                 tokens, mask = _sample(raw, tokenizer, think)
             except _Bad as e:
@@ -147,6 +154,34 @@ def batches(dataset: Dataset, batch_size: int, *, seed: int, epoch: int,
 
 
 # One sample -----------------------------------------------------------------------------------------
+
+# A JSON line's bytes against the text it holds: a character escaped as \uXXXX takes 6 bytes for at least 1.
+JSON_BYTES_PER_TEXT_BYTE = 6
+LINE_SLACK = 1 << 20  # the JSON and a template's own text beside the sample's (keys, tool schemas, role markup)
+
+
+def line_cap(tok: Tokenizer, max_seq_len: int) -> int:
+    """The most bytes a JSONL line may have and still be read: a token is at most the vocabulary's longest
+    entry (in bytes: byte-level BPE writes a byte a character), so a line above this holds more than
+    max_seq_len tokens of text whatever it says. Reading it whole (a 50 MB line took 8.5 GB to tokenize)
+    would only be cut back to max_seq_len tokens."""
+    longest = max(map(len, tok.hf.get_vocab()), default=1)
+    return JSON_BYTES_PER_TEXT_BYTE * longest * max_seq_len + LINE_SLACK
+
+
+def _lines(f, cap: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, its bytes) of a binary file, or None for a line of more than `cap` bytes, which is read
+    past in pieces, never held."""
+    lineno = 0
+    while raw := f.readline(cap + 1):
+        lineno += 1
+        if len(raw.rstrip(b"\r\n")) <= cap:
+            yield lineno, raw
+            continue
+        while raw and not raw.endswith(b"\n"):
+            raw = f.readline(1 << 20)
+        yield lineno, None
+
 
 def _sample(raw: bytes, tok: Tokenizer, think: bool | None) -> tuple[list[int] | None, list[bool] | None]:
     try:

@@ -301,3 +301,28 @@ def test_batch_order_is_fixed_by_seed_and_epoch():
     assert order(7, 0) != order(8, 0)
     first, again = list(batches(ds, 3, seed=7, epoch=1)), list(batches(ds, 3, seed=7, epoch=1))
     assert all((a == b).all() for x, y in zip(first, again) for a, b in zip(x, y))
+
+
+def test_a_line_longer_than_max_seq_len_tokens_can_be_is_never_held(tmp_path, tok):
+    """A 20 MB line at --max-seq-len 8: over the cap (the vocabulary's longest token x 6 bytes a text byte x
+    8 tokens, plus slack), so it is refused in truncate mode and skipped in skip mode, read past in 1 MB
+    pieces: the peak stays near the cap, not the line's size (tokenizing it whole took gigabytes)."""
+    import tracemalloc
+
+    from glm_mlx.data import line_cap
+
+    cap = line_cap(tok, 8)
+    assert cap < 4 << 20
+    path = tmp_path / "data.jsonl"
+    with path.open("w") as f:
+        f.write(json.dumps({"text": "hello"}) + "\n")
+        f.write('{"text": "' + "ab " * ((20 << 20) // 3) + '"}\n')
+        f.write(json.dumps({"text": "there"}) + "\n")
+    with pytest.raises(DataError, match=r"data.jsonl:2: longer than .* --overlong skip"):
+        load_dataset(path, tok, max_seq_len=8)
+    tracemalloc.start()
+    ds = load_dataset(path, tok, max_seq_len=8, overlong="skip")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(ds.examples) == 2 and ds.skipped == 1
+    assert peak < 4 * cap < 20 << 20, peak  # the line itself is 20 MB

@@ -160,3 +160,13 @@ def kill_mid_save(lab: Lab) -> str:
     line = lab.cli("finetune", "-m", model, "--data", data, "--out", out, "--iters", str(steps[-1] + 1),
                    "--resume").ok().err.strip().splitlines()
     return f"(not an error) checkpoints whole at steps {steps[1:]}; resumed: {line[-1]}"
+
+
+@case("33.14", "finetune on a JSONL line of 50 MB", "error naming the line, read past without holding it")
+def huge_jsonl_line(lab: Lab) -> str:
+    data = lab.tmp() / "data.jsonl"
+    with data.open("w") as f:
+        f.write(json.dumps({"text": "hello there"}) + "\n")
+        f.write('{"text": "' + "word " * (10 << 20) + '"}\n')
+    return lab.cli("finetune", "-m", lab.model(), "--data", data, "--out", lab.tmp() / "o", "--iters", "1",
+                   "--max-seq-len", "64").refused("data.jsonl:2")
