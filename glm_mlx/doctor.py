@@ -64,8 +64,10 @@ def report() -> list[str]:
     if (ws := memory.working_set()) is not None:
         lines.append(f"Metal's recommended working set: {memory.gb(ws)}")
     lines.append(f"wired limit: {_wired_limit()}")
-    lines.append(f"GLM_MLX_KERNELS: {os.environ.get('GLM_MLX_KERNELS') or '(unset)'}; "
-                 f"verdicts cached in {selfcheck.verdicts_file()}")
+    unknown = selfcheck.unknown_names((*kernels.KERNELS, *kernels.CUDA_KERNELS))
+    lines.append(f"GLM_MLX_KERNELS: {os.environ.get('GLM_MLX_KERNELS') or '(unset)'}"
+                 + (f" (names no kernel: {', '.join(unknown)})" if unknown else "")
+                 + f"; verdicts cached in {selfcheck.verdicts_file()}")
     lines.append("kernels:")
     for name in (*kernels.KERNELS, *kernels.CUDA_KERNELS):
         v = kernels.verdict(name)

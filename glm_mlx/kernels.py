@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -1022,6 +1023,9 @@ def verdict(name: str) -> "selfcheck.Verdict":
 
 def _check(name: str) -> "selfcheck.Verdict":
     kind = backend()
+    if not _verdicts and (unknown := selfcheck.unknown_names((*KERNELS, *CUDA_KERNELS))):  # once a process
+        print(f"glm-mlx: GLM_MLX_KERNELS names no kernel {', '.join(unknown)}; the kernels are "
+              f"{', '.join((*KERNELS, *CUDA_KERNELS))} (or off for all)", file=sys.stderr)
     if kind == "cpu":
         return selfcheck.Verdict(False, "the CPU has no custom kernels")
     if kind == "metal" and name in CUDA_KERNELS:

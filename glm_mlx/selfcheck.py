@@ -44,6 +44,14 @@ def forced_off(name: str) -> bool:
     return name in {n.strip() for n in value.split(",")}
 
 
+def unknown_names(known) -> list[str]:
+    """Names in a GLM_MLX_KERNELS list that are no kernel's (a misspelling would turn nothing off)."""
+    value = os.environ.get("GLM_MLX_KERNELS", "").strip()
+    if not value or value.lower() in ("off", "0", "none", "reference"):
+        return []
+    return sorted({n.strip() for n in value.split(",") if n.strip()} - set(known))
+
+
 def key(mlx_version: str, device: str, source: str) -> str:
     """A verdict's key: the MLX version, the device's name and the kernel source's sha256."""
     return f"{mlx_version}|{device}|{hashlib.sha256(source.encode()).hexdigest()[:32]}"

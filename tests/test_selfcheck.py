@@ -145,3 +145,13 @@ def build_tiny():
 
     cfg = bench_config("small", 2)
     return build_ours(cfg, random_weights(cfg, "uniform4", 0, mx.bfloat16), "uniform4")
+
+
+def test_a_misspelt_kernel_name_is_said_once(fake_metal, monkeypatch, capsys):
+    """GLM_MLX_KERNELS=glm_qvk turns nothing off: one line says so, naming the kernels there are."""
+    monkeypatch.setenv("GLM_MLX_KERNELS", "glm_qvk,glm_router_select")
+    assert not kernels.verdict("glm_router_select").ok  # the name that is right still counts
+    kernels.verdict("glm_qkv")
+    err = capsys.readouterr().err
+    assert err.count("GLM_MLX_KERNELS names no kernel glm_qvk") == 1 and "glm_qkv" in err
+    assert any("names no kernel: glm_qvk" in line for line in doctor.report())
