@@ -560,6 +560,8 @@ def check_out(out: Path, *, resume: bool, force: bool) -> None:
         raise OptionError("--resume and --force contradict each other: go on from OUT's checkpoint, or start over")
     if out.exists() and not out.is_dir():
         raise OptionError(f"{out}: exists and is not a folder; --out names the adapter folder to write")
+    if (out / "glm_mlx.json").exists():  # even with --force: an adapter never goes into a model folder
+        raise OptionError(f"{out}: is a glm-mlx model folder; --out names the adapter folder to write")
     if resume:
         if not (out / CHECKPOINT / "state.json").is_file():
             raise OptionError(f"{out}: no checkpoint to resume from ({out / CHECKPOINT} is missing)")

@@ -463,6 +463,11 @@ def test_an_out_holding_a_run_is_refused_unless_resume_or_force(converted, tmp_p
     one_line_error(cli("finetune", "--model", folder, "--data", data, "--out", f), f"{f}: exists and is not a folder")
     one_line_error(cli("finetune", "--model", folder, "--data", data, "--out", tmp_path / "new", "--resume"),
                    "no checkpoint to resume from")
+    # A model folder is never an adapter's --out, --force or not: its files stay as they were.
+    model_files = sorted(p.name for p in folder.iterdir())
+    one_line_error(cli("finetune", "--model", folder, "--data", data, "--out", folder, "--force"),
+                   "is a glm-mlx model folder")
+    assert sorted(p.name for p in folder.iterdir()) == model_files
 
 
 @pytest.mark.parametrize("option, field, value", [

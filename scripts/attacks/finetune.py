@@ -170,3 +170,14 @@ def huge_jsonl_line(lab: Lab) -> str:
         f.write('{"text": "' + "word " * (10 << 20) + '"}\n')
     return lab.cli("finetune", "-m", lab.model(), "--data", data, "--out", lab.tmp() / "o", "--iters", "1",
                    "--max-seq-len", "64").refused("data.jsonl:2")
+
+
+@case("33.12", "finetune --out MODEL_FOLDER --force", "error: a model folder is never an adapter's --out")
+def out_is_the_model(lab: Lab) -> str:
+    model = lab.model()
+    before = sorted(p.name for p in model.iterdir())
+    line = lab.cli("finetune", "-m", model, "--data", _data(lab), "--out", model, "--iters", "1",
+                   "--force").refused("model folder")
+    if sorted(p.name for p in model.iterdir()) != before:
+        raise Problem(f"{model} was written")
+    return line
