@@ -257,9 +257,9 @@ def read_adapter_config(directory: str | Path) -> dict:
         raise AdapterError(f"{path}: missing (not an adapter folder, or its save did not finish)")
     try:
         config = json.loads(path.read_text())
-        float(config["alpha"])
         ok = (config["format"] == ADAPTER_FORMAT and isinstance(config["base"]["fingerprint"], str)
-              and int(config["rank"]) >= 1 and 0 <= float(config["dropout"]) < 1
+              and type(config["rank"]) is int and config["rank"] >= 1
+              and math.isfinite(float(config["alpha"])) and 0 <= float(config["dropout"]) < 1
               and isinstance(config["targets"], list)
               and isinstance(config["modules"], list) and isinstance(config["weights"]["sha256"], str))
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
@@ -321,6 +321,8 @@ def load_adapter(model: nn.Module, directory: str | Path, manifest: dict) -> dic
     if got != want:
         bad = sorted(set(got) ^ set(want)) or sorted(k for k in want if got[k] != want[k])
         raise ValueError(f"{wpath}: tensors do not fit this model's layers (first: {bad[0]})")
+    if bad := sorted(k for k, v in weights.items() if not mx.all(mx.isfinite(v)).item()):
+        raise ValueError(f"{wpath}: {bad[0]} holds values that are not finite numbers (nan or inf)")
 
     apply_lora(model, targets=config["targets"], rank=rank, alpha=float(config["alpha"]),
                dropout=float(config["dropout"]))

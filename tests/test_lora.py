@@ -434,3 +434,29 @@ def test_fuse_explains_its_update_error_and_what_to_do_when_it_is_large(converte
         assert ("--quant none" in lines[1] and "--adapter" in lines[1]) == (recipe == "mixed")
     p = cli("fuse", "--model", folder, "--adapter", tmp_path / recipe, "--out", tmp_path / "f-cli", check_ok=True)
     assert all(line in p.stderr for line in lines)
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda c, w: c.update(alpha=float("nan")), "corrupt or not a glm-mlx adapter config"),
+    (lambda c, w: c.update(alpha=float("inf")), "corrupt or not a glm-mlx adapter config"),
+    (lambda c, w: c.update(rank=8.5), "corrupt or not a glm-mlx adapter config"),
+    (lambda c, w: c.update(rank=True), "corrupt or not a glm-mlx adapter config"),
+    (lambda c, w: w.update({k: mx.full(v.shape, float("nan")) for k, v in list(w.items())[:1]}), "not finite"),
+])
+def test_an_adapter_that_is_not_numbers_is_refused(converted, tmp_path, edit, says):
+    """An adapter whose scale or factors are not finite numbers would make every logit nan, silently."""
+    from convert.safetensors_io import sha256_file
+
+    from glm_mlx.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter
+
+    folder = converted("air-tiny")
+    saved_adapter(folder, tmp_path / "ad", std=0.1)
+    cpath, wpath = tmp_path / "ad" / ADAPTER_CONFIG, tmp_path / "ad" / ADAPTER_WEIGHTS
+    config, weights = json.loads(cpath.read_text()), dict(mx.load(str(wpath)))
+    edit(config, weights)
+    mx.save_safetensors(str(wpath), weights)
+    config["weights"]["sha256"] = sha256_file(wpath)  # a consistent folder: only its numbers are wrong
+    cpath.write_text(json.dumps(config))
+    model, manifest = load_model(folder)
+    with pytest.raises(ValueError, match=says):
+        load_adapter(model, tmp_path / "ad", manifest)

@@ -181,3 +181,12 @@ def out_is_the_model(lab: Lab) -> str:
     if sorted(p.name for p in model.iterdir()) != before:
         raise Problem(f"{model} was written")
     return line
+
+
+@case("33.9", "generate --adapter whose alpha is nan", "error: corrupt adapter config, no nan logits")
+def adapter_alpha_nan(lab: Lab) -> str:
+    model, data, out = _trained(lab)
+    config = json.loads((out / "adapter_config.json").read_text())
+    config["alpha"] = float("nan")
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return lab.cli("generate", "-m", model, "-p", "hi", "-n", "2", "--adapter", out).refused("adapter_config.json")
