@@ -277,13 +277,20 @@ def _exception_text(e: BaseException) -> str:
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # OpenAI's rule; GLM's call format ends the name at a newline
 
 
+MAX_TOOLS_FILE = 16 << 20  # schemas for a chat: a file larger is not one
+
+
 def _json_tools(path: Path) -> list[Tool]:
+    if (size := path.stat().st_size) > MAX_TOOLS_FILE:
+        raise ToolError(f"{path}: {size} bytes, too large for a tools file (at most {MAX_TOOLS_FILE >> 20} MB)")
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ToolError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
     except UnicodeDecodeError:
         raise ToolError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise ToolError(f"{path}: nested too deeply to be tool schemas") from None
     if not isinstance(entries, list):
         raise ToolError(f"{path}: expected a list of tools, each {{\"type\": \"function\", \"function\": {{...}}, "
                         f"\"command\": [...]}}")

@@ -413,6 +413,18 @@ def test_malformed_json_names_file_and_line(tmp_path):
         load_tools(f)
 
 
+def test_a_tools_file_too_deep_or_too_large_is_one_error(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000 + "]" * 100000)  # json's recursion limit: was a RecursionError traceback
+    with pytest.raises(ToolError, match="deep.json: nested too deeply"):
+        load_tools(deep)
+    big = tmp_path / "big.json"
+    with big.open("wb") as f:
+        f.truncate(64 << 20)  # sparse: no disk taken
+    with pytest.raises(ToolError, match="big.json: .* too large for a tools file"):
+        load_tools(big)
+
+
 @pytest.mark.parametrize("entries, message", [
     ([json_tool("a", ["true"]), {"type": "function", "function": {"name": "b", "parameters": {
         "type": "object", "properties": {}}}}], r"tool 1 \(b\): missing \"command\""),

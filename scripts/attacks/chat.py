@@ -337,3 +337,10 @@ def no_tokens(lab: Lab) -> str:
     if line.count(" - tokens/s") != 2:  # neither rate has any time to be over
         raise Problem(line)
     return line
+
+
+@case("33.13", "chat --tools: a JSON file nested 100000 deep", "error naming the file, no traceback")
+def tools_too_deep(lab: Lab) -> str:
+    f = lab.tmp() / "tools.json"
+    f.write_text("[" * 100000 + "]" * 100000)
+    return lab.cli("chat", "-m", lab.model(), "--tools", f, stdin="/exit\n").refused("tools.json")
