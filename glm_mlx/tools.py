@@ -118,7 +118,8 @@ def _python_tools(path: Path) -> list[Tool]:
         spec.loader.exec_module(module)
     except SyntaxError as e:
         del sys.modules[module_name]
-        raise ToolError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+        line = f":{e.lineno}" if e.lineno else ""  # none for a NUL byte
+        raise ToolError(f"{path}{line}: syntax error: {e.msg}") from None
     except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module may raise anything
         del sys.modules[module_name]
         frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == path.resolve()]
