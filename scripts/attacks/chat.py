@@ -187,7 +187,8 @@ def expect(fd: int, needle: str, timeout: float = 120) -> str:
 @case("33.11", "/save to a folder that does not exist", "one line, the chat goes on")
 def save_bad_path(lab: Lab) -> str:
     out = lab.tmp() / "c.json"
-    run = lab.cli("chat", "-m", lab.model(), "-n", "3", stdin=f"hi\n/save /nonexistent/x.json\n/save {out}\n")
+    run = lab.cli("chat", "-m", lab.model(), "-n", "3", "--temp", "0",
+                  stdin=f"hi\n/save /nonexistent/x.json\n/save {out}\n")
     line = said(run, "error: /nonexistent/x.json")
     if [m["role"] for m in saved_messages(out)] != ["user", "assistant"]:
         raise Problem("the conversation changed")
@@ -200,7 +201,8 @@ def load_case(lab: Lab, content: bytes | None, path: Path | None = None) -> str:
     if path is None:
         path = d / "hostile.json"
         path.write_bytes(content)
-    run = lab.cli("chat", "-m", lab.model(), "-n", "3", stdin=f"hi\n/load {path}\n/save {d / 'after.json'}\n")
+    run = lab.cli("chat", "-m", lab.model(), "-n", "3", "--temp", "0",
+                  stdin=f"hi\n/load {path}\n/save {d / 'after.json'}\n")
     line = said(run, f"error: {path}")
     if [m["content"] for m in saved_messages(d / "after.json")][:1] != ["hi"]:
         raise Problem("the conversation was replaced")
@@ -238,7 +240,8 @@ def load_surrogate(lab: Lab) -> str:
 @case("33.11", "invalid UTF-8 piped in", "one line, the next message still answered")
 def invalid_utf8(lab: Lab) -> str:
     out = lab.tmp() / "c.json"
-    run = lab.cli("chat", "-m", lab.model(), "-n", "3", stdin=b"\xff\xfe bad\nfine\n/save " + str(out).encode() + b"\n")
+    run = lab.cli("chat", "-m", lab.model(), "-n", "3", "--temp", "0",
+                  stdin=b"\xff\xfe bad\nfine\n/save " + str(out).encode() + b"\n")
     line = said(run, "not UTF-8")
     if [m["content"] for m in saved_messages(out) if m["role"] == "user"] != ["fine"]:
         raise Problem("the line after the invalid one was not sent, or the invalid one was")
@@ -248,8 +251,8 @@ def invalid_utf8(lab: Lab) -> str:
 @case("33.11", "experts file truncated while the chat runs (offloaded)", "one line, the chat goes on")
 def truncated_experts(lab: Lab) -> str:
     folder, out = lab.model(), lab.tmp() / "c.json"
-    p = subprocess.Popen([sys.executable, "-m", "glm_mlx", "chat", "-m", str(folder), "-n", "3", "--expert-memory",
-                          "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    p = subprocess.Popen([sys.executable, "-m", "glm_mlx", "chat", "-m", str(folder), "-n", "3", "--temp", "0",
+                          "--expert-memory", "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
                          env=lab.env)
     p.stdin.write(b"first\n")
     p.stdin.flush()
@@ -303,7 +306,7 @@ def interrupt_tool(lab: Lab) -> str:
 
 @case("33.11", "SIGTERM mid-chat", "the conversation saved to a recovery file named on screen")
 def sigterm(lab: Lab) -> str:
-    p = subprocess.Popen([sys.executable, "-m", "glm_mlx", "chat", "-m", str(lab.model()), "-n", "3"],
+    p = subprocess.Popen([sys.executable, "-m", "glm_mlx", "chat", "-m", str(lab.model()), "-n", "3", "--temp", "0"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=lab.env)
     p.stdin.write(b"remember me\n")
     p.stdin.flush()
