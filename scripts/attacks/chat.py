@@ -252,8 +252,8 @@ def invalid_utf8(lab: Lab) -> str:
 def truncated_experts(lab: Lab) -> str:
     folder, out = lab.model(), lab.tmp() / "c.json"
     p = subprocess.Popen([sys.executable, "-m", "glm_mlx", "chat", "-m", str(folder), "-n", "3", "--temp", "0",
-                          "--expert-memory", "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-                         env=lab.env)
+                          "--expert-memory", "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, cwd=ROOT, env=lab.env)
     p.stdin.write(b"first\n")
     p.stdin.flush()
     first = b""
