@@ -381,7 +381,8 @@ def check_shapes(folder: Path, model: Model, manifest: dict, weights: list) -> N
     checks no dtype), and so does every experts entry's parts: offloaded experts bypass load_weights."""
     params = dict(tree_flatten(model.parameters()))
     for k, v in weights:  # (routed experts below, by their manifest entries)
-        if k in params and ".mlp.experts." not in k and (v.shape != params[k].shape or (v.dtype == mx.uint32) != (params[k].dtype == mx.uint32)):
+        if k in params and ".mlp.experts." not in k and (
+                v.shape != params[k].shape or (v.dtype == mx.uint32) != (params[k].dtype == mx.uint32)):
             raise ModelFolderError(f"{folder}: the weights do not match config.json: {k} is {v.shape} {v.dtype}, "
                                    f"config.json makes it {params[k].shape} {params[k].dtype}")
     n = model.args.num_hidden_layers
