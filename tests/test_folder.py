@@ -3,11 +3,11 @@ bounded by the files, its config describes a model, a changed file is hashed aga
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import shutil
+import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -22,44 +22,14 @@ from glm_mlx.loading import (MANIFEST, VERIFIED, ModelFolderError, full_check, l
                              verify_folder)
 from glm_mlx.offload import ExpertFile
 
-EXPERTS = "weights/experts.001.safetensors"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from attacks.load import EXPERTS, flip, manifest, record, rewrite, save  # noqa: E402  (hostile folders' recipes)
 
 
 @pytest.fixture
 def folder(converted, tmp_path) -> Path:
     """A private copy of a converted tiny model (quantized experts)."""
     return Path(shutil.copytree(converted("air-tiny", "mixed"), tmp_path / "model"))
-
-
-def manifest(folder: Path) -> dict:
-    return json.loads((folder / MANIFEST).read_text())
-
-
-def save(folder: Path, m: dict) -> None:
-    (folder / MANIFEST).write_text(json.dumps(m))
-
-
-def record(path: Path) -> dict:
-    return {"size": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-
-
-def rewrite(folder: Path, rel: str, data: str) -> None:
-    """A file replaced and recorded in the manifest, as a hostile folder's manifest would."""
-    (folder / rel).write_text(data)
-    m = manifest(folder)
-    m["files"][rel] = record(folder / rel)
-    save(folder, m)
-
-
-def flip(path: Path, offset: int) -> None:
-    """One byte changed in place, the size and mtime left as they were (`touch -d`, or rot on a disk)."""
-    st = path.stat()
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0xFF]))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 # -- paths ---------------------------------------------------------------------------------------------

@@ -6,15 +6,15 @@ agrees with its files, as a hostile one would, so that the checksum is not what 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
 from attacks import Lab, Problem, Run, case
+from convert.safetensors_io import sha256_file
+from glm_mlx.loading import MANIFEST, VERIFIED as STAMP
 
-MANIFEST, STAMP = "glm_mlx.json", ".glm_mlx_verified.json"
 EXPERTS = "weights/experts.001.safetensors"
 
 
@@ -27,7 +27,7 @@ def save(folder: Path, m: dict) -> None:
 
 
 def record(path: Path) -> dict:
-    return {"size": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def rewrite(folder: Path, rel: str, data: str | bytes) -> None:
