@@ -248,20 +248,31 @@ def invalid_utf8(lab: Lab) -> str:
     return line
 
 
-@case("33.11", "experts file truncated while the chat runs (offloaded)", "one line, the chat goes on")
-def truncated_experts(lab: Lab) -> str:
-    folder, out = lab.model(), lab.tmp() / "c.json"
-    p = subprocess.Popen([sys.executable, "-m", "glm_mlx", "chat", "-m", str(folder), "-n", "3", "--temp", "0",
-                          "--expert-memory", "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, cwd=ROOT, env=lab.env)
-    p.stdin.write(b"first\n")
+def live(argv: list[str], cwd: Path, env: dict, line: str, marker: bytes) -> tuple[subprocess.Popen, bytes]:
+    """A chat started with `argv`, sent `line`, its stdout read until `marker` (the chat still running):
+    the process, and what it printed so far."""
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
+                         env=env)
+    p.stdin.write(line.encode() + b"\n")
     p.stdin.flush()
-    first = b""
-    while b"context:" not in first:  # the first reply read its experts from the whole file
+    seen = b""
+    while marker not in seen:
         chunk = p.stdout.read1(4096)
         if not chunk:
             raise Problem(f"the chat ended early: {p.stderr.read().decode()[-300:]!r}")
-        first += chunk
+        seen += chunk
+    return p, seen
+
+
+def chat_argv(folder: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "glm_mlx", "chat", "-m", str(folder), "-n", "3", "--temp", "0", *extra]
+
+
+@case("33.11", "experts file truncated while the chat runs (offloaded)", "one line, the chat goes on")
+def truncated_experts(lab: Lab) -> str:
+    folder, out = lab.model(), lab.tmp() / "c.json"
+    # the first reply reads its experts from the whole file
+    p, first = live(chat_argv(folder, "--expert-memory", "1"), ROOT, lab.env, "first", b"context:")
     for f in (folder / "weights").glob("experts.*"):
         os.truncate(f, f.stat().st_size // 8)
     o, e = p.communicate(f"second\n/save {out}\n".encode(), timeout=300)
@@ -284,16 +295,8 @@ def eof_at_consent(lab: Lab) -> str:
 @case("33.11", "Ctrl-C while a tool runs", "one line, the tool stopped, the chat goes on")
 def interrupt_tool(lab: Lab) -> str:
     d, out = tools_dir(lab), lab.tmp() / "c.json"
-    p = subprocess.Popen(driver_argv(lab.model(), [call("wait", seconds=120)], "--tools", d / "tools.py", "--yes"),
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=d, env=lab.env)
-    p.stdin.write(b"wait a while\n")
-    p.stdin.flush()
-    seen = b""
-    while b"tool call" not in seen:
-        chunk = p.stdout.read1(4096)
-        if not chunk:
-            raise Problem(f"the chat ended early: {p.stderr.read().decode()[-300:]!r}")
-        seen += chunk
+    p, seen = live(driver_argv(lab.model(), [call("wait", seconds=120)], "--tools", d / "tools.py", "--yes"), d,
+                   lab.env, "wait a while", b"tool call")
     time.sleep(1)
     p.send_signal(signal.SIGINT)
     o, e = p.communicate(f"/save {out}\n".encode(), timeout=120)
@@ -306,16 +309,7 @@ def interrupt_tool(lab: Lab) -> str:
 
 @case("33.11", "SIGTERM mid-chat", "the conversation saved to a recovery file named on screen")
 def sigterm(lab: Lab) -> str:
-    p = subprocess.Popen([sys.executable, "-m", "glm_mlx", "chat", "-m", str(lab.model()), "-n", "3", "--temp", "0"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=lab.env)
-    p.stdin.write(b"remember me\n")
-    p.stdin.flush()
-    seen = b""
-    while b"context:" not in seen:
-        chunk = p.stdout.read1(4096)
-        if not chunk:
-            raise Problem(f"the chat ended early: {p.stderr.read().decode()[-300:]!r}")
-        seen += chunk
+    p, seen = live(chat_argv(lab.model()), ROOT, lab.env, "remember me", b"context:")
     time.sleep(0.5)
     p.terminate()
     o, e = p.communicate(timeout=60)
