@@ -481,6 +481,7 @@ def resolve_model(model: str, yes: bool) -> Path:
     """A model folder, or a repo id converted (once, after asking) into the models home: generate and
     chat take either."""
     from convert.source import is_repo_id
+    from glm_mlx.loading import MANIFEST
 
     path = Path(model).expanduser()
     if path.is_dir():
@@ -490,7 +491,7 @@ def resolve_model(model: str, yes: bool) -> Path:
     if not is_repo_id(model):
         fail(f"{model}: no such model folder, and not a Hugging Face repo id")
     folder = models_home() / model.replace("/", "--")
-    if (folder / "glm_mlx.json").is_file():
+    if (folder / MANIFEST).is_file():
         return folder
     what = f"{model}: no such folder here; as a Hugging Face repo id it is not converted yet"
     if not yes and not (sys.stdin.isatty() and typer.confirm(f"{what}: download and convert it into {folder}?")):

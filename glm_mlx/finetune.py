@@ -42,6 +42,7 @@ from mlx.utils import tree_flatten, tree_map
 from .config import ModelArgs
 from .data import Dataset, batches
 from .generate import fmt_bytes
+from .loading import MANIFEST
 from .lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -560,7 +561,7 @@ def check_out(out: Path, *, resume: bool, force: bool) -> None:
         raise OptionError("--resume and --force contradict each other: go on from OUT's checkpoint, or start over")
     if out.exists() and not out.is_dir():
         raise OptionError(f"{out}: exists and is not a folder; --out names the adapter folder to write")
-    if (out / "glm_mlx.json").exists():  # even with --force: an adapter never goes into a model folder
+    if (out / MANIFEST).exists():  # even with --force: an adapter never goes into a model folder
         raise OptionError(f"{out}: is a glm-mlx model folder; --out names the adapter folder to write")
     if resume:
         if not (out / CHECKPOINT / "state.json").is_file():
